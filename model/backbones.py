@@ -1,0 +1,151 @@
+"""The frozen parts: the OPT language model, its tokenizer, the CLIP vision tower and its image processor.
+
+Each may come from a local directory or from the local Hugging Face cache (never the network), or be
+built at paper scale with random weights from the configurations shipped in `model/configs/`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import CLIPVisionConfig, CLIPVisionModel, GPT2Tokenizer, OPTConfig, OPTForCausalLM
+
+from .errors import FromageInputError
+from .precision import INT8_OUTLIER_THRESHOLD, Placement, quantize_linear_layers_int8
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+IMAGE_TOKEN = "<|image|>"
+RET_TOKEN = "[RET]"
+
+
+def resolve_backbone(name_or_path: str, model_dir: str | Path | None, what: str) -> Path:
+    """A local directory for `name_or_path`: relative to `model_dir` first, then as given, then the HF cache."""
+    candidates = []
+    if model_dir is not None:
+        candidates.append(Path(model_dir) / name_or_path)
+    candidates.append(Path(name_or_path).expanduser())
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path, local_files_only=True))
+    except Exception:  # not a valid repo id, or not in the cache: same answer for the user
+        raise FromageInputError(
+            name_or_path, f"{what} not found as a directory nor in the local Hugging Face cache",
+            "download it on a machine with network access (huggingface-cli download) or pass a local directory; "
+            "nothing is fetched at run time") from None
+
+
+def paper_config_name(name_or_path: str) -> str:
+    """'facebook/opt-6.7b' -> 'opt-6.7b' if we ship its configuration, else an error listing the ones we do."""
+    short = name_or_path.rstrip("/").split("/")[-1]
+    if not (CONFIG_DIR / f"{short}.json").is_file():
+        shipped = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+        raise FromageInputError(name_or_path, "no shipped configuration for a random-init model",
+                                f"choose one of {', '.join(shipped)}")
+    return short
+
+
+def paper_config(name_or_path: str) -> dict:
+    return json.loads((CONFIG_DIR / f"{paper_config_name(name_or_path)}.json").read_text())
+
+
+def load_tokenizer(path: Path | None) -> GPT2Tokenizer:
+    """OPT's GPT-2 BPE tokenizer with FROMAGe's additions: pad = eos, cls `<|image|>`, added `[RET]`."""
+    if path is None:
+        tokenizer = _fallback_tokenizer()
+    else:
+        try:
+            tokenizer = GPT2Tokenizer.from_pretrained(str(path))
+        except (OSError, ValueError, TypeError) as err:
+            raise FromageInputError(path, f"cannot read the tokenizer (vocab.json/merges.txt): {err}") from None
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.add_special_tokens({"cls_token": IMAGE_TOKEN})
+    tokenizer.add_tokens(RET_TOKEN)
+    return tokenizer
+
+
+def _fallback_tokenizer() -> GPT2Tokenizer:
+    """For random-init models whose real tokenizer is not on disk: a BPE tokenizer trained here, now."""
+    from .tiny import save_trained_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_trained_tokenizer(tmp, vocab_size=2000)
+        return GPT2Tokenizer.from_pretrained(tmp)
+
+
+def load_language_model(path: Path | None, placement: Placement, random_init_from: str | None = None) -> OPTForCausalLM:
+    """OPT, frozen, in the placement's precision; int8 quantizes every decoder linear layer (not lm_head)."""
+    if random_init_from is not None:
+        config = OPTConfig(**paper_config(random_init_from))
+        lm = _random_model(OPTForCausalLM, config, placement.device, placement.dtype)
+        if placement.quantize_lm:
+            quantize_linear_layers_int8(lm.model, placement.device)
+    else:
+        _require_file(path, "config.json", "language model")
+        kwargs: dict = {"dtype": placement.dtype}
+        if placement.quantize_lm:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=INT8_OUTLIER_THRESHOLD)
+            kwargs["device_map"] = {"": placement.device}
+        try:
+            lm = OPTForCausalLM.from_pretrained(str(path), **kwargs)
+        except (OSError, ValueError) as err:
+            raise FromageInputError(path, f"cannot load the OPT language model: {err}") from None
+        if not placement.quantize_lm:
+            lm = lm.to(placement.device)
+    lm.eval().requires_grad_(False)
+    return lm
+
+
+def load_vision_model(path: Path | None, placement: Placement, random_init_from: str | None = None) -> CLIPVisionModel:
+    if random_init_from is not None:
+        config = CLIPVisionConfig(**paper_config(random_init_from))
+        vision = _random_model(CLIPVisionModel, config, placement.device, placement.dtype)
+    else:
+        _require_file(path, "config.json", "vision encoder")
+        try:
+            vision = CLIPVisionModel.from_pretrained(str(path), dtype=placement.dtype)
+        except (OSError, ValueError) as err:
+            raise FromageInputError(path, f"cannot load the CLIP vision model: {err}") from None
+        vision = vision.to(placement.device)
+    vision.eval().requires_grad_(False)
+    return vision
+
+
+def load_image_processor(path: Path | None):
+    """CLIP's processor (resize, centre crop, normalise), PIL backend so that results match across machines."""
+    try:
+        from transformers import CLIPImageProcessorPil as Processor
+    except ImportError:  # transformers releases before the split into backends
+        from transformers import CLIPImageProcessor as Processor
+    if path is None or not (Path(path) / "preprocessor_config.json").is_file():
+        if path is not None:
+            log.warning("%s has no preprocessor_config.json: using OpenAI CLIP's default preprocessing", path)
+        return Processor()
+    return Processor.from_pretrained(str(path))
+
+
+def _random_model(cls, config, device: torch.device, dtype: torch.dtype):
+    """Build straight on the target device in the target dtype (a 6.7B model does not fit CPU RAM in fp32)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model
+
+
+def _require_file(directory: Path | None, name: str, what: str) -> None:
+    if directory is None or not (Path(directory) / name).is_file():
+        raise FromageInputError(Path(directory or ".") / name, f"missing: not a {what} directory")

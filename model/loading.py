@@ -1,0 +1,115 @@
+"""`load_fromage`: a released FROMAGe directory (or a paper-scale random init) -> a ready `Fromage`."""
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+
+from .args import ModelArgs, read_model_args
+from .backbones import (load_image_processor, load_language_model, load_tokenizer, load_vision_model, resolve_backbone)
+from .checkpoint import CHECKPOINT_FILE, apply_trained_weights, read_state_dict
+from .errors import FromageInputError
+from .fromage import FromageModel
+from .inference import Fromage
+from .precision import resolve_placement
+from .retrieval_set import EMBEDDINGS_FILE, RetrievalSet
+
+log = logging.getLogger(__name__)
+
+
+def load_fromage(model_dir: str | Path | None, *, opt_version: str | None = None, visual_model: str | None = None,
+                 device: str | torch.device | None = None, precision: str | None = None,
+                 retrieval_set: str | Path | RetrievalSet | None = None, random_init: bool = False,
+                 seed: int = 0) -> Fromage:
+    """Load a FROMAGe model for inference.
+
+    model_dir: holds `model_args.json` and `pretrained_ckpt.pth.tar` (the release format). With
+        `random_init=True` it may be None (the released arguments are assumed) and the checkpoint is optional.
+    opt_version / visual_model: override the backbones named in model_args.json; a local directory
+        (relative paths resolve against model_dir first) or a Hugging Face id found in the local cache.
+    device / precision: default CUDA if present else CPU; bf16 on CUDA, fp32 on CPU. One of fp32, bf16, fp16, int8.
+    retrieval_set: a directory written by `fromage-bench convert-embeddings` (default: model_dir if it holds one).
+    random_init: build the backbones at their true size from the shipped paper configurations with random
+        weights (for profiling without downloads); trained maps come from the checkpoint if there is one.
+    """
+    placement = resolve_placement(device, precision)
+    args = read_model_args(model_dir) if model_dir is not None else ModelArgs()
+    if model_dir is None and not random_init:
+        raise FromageInputError("model_dir", "required unless random_init=True")
+    opt_name = opt_version or args.opt_version
+    vision_name = visual_model or args.visual_encoder
+    args.opt_version, args.visual_encoder = opt_name, vision_name
+    checkpoint_path = Path(model_dir) / CHECKPOINT_FILE if model_dir is not None else None
+    state_dict = None
+    if checkpoint_path is not None and (not random_init or checkpoint_path.is_file()):
+        state_dict = read_state_dict(checkpoint_path)  # read (and validated) before the slow backbone loads
+
+    torch.manual_seed(seed)  # anything randomly initialised (random_init, missing rows) is reproducible
+    if random_init:
+        opt_path = _cached_or_none(opt_name, model_dir)
+        tokenizer = load_tokenizer(opt_path if opt_path and (opt_path / "vocab.json").is_file() else None)
+        lm = load_language_model(None, placement, random_init_from=opt_name)
+        vision = load_vision_model(None, placement, random_init_from=vision_name)
+        processor = load_image_processor(_cached_or_none(vision_name, model_dir))
+    else:
+        opt_path = resolve_backbone(opt_name, model_dir, "language model (opt_version)")
+        vision_path = resolve_backbone(vision_name, model_dir, "vision encoder (visual_encoder)")
+        tokenizer = load_tokenizer(opt_path)
+        lm = load_language_model(opt_path, placement)
+        vision = load_vision_model(vision_path, placement)
+        processor = load_image_processor(vision_path)
+        # Real OPT has more embedding rows (50272) than tokens (50265 + 2 added): resizing shrinks the
+        # matrix and the added tokens reuse existing rows, so the result is deterministic.
+        lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
+        raise FromageInputError(opt_name, f"tokenizer has {len(tokenizer)} tokens but the LM only "
+                                f"{lm.get_input_embeddings().num_embeddings} embedding rows")
+
+    model = FromageModel(args, tokenizer, lm, vision, processor, placement.dtype)
+    model.eval()
+    if args.retrieval_token_idx is not None and args.retrieval_token_idx != model.retrieval_token_idx:
+        log.warning("model_args.json says retrieval_token_idx=%s but the tokenizer gives [RET] id %s; using the tokenizer's",
+                    args.retrieval_token_idx, model.retrieval_token_idx)
+    if state_dict is not None:
+        apply_trained_weights(model, state_dict, checkpoint_path)
+    retrieval = _load_retrieval_set(retrieval_set, model_dir)
+    fingerprint = _fingerprint(args, state_dict, placement.precision, random_init, seed)
+    return Fromage(model, placement, retrieval, fingerprint=fingerprint)
+
+
+
+def _cached_or_none(name: str, model_dir) -> Path | None:
+    try:
+        return resolve_backbone(name, model_dir, "backbone")
+    except FromageInputError:
+        return None
+
+
+def _load_retrieval_set(retrieval_set, model_dir) -> RetrievalSet | None:
+    if isinstance(retrieval_set, RetrievalSet):
+        return retrieval_set
+    if retrieval_set is not None:
+        return RetrievalSet.load(retrieval_set)
+    if model_dir is None:
+        return None
+    if (Path(model_dir) / EMBEDDINGS_FILE).is_file():
+        return RetrievalSet.load(model_dir)
+    pickles = glob.glob(str(Path(model_dir) / "cc3m_embeddings*.pkl"))
+    if pickles:
+        log.warning("%s holds %d cc3m_embeddings*.pkl files, which are not unpickled by default: convert them once "
+                    "with `fromage-bench convert-embeddings --trust-pickle` to enable [RET] retrieval", model_dir, len(pickles))
+    return None
+
+
+def _fingerprint(args: ModelArgs, state_dict, precision: str, random_init: bool, seed: int) -> str:
+    """Identifies the model's outputs: arguments, trained tensors, precision (used to key caches)."""
+    digest = hashlib.sha256(repr(sorted(args.to_dict().items())).encode())
+    digest.update(f"{precision}|{random_init}|{seed if random_init else ''}".encode())
+    for key in sorted(state_dict or {}):
+        tensor = state_dict[key].detach().float().cpu().contiguous()
+        digest.update(key.encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()[:16]

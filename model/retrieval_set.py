@@ -1,0 +1,107 @@
+"""The image set `[RET]` retrieves from: a matrix of retrieval-space image embeddings plus their paths.
+
+On disk: `retrieval_embeddings.safetensors` (tensor "embeddings", (N, D)) and `retrieval_paths.json`
+(a JSON list of N strings), optionally with `"image_root"` to resolve relative paths. No pickle: the
+original `cc3m_embeddings*.pkl` files are converted once by `fromage-bench convert-embeddings
+--trust-pickle`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import FromageInputError
+
+EMBEDDINGS_FILE = "retrieval_embeddings.safetensors"
+PATHS_FILE = "retrieval_paths.json"
+
+
+@dataclass
+class RetrievalSet:
+    paths: list[str]
+    embeddings: torch.Tensor  # (N, D), as computed by get_visual_embs(mode="retrieval"), not normalised
+    image_root: str | None = None
+
+    def __post_init__(self):
+        if self.embeddings.ndim != 2 or self.embeddings.shape[0] != len(self.paths):
+            raise ValueError(f"{len(self.paths)} paths but embeddings of shape {tuple(self.embeddings.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def resolve(self, index: int) -> str:
+        path = self.paths[index]
+        if self.image_root and not os.path.isabs(path) and "://" not in path:
+            return os.path.join(self.image_root, path)
+        return path
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({"embeddings": self.embeddings.float().contiguous().cpu()}, str(directory / EMBEDDINGS_FILE))
+        meta = {"paths": self.paths, "image_root": self.image_root}
+        tmp = directory / (PATHS_FILE + ".tmp")
+        tmp.write_text(json.dumps(meta), encoding="utf-8")
+        tmp.replace(directory / PATHS_FILE)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "RetrievalSet":
+        directory = Path(directory)
+        emb_path, paths_path = directory / EMBEDDINGS_FILE, directory / PATHS_FILE
+        for required in (emb_path, paths_path):
+            if not required.is_file():
+                raise FromageInputError(required, "missing", "a retrieval set is a directory written by convert-embeddings")
+        try:
+            meta = json.loads(paths_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise FromageInputError(paths_path, f"malformed JSON: {err}") from None
+        if isinstance(meta, list):
+            meta = {"paths": meta}
+        if not isinstance(meta, dict) or not isinstance(meta.get("paths"), list):
+            raise FromageInputError(paths_path, 'expected {"paths": [...]} or a JSON list of paths')
+        try:
+            tensors = load_file(str(emb_path))
+        except Exception as err:  # safetensors raises its own error types for bad headers
+            raise FromageInputError(emb_path, f"not a readable safetensors file: {err}") from None
+        if "embeddings" not in tensors:
+            raise FromageInputError(emb_path, f'no tensor named "embeddings" (found: {sorted(tensors)})')
+        try:
+            return cls([str(p) for p in meta["paths"]], tensors["embeddings"], meta.get("image_root"))
+        except ValueError as err:
+            raise FromageInputError(directory, str(err)) from None
+
+    @classmethod
+    def from_original_pickles(cls, pickle_paths: Sequence[str | Path], *, trust_pickle: bool = False) -> "RetrievalSet":
+        """Read the original `cc3m_embeddings*.pkl` files. Unpickling runs arbitrary code, hence the opt-in."""
+        if not trust_pickle:
+            raise FromageInputError(pickle_paths[0] if pickle_paths else "cc3m_embeddings*.pkl",
+                                    "refusing to unpickle: pickle files can run arbitrary code",
+                                    "pass --trust-pickle (trust_pickle=True) only for files from a source you trust")
+        paths: list[str] = []
+        chunks = []
+        for path in pickle_paths:
+            try:
+                with open(path, "rb") as f:
+                    data = pickle.load(f)  # noqa: S301 - explicitly opted in above
+            except FileNotFoundError:
+                raise FromageInputError(path, "file not found") from None
+            except Exception as err:
+                raise FromageInputError(path, f"not a readable pickle: {err}") from None
+            if not isinstance(data, dict) or "paths" not in data or "embeddings" not in data:
+                raise FromageInputError(path, "expected a dict with 'paths' and 'embeddings'")
+            paths.extend(str(p) for p in data["paths"])
+            chunks.append(np.asarray(data["embeddings"], dtype=np.float32).reshape(len(data["paths"]), -1))
+        embeddings = torch.from_numpy(np.concatenate(chunks))
+        try:
+            return cls(paths, embeddings)
+        except ValueError as err:
+            raise FromageInputError(pickle_paths[0], str(err)) from None

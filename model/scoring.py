@@ -1,0 +1,102 @@
+"""Log-likelihood scoring: whole interleaved prompts (the original API) and many continuations of one
+shared context (the context is encoded once; every continuation reuses its KV cache)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .fromage import FromageModel
+from .lm_cache import broadcast_cache, cache_layers, forward_with_cache, returned_cache
+from .prompts import IGNORE_INDEX, EmbeddedPrompt, Prompt, embed_prompt, pad_batch, positions_from_mask, tokenize
+
+
+@dataclass
+class ContinuationScores:
+    sum_logprob: torch.Tensor  # (N,) float32: sum of log p(token) over each continuation's tokens
+    num_tokens: torch.Tensor   # (N,) tokens scored per continuation
+
+    @property
+    def mean_logprob(self) -> torch.Tensor:
+        """Length-normalised score (what a fair comparison of options of different lengths uses)."""
+        return self.sum_logprob / self.num_tokens.clamp(min=1)
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets) under `logits` (..., V); 0 where the target is IGNORE_INDEX."""
+    valid = targets != IGNORE_INDEX
+    logp = F.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * valid
+
+
+@torch.inference_mode()
+def log_likelihood(model: FromageModel, prompt: Prompt) -> float:
+    """The original `get_log_lik_scores`: minus the mean next-token loss over the text tokens."""
+    embedded = embed_prompt(model, prompt)
+    logits = model.lm(inputs_embeds=embedded.embeds[None], use_cache=False).logits[0]
+    targets = embedded.labels[1:]
+    scored = (targets != IGNORE_INDEX).sum()
+    return float(target_logprobs(logits[:-1], targets).sum() / scored)
+
+
+def embed_continuations(model: FromageModel, continuations: Sequence[str], with_bos: bool) -> list[EmbeddedPrompt]:
+    out = []
+    for text in continuations:
+        ids = tokenize(model, text, keep_bos=with_bos)
+        if ids.numel() == 0:
+            raise ValueError(f"continuation {text!r} has no tokens")
+        out.append(EmbeddedPrompt(model.embed_tokens(ids), ids, ids))
+    return out
+
+
+@torch.inference_mode()
+def score_continuations(model: FromageModel, context: Prompt | EmbeddedPrompt, continuations: Sequence[str], *,
+                        continuation_bos: bool = False, shift: bool = True, batch_size: int | None = None) -> ContinuationScores:
+    """Log-likelihood of each continuation after one shared interleaved `context`.
+
+    The context goes through the LM once; its KV cache is broadcast to each batch of continuations
+    (right-padded). `shift=True` is the correct next-token scoring: a continuation's first token is
+    predicted by the context's last position. `shift=False` reproduces the original VisDial script,
+    which compared each position's logits with the token AT that position. `continuation_bos` keeps
+    each continuation's own BOS token (the original tokenised options with special tokens).
+    """
+    ctx = context if isinstance(context, EmbeddedPrompt) else embed_prompt(model, context)
+    ctx_len = len(ctx)
+    out = forward_with_cache(model.lm, None, inputs_embeds=ctx.embeds[None])
+    ctx_cache = cache_layers(returned_cache(out))
+    ctx_last_logits = out.logits[0, -1]
+
+    conts = embed_continuations(model, continuations, continuation_bos)
+    batch_size = batch_size or len(conts)
+    sums, counts = [], []
+    for start in range(0, len(conts), batch_size):
+        chunk = pad_batch(conts[start:start + batch_size], side="right")
+        n = chunk.embeds.shape[0]
+        cache = broadcast_cache(ctx_cache, n, model.lm.config)
+        mask = torch.cat([chunk.attention_mask.new_ones(n, ctx_len), chunk.attention_mask], dim=1)
+        positions = positions_from_mask(chunk.attention_mask, offset=ctx_len)
+        logits = forward_with_cache(model.lm, cache, inputs_embeds=chunk.embeds, attention_mask=mask,
+                                    position_ids=positions).logits
+        if shift:
+            logits = torch.cat([ctx_last_logits.expand(n, 1, -1), logits[:, :-1]], dim=1)
+        sums.append(target_logprobs(logits, chunk.labels).sum(dim=1))
+        counts.append((chunk.labels != IGNORE_INDEX).sum(dim=1))
+    return ContinuationScores(torch.cat(sums).cpu(), torch.cat(counts).cpu())
+
+
+@torch.inference_mode()
+def score_continuations_naive(model: FromageModel, context: Prompt, continuations: Sequence[str], *,
+                              continuation_bos: bool = False, shift: bool = True) -> ContinuationScores:
+    """Reference path, the way the original scripts work: context + continuation re-encoded per continuation."""
+    ctx = embed_prompt(model, context)
+    sums, counts = [], []
+    for cont in embed_continuations(model, continuations, continuation_bos):
+        embeds = torch.cat([ctx.embeds, cont.embeds])[None]
+        logits = model.lm(inputs_embeds=embeds, use_cache=False).logits[0]
+        cont_logits = logits[len(ctx) - 1:-1] if shift else logits[len(ctx):]
+        sums.append(target_logprobs(cont_logits, cont.labels).sum())
+        counts.append(torch.tensor(cont.labels.numel()))
+    return ContinuationScores(torch.stack(sums).cpu(), torch.stack(counts).cpu())
