@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     from model.errors import FromageInputError
 
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars: noise between our own progress and errors
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

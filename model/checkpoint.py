@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -38,11 +39,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FromageInputError(path, "missing", "a FROMAGe model directory holds model_args.json and pretrained_ckpt.pth.tar")
+    if not zipfile.is_zipfile(path):
+        raise FromageInputError(path, "not a readable torch checkpoint (not a torch.save zip archive)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise FromageInputError(path, f"refused: not a plain tensor checkpoint ({str(err).splitlines()[0]})") from None
-    except Exception as err:  # truncated zip, not a torch file, ...
+        detail = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), "arbitrary objects")
+        raise FromageInputError(path, f"refused: the checkpoint holds more than tensors ({detail}); "
+                                "it is never unpickled unrestricted") from None
+    except Exception as err:  # truncated archive, missing records, ...
         raise FromageInputError(path, f"not a readable torch checkpoint: {err}") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise FromageInputError(path, "expected a dict with a 'state_dict' entry")

@@ -62,7 +62,8 @@ class Fromage(nn.Module):
         self.retrieval_set = retrieval_set
         self.path_array = retrieval_set.paths
         matrix = retrieval_set.embeddings.to(device=self.model.device, dtype=self.model.dtype)
-        self.emb_matrix = self.model.logit_scale.exp() * F.normalize(matrix, dim=1)
+        with torch.no_grad():
+            self.emb_matrix = self.model.logit_scale.exp() * F.normalize(matrix, dim=1)
 
     @property
     def weight_bytes(self) -> int:
@@ -209,6 +210,7 @@ class Fromage(nn.Module):
         return [self.model.tokenizer.decode(ids[:n].tolist(), skip_special_tokens=True)
                 for ids, n in zip(output.token_ids, output.lengths.tolist())]
 
+    @torch.inference_mode()
     def retrieve(self, query_embeddings: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, list[list[str]]]:
         """Top-k retrieval-set scores and paths for (B, shared_dim) queries."""
         if self.emb_matrix is None:

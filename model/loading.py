@@ -69,7 +69,7 @@ def load_fromage(model_dir: str | Path | None, *, opt_version: str | None = None
                                 f"{lm.get_input_embeddings().num_embeddings} embedding rows")
 
     model = FromageModel(args, tokenizer, lm, vision, processor, placement.dtype)
-    model.eval()
+    model.eval().requires_grad_(False)  # inference; training code re-enables what it trains
     if args.retrieval_token_idx is not None and args.retrieval_token_idx != model.retrieval_token_idx:
         log.warning("model_args.json says retrieval_token_idx=%s but the tokenizer gives [RET] id %s; using the tokenizer's",
                     args.retrieval_token_idx, model.retrieval_token_idx)

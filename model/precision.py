@@ -81,6 +81,7 @@ def quantize_linear_layers_int8(module: torch.nn.Module, device: torch.device,
             layer.weight = bnb.nn.Int8Params(staged, requires_grad=False, has_fp16_weights=False)
             if child.bias is not None:
                 layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+            layer.train(child.training)
             setattr(module, name, layer.to(device))
             replaced += 1
         else:

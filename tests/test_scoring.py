@@ -1,0 +1,56 @@
+"""Log-likelihood: the original get_log_lik_scores semantics, and KV-cached continuation scoring."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.prompts import embed_prompt
+
+OPTIONS = ["red", "a blue square", "no", "yes, it is green", "two"]
+
+
+@pytest.mark.parametrize("shift", [True, False])
+@pytest.mark.parametrize("bos", [True, False])
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_score_continuations_equals_scoring_each_alone(tiny, images, shift, bos, batch_size):
+    context = [images[0], "Q: what colour is it?\nA: red\nQ: how many?\nA: "]
+    fast = tiny.score_continuations(context, OPTIONS, continuation_bos=bos, shift=shift, batch_size=batch_size)
+    naive = tiny.score_continuations(context, OPTIONS, continuation_bos=bos, shift=shift, naive=True)
+    torch.testing.assert_close(fast.sum_logprob, naive.sum_logprob, atol=1e-4, rtol=1e-5)
+    assert torch.equal(fast.num_tokens, naive.num_tokens)
+
+
+def test_continuation_score_matches_a_hand_built_sequence(tiny):
+    """Independent computation: ids of context+option through the LM, log-softmax, pick next tokens."""
+    tok = tiny.model.tokenizer
+    ctx_ids = tok("Q: is it red?\nA:").input_ids           # with BOS
+    opt_ids = tok(" yes", add_special_tokens=False).input_ids
+    logits = tiny.model.lm(input_ids=torch.tensor([ctx_ids + opt_ids])).logits[0]
+    logp = F.log_softmax(logits, dim=-1)
+    expected = sum(logp[len(ctx_ids) - 1 + i, t] for i, t in enumerate(opt_ids))
+    got = tiny.score_continuations(["Q: is it red?\nA:"], [" yes"])
+    assert got.num_tokens.tolist() == [len(opt_ids)]
+    assert got.sum_logprob[0].item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_log_lik_bos_only_on_first_text_and_images_not_scored(tiny, images):
+    model = tiny.model
+    tok = model.tokenizer
+    prompt = [images[0], "A red circle.", images[1], " Then blue."]
+    embedded = embed_prompt(model, prompt)
+    first, second = tok("A red circle.").input_ids, tok(" Then blue.").input_ids
+    assert first[0] == tok.bos_token_id and second[0] == tok.bos_token_id
+    n_vis = model.args.n_visual_tokens
+    assert embedded.labels.tolist() == [-100] * n_vis + first + [-100] * n_vis + second[1:]
+
+    # Independent expectation: the mean of -CE over shifted labels, by hand.
+    logits = model.lm(inputs_embeds=embedded.embeds[None]).logits[0]
+    labels = embedded.labels
+    terms = [F.log_softmax(logits[i], -1)[labels[i + 1]] for i in range(len(labels) - 1) if labels[i + 1] != -100]
+    assert len(terms) == len(first) + len(second) - 1
+    assert tiny.get_log_lik_scores(prompt) == pytest.approx(torch.stack(terms).mean().item(), abs=1e-5)
+
+
+def test_log_lik_depends_on_the_image(tiny, images):
+    a = tiny.get_log_lik_scores([images[0], "A red circle."])
+    b = tiny.get_log_lik_scores([images[2], "A red circle."])
+    assert a != pytest.approx(b, abs=1e-6)
