@@ -19,7 +19,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retrieval-set", type=Path, help="directory written by convert-embeddings")
     parser.add_argument("--random-init", action="store_true",
                         help="paper-scale backbones with random weights from shipped configs (no weights needed)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int)
 
 
 def _load(args):
@@ -27,7 +27,7 @@ def _load(args):
 
     return load_fromage(args.model_dir, opt_version=args.opt_version, visual_model=args.visual_model, device=args.device,
                         precision=args.precision, retrieval_set=args.retrieval_set, random_init=args.random_init,
-                        seed=args.seed)
+                        seed=args.seed or 0)
 
 
 def cmd_make_tiny(args) -> int:
@@ -79,6 +79,127 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _split(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def read_config_file(path: Path) -> dict:
+    """TOML or YAML file whose keys are the eval flags (with underscores): tasks, precisions, data_root, ..."""
+    from model.errors import FromageInputError
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise FromageInputError(path, f"cannot read config file: {err.strerror or err}") from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            import tomllib
+
+            data = tomllib.loads(text)
+    except Exception as err:  # tomllib.TOMLDecodeError / yaml.YAMLError: the parser's message says where
+        raise FromageInputError(path, f"malformed config: {err}") from None
+    if not isinstance(data, dict):
+        raise FromageInputError(path, "expected a table/mapping of eval options")
+    return data
+
+
+def eval_config_from_args(args):
+    from model.errors import FromageInputError
+
+    from .runner import EvalConfig, default_cache_dir
+
+    values = {}
+    if args.config:
+        values = read_config_file(args.config)
+        known = {f for f in EvalConfig.__dataclass_fields__}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise FromageInputError(args.config, f"unknown option(s) {', '.join(unknown)}", f"known: {', '.join(sorted(known))}")
+    flags = {"tasks": args.tasks, "out": args.out, "data_root": args.data_root, "model_dir": args.model_dir,
+             "opt_version": args.opt_version, "visual_model": args.visual_model, "device": args.device,
+             "protocols": args.protocol, "limit": args.limit, "batch_size": args.batch_size, "seed": args.seed,
+             "retrieval_set": args.retrieval_set}
+    values.update({k: v for k, v in flags.items() if v is not None})  # flags win over the file
+    precisions = _split(args.precisions or args.precision) or values.get("precisions") or []
+    values["precisions"] = _split(precisions) if isinstance(precisions, str) else list(precisions)
+    values["random_init"] = bool(args.random_init or values.get("random_init", False))
+    values["progress"] = not args.no_progress and values.get("progress", True)
+    for required in ("tasks", "out"):
+        if not values.get(required):
+            raise FromageInputError(f"--{required.replace('_', '-')}", "required (flag or config file)")
+    for key in ("out", "data_root", "model_dir", "retrieval_set", "cache_dir"):
+        if values.get(key) is not None:
+            values[key] = Path(values[key])
+    if args.no_cache:
+        values["cache_dir"] = None
+    elif values.get("cache_dir") is None:
+        values["cache_dir"] = args.cache_dir or default_cache_dir()
+    return EvalConfig(**values)
+
+
+def cmd_eval(args) -> int:
+    from .runner import run_eval
+
+    path = run_eval(eval_config_from_args(args))
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    from .runner import list_tasks
+
+    for t in list_tasks():
+        print(f"{t['name']}: {t['description']}")
+        print(f"    settings: {', '.join(t['settings'])}; protocols: {', '.join(t['protocols'])}")
+        print(f"    metrics: {', '.join(t['metrics'])}")
+        for role, path in t["files"].items():
+            print(f"    {role}: <data-root>/{path}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import run_compare
+
+    code, text = run_compare(args.base, args.new, args.metric_tol, args.speed_tol, args.memory_tol)
+    print(text)
+    return code
+
+
+def _ints(text: str | None) -> list[int] | None:
+    from model.errors import FromageInputError
+
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in _split(text)]
+    except ValueError:
+        raise FromageInputError(f"{text!r}", "expected comma-separated integers") from None
+
+
+def cmd_profile(args) -> int:
+    from .profiler import SCENARIOS, ProfileConfig, run_profile
+
+    cfg = ProfileConfig(out=args.out, model_dir=args.model_dir, random_init=args.random_init, opt_version=args.opt_version,
+                        visual_model=args.visual_model, device=args.device,
+                        precisions=_split(args.precisions or args.precision),
+                        scenarios=_split(args.scenarios) or list(SCENARIOS), warmup=args.warmup, repeats=args.repeats,
+                        new_tokens=args.new_tokens, seed=args.seed or 0, bandwidth=args.bandwidth)
+    for flag, attr in (("image_batch_sizes", "image_batch_sizes"), ("context_lengths", "context_lengths"),
+                       ("decode_batch_sizes", "decode_batch_sizes"), ("pool_sizes", "pool_sizes")):
+        values = _ints(getattr(args, flag))
+        if values:
+            setattr(cfg, attr, values)
+    if args.options:
+        cfg.options = args.options
+    path = run_profile(cfg)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fromage-bench", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -96,6 +217,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", type=Path, help="directory that relative paths in the set resolve against")
     p.add_argument("--trust-pickle", action="store_true", help="allow unpickling (runs code from the file: trusted files only)")
     p.set_defaults(func=cmd_convert_embeddings)
+
+    p = sub.add_parser("tasks", help="list the evaluation tasks, their settings, metrics and expected files")
+    p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("eval", help="evaluate a model on tasks at one or more precisions; writes results.json")
+    _add_model_arguments(p)
+    p.add_argument("--tasks", help="e.g. vist_retrieval:5cap4img,visdial_ranking (no setting = all settings)")
+    p.add_argument("--data-root", type=Path, help="root of the datasets in their official layouts (see `tasks`)")
+    p.add_argument("--out", type=Path, help="run directory: results.json, predictions/, report.html")
+    p.add_argument("--precisions", help="comma-separated, e.g. fp32,bf16,fp16,int8 (one model load each)")
+    p.add_argument("--protocol", help="paper, corrected or both (default: every protocol a task has)")
+    p.add_argument("--limit", type=int, help="first N examples of each task")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--config", type=Path, help="TOML or YAML file with the same options (flags win)")
+    p.add_argument("--cache-dir", type=Path, help="image feature cache (default ~/.cache/fromage-bench/features)")
+    p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="compare two runs; exit 1 if NEW regressed beyond tolerance, else 0")
+    p.add_argument("base", type=Path, help="run directory or results.json")
+    p.add_argument("new", type=Path, help="run directory or results.json")
+    p.add_argument("--metric-tol", default="0.5", help="allowed metric drop in points (default 0.5)")
+    p.add_argument("--speed-tol", default="10%", help="allowed slow-down, relative (default 10%%)")
+    p.add_argument("--memory-tol", default="5%", help="allowed memory growth, relative (default 5%%)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("profile", help="time inference scenarios at each precision (no accuracy)")
+    _add_model_arguments(p)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--precisions", help="comma-separated, e.g. bf16,fp16,int8")
+    p.add_argument("--scenarios", help="comma-separated subset of image_encoding,prefill,decode,option_scoring,retrieval")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--image-batch-sizes", help="default 1,8,32")
+    p.add_argument("--context-lengths", help="prefill lengths, default 32,128,512")
+    p.add_argument("--decode-batch-sizes", help="default 1,4,16")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--options", type=int, help="answer options per context (default 100)")
+    p.add_argument("--pool-sizes", help="retrieval pool sizes, default 1000,100000")
+    p.add_argument("--bandwidth", type=float, help="device memory bandwidth in bytes/s for the decode roofline")
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("info", help="load a model and print its size, precision and weight bytes")
     _add_model_arguments(p)

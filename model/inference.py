@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -51,6 +52,7 @@ class Fromage(nn.Module):
         self.retrieval_set = None
         self.path_array: list[str] | None = None
         self.emb_matrix: torch.Tensor | None = None
+        self.counters: Counter = Counter()  # work done (images, tokens, ...): the harness derives throughput
         if retrieval_set is not None:
             self.set_retrieval_set(retrieval_set)
 
@@ -152,6 +154,7 @@ class Fromage(nn.Module):
         """(N, vision_dim) pooled CLIP features; `project_images` maps them in either mode."""
         chunks = [self.model.vision_features(pixel_values(self.model.feature_extractor, images[i:i + batch_size]))
                   for i in range(0, len(images), batch_size)]
+        self.counters["images_encoded"] += len(images)
         return torch.cat(chunks)
 
     @torch.inference_mode()
@@ -171,6 +174,8 @@ class Fromage(nn.Module):
         padding after a prompt, so each embedding equals the one of that prompt run alone.
         """
         embedded = [embed_prompt(self.model, p) for p in prompts_batch]
+        self.counters["retrieval_queries"] += len(embedded)
+        self.counters["tokens_encoded"] += sum(len(e) for e in embedded)
         ret_at = []
         for i, e in enumerate(embedded):
             hits = (e.labels == self.model.retrieval_token_idx).nonzero()
@@ -195,16 +200,23 @@ class Fromage(nn.Module):
         """Log-likelihood of each continuation given one shared interleaved context (KV cache reused).
         `naive=True` re-encodes the context per continuation (the reference path, for checks and benchmarks)."""
         if naive:
-            return score_continuations_naive(self.model, context, continuations, continuation_bos=continuation_bos, shift=shift)
-        return score_continuations(self.model, context, continuations, continuation_bos=continuation_bos, shift=shift,
-                                   batch_size=batch_size)
+            scores = score_continuations_naive(self.model, context, continuations, continuation_bos=continuation_bos,
+                                               shift=shift)
+        else:
+            scores = score_continuations(self.model, context, continuations, continuation_bos=continuation_bos,
+                                         shift=shift, batch_size=batch_size)
+        self.counters["continuations_scored"] += len(continuations)
+        self.counters["tokens_scored"] += int(scores.num_tokens.sum())
+        return scores
 
     @torch.inference_mode()
     def generate(self, prompts_batch: Sequence[Prompt], max_new_tokens: int = 32, *, use_cache: bool = True,
                  **decoding) -> GenerationOutput:
         """Batched decoding (left-padded prompts); `decoding` takes generation.generate's keyword arguments."""
         batch = pad_batch([embed_prompt(self.model, p) for p in prompts_batch], side="left")
-        return generate(self.model, batch, max_new_tokens, use_cache=use_cache, **decoding)
+        output = generate(self.model, batch, max_new_tokens, use_cache=use_cache, **decoding)
+        self.counters["tokens_generated"] += int(output.token_ids.numel())
+        return output
 
     def decode(self, output: GenerationOutput) -> list[str]:
         return [self.model.tokenizer.decode(ids[:n].tolist(), skip_special_tokens=True)

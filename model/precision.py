@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +11,10 @@ from .errors import FromageInputError
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 INT8_OUTLIER_THRESHOLD = 6.0  # LLM.int8()'s default: activations above it stay in fp16
+
+# On CPU the non-quantised parts stay fp32 by design; bitsandbytes would warn on every int8 matmul about
+# casting its fp32 input to fp16.
+logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)

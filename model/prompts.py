@@ -12,7 +12,9 @@ from .images import pixel_values
 
 IGNORE_INDEX = -100  # label of positions that are not scored (images, padding)
 
-# An image, a string, or an image already mapped to LM inputs ((n_visual_tokens, D) captioning embedding).
+# An image; a string; an integer tensor of token ids, used as they are (no BOS added or removed: for
+# protocols that tokenise each piece on its own); or a float tensor, an image already mapped to LM inputs
+# ((n_visual_tokens, D) captioning embedding).
 PromptItem = Union[Image.Image, str, torch.Tensor]
 Prompt = Sequence[PromptItem]
 
@@ -59,13 +61,13 @@ def embed_prompt(model: FromageModel, prompt: Prompt) -> EmbeddedPrompt:
     embeds, labels, text_ids = [], [], []
     first_text = True
     for item in prompt:
-        if isinstance(item, str):
-            ids = tokenize(model, item, keep_bos=first_text)
+        if isinstance(item, str) or (isinstance(item, torch.Tensor) and not item.is_floating_point()):
+            ids = tokenize(model, item, keep_bos=first_text) if isinstance(item, str) else item.to(model.device).flatten()
             first_text = False
             embeds.append(model.embed_tokens(ids))
             labels.append(ids)
             text_ids.append(ids)
-        elif isinstance(item, (Image.Image, torch.Tensor)):
+        elif isinstance(item, (Image.Image, torch.Tensor)):  # a float tensor here
             visual = next(encoded) if isinstance(item, Image.Image) else item.reshape(-1, item.shape[-1])
             embeds.append(visual.to(device=model.device, dtype=lm_dtype))
             labels.append(torch.full((visual.shape[0],), IGNORE_INDEX, dtype=torch.long, device=model.device))

@@ -54,3 +54,13 @@ def test_log_lik_depends_on_the_image(tiny, images):
     a = tiny.get_log_lik_scores([images[0], "A red circle."])
     b = tiny.get_log_lik_scores([images[2], "A red circle."])
     assert a != pytest.approx(b, abs=1e-6)
+
+
+def test_token_id_items_are_used_verbatim(tiny, images):
+    tok = tiny.model.tokenizer
+    first, second = tok("A red circle.").input_ids, tok(" Then blue.").input_ids  # both start with BOS
+    as_ids = embed_prompt(tiny.model, [images[0], torch.tensor(first), torch.tensor(second)])
+    n_vis = tiny.model.args.n_visual_tokens
+    assert as_ids.labels.tolist() == [-100] * n_vis + first + second  # the second BOS is kept
+    as_text = embed_prompt(tiny.model, [images[0], "A red circle.", " Then blue."])
+    torch.testing.assert_close(as_ids.embeds[: n_vis + len(first)], as_text.embeds[: n_vis + len(first)])

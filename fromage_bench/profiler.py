@@ -1,0 +1,257 @@
+"""`fromage-bench profile`: cost of each inference scenario, isolated from accuracy, at each precision.
+
+Scenarios (what runs) are small functions that build inputs and return a closure doing one unit of work;
+the timer (what is measured) runs warm-up and repeats around it, with CUDA events on GPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from model import FromageInputError, PRECISIONS, load_fromage, resolve_placement
+from model.prompts import EmbeddedPrompt, pad_batch
+from model.generation import generate
+
+from .environment import describe_environment
+from .results import write_results
+from .trackers import MemoryTracker, Stopwatch
+
+SCENARIOS = ("image_encoding", "prefill", "decode", "option_scoring", "retrieval")
+
+# Peak memory bandwidth (bytes/s) by device name fragment: the batch-1 decode roofline reads every weight once per token.
+NOMINAL_BANDWIDTH = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12,
+                     "H100 NVL": 3.9e12, "A100-SXM4-80GB": 2.04e12, "A100 80GB PCIe": 1.94e12, "A100": 1.56e12,
+                     "L40S": 0.864e12, "A10": 0.6e12, "RTX 4090": 1.008e12}
+
+
+@dataclass
+class ProfileConfig:
+    out: Path
+    model_dir: Path | None = None
+    random_init: bool = False
+    opt_version: str | None = None
+    visual_model: str | None = None
+    device: str | None = None
+    precisions: list[str] = field(default_factory=list)
+    scenarios: list[str] = field(default_factory=lambda: list(SCENARIOS))
+    warmup: int = 2
+    repeats: int = 5
+    image_batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
+    context_lengths: list[int] = field(default_factory=lambda: [32, 128, 512])
+    decode_batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 16])
+    new_tokens: int = 32
+    options: int = 100
+    option_tokens: int = 7
+    option_context_tokens: int = 120
+    pool_sizes: list[int] = field(default_factory=lambda: [1000, 100000])
+    seed: int = 0
+    bandwidth: float | None = None  # bytes/s, overrides the nominal table
+
+    def to_json(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def time_it(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Seconds per call of `fn`, after `warmup` calls; CUDA events on GPU, perf_counter on CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end) / 1000.0)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def _summary(times: list[float]) -> dict:
+    return {"median": statistics.median(times), "min": min(times), "max": max(times), "all": times}
+
+
+def _random_text(model, n_tokens: int, generator: torch.Generator) -> torch.Tensor:
+    """Random token ids (BOS first) from the tokenizer's ordinary vocabulary."""
+    vocab = len(model.model.tokenizer) - 2  # exclude <|image|> and [RET]
+    ids = torch.randint(4, vocab, (n_tokens,), generator=generator)
+    ids[0] = model.model.tokenizer.bos_token_id
+    return ids
+
+
+def _embedded(model, ids: torch.Tensor) -> EmbeddedPrompt:
+    ids = ids.to(model.model.device)
+    return EmbeddedPrompt(model.model.embed_tokens(ids), ids, ids)
+
+
+def _pixels(model, batch: int, generator: torch.Generator) -> torch.Tensor:
+    size = model.model.visual_model.config.image_size
+    return torch.randn(batch, 3, size, size, generator=generator)
+
+
+def scenario_image_encoding(model, cfg, gen):
+    for batch in cfg.image_batch_sizes:
+        pixels = _pixels(model, batch, gen).to(model.model.device)
+        yield {"batch_size": batch}, (lambda p=pixels: model.model.get_visual_embs(p, "retrieval")), {"images": batch}
+
+
+def scenario_prefill(model, cfg, gen):
+    limit = model.model.lm.config.max_position_embeddings
+    for length in cfg.context_lengths:
+        if length > limit:
+            continue
+        batch = pad_batch([_embedded(model, _random_text(model, length, gen))])
+        run = lambda b=batch: model.model.lm(inputs_embeds=b.embeds, attention_mask=b.attention_mask,  # noqa: E731
+                                             position_ids=b.position_ids, use_cache=True)
+        yield {"context_tokens": length, "batch_size": 1}, run, {"tokens": length}
+
+
+def scenario_decode(model, cfg, gen):
+    """Time T new tokens and 1 new token; the difference over T-1 is the per-token decode cost (prefill and
+    the per-call set-up cancel out)."""
+    prompt_len = 32
+    for batch_size in cfg.decode_batch_sizes:
+        batch = pad_batch([_embedded(model, _random_text(model, prompt_len, gen)) for _ in range(batch_size)], side="left")
+        full = lambda b=batch: generate(model.model, b, cfg.new_tokens)  # noqa: E731
+        one = lambda b=batch: generate(model.model, b, 1)  # noqa: E731
+        yield ({"batch_size": batch_size, "prompt_tokens": prompt_len, "new_tokens": cfg.new_tokens},
+               (full, one), {"tokens": batch_size})
+
+
+def scenario_option_scoring(model, cfg, gen):
+    features = model.model.vision_features(_pixels(model, 1, gen).to(model.model.device))
+    image = model.model.project_visual(features, "captioning")[0]
+    context = [image, _random_text(model, cfg.option_context_tokens, gen)]
+    options = [_random_text(model, cfg.option_tokens, gen)[1:] for _ in range(cfg.options)]
+    texts = [model.model.tokenizer.decode(o) for o in options]
+    run = lambda: model.score_continuations(context, texts)  # noqa: E731
+    yield ({"options": cfg.options, "context_tokens": cfg.option_context_tokens, "option_tokens": cfg.option_tokens},
+           run, {"options": cfg.options})
+
+
+def scenario_retrieval(model, cfg, gen):
+    queries = [[_random_text(model, 24, gen), torch.tensor([model.model.retrieval_token_idx])] for _ in range(16)]
+    dim = model.model.args.shared_emb_dim
+    for pool in cfg.pool_sizes:
+        matrix = torch.nn.functional.normalize(torch.randn(pool, dim, generator=gen), dim=1).to(
+            model.model.device, model.model.dtype)
+
+        def run(m=matrix):
+            q = model.retrieval_embeddings(queries)
+            return (q.to(m.dtype) @ m.T).topk(10, dim=1)
+
+        yield {"pool_size": pool, "queries": len(queries)}, run, {"queries": len(queries)}
+
+
+SCENARIO_FUNCTIONS = {"image_encoding": scenario_image_encoding, "prefill": scenario_prefill,
+                      "decode": scenario_decode, "option_scoring": scenario_option_scoring,
+                      "retrieval": scenario_retrieval}
+
+
+def nominal_bandwidth(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((bw for key, bw in NOMINAL_BANDWIDTH.items() if key in name), None)
+
+
+def measured_copy_bandwidth(device: torch.device) -> float | None:
+    """Device-to-device copy rate, bytes read + written per second (a practical ceiling for weight reads)."""
+    if device.type != "cuda":
+        return None
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    times = time_it(lambda: y.copy_(x), device, 2, 5)
+    del x, y
+    return 2 * (1 << 30) / statistics.median(times)
+
+
+def _decode_roofline(model, per_token_seconds: float, bandwidth: float | None, copy_bandwidth: float | None) -> dict:
+    from model.precision import weight_bytes
+
+    lm_bytes = weight_bytes(model.model.lm)  # every LM weight is read once per generated token at batch 1
+    roof = {"weight_bytes": lm_bytes, "measured_tokens_per_second": 1.0 / per_token_seconds,
+            "bandwidth_bytes_per_second": bandwidth, "copy_bandwidth_bytes_per_second": copy_bandwidth}
+    if bandwidth:
+        roof["roofline_tokens_per_second"] = bandwidth / lm_bytes
+        roof["fraction_of_roofline"] = (lm_bytes / per_token_seconds) / bandwidth
+    return roof
+
+
+def profile_precision(cfg: ProfileConfig, precision: str) -> list[dict]:
+    try:
+        placement = resolve_placement(cfg.device, precision)
+    except FromageInputError as err:
+        if err.where.startswith("device="):
+            raise
+        return [{"kind": "profile", "scenario": s, "precision": precision, "status": "skipped", "reason": str(err),
+                 "params": {}} for s in cfg.scenarios]
+    with Stopwatch() as load_clock:
+        model = load_fromage(cfg.model_dir, opt_version=cfg.opt_version, visual_model=cfg.visual_model,
+                             device=placement.device, precision=precision, random_init=cfg.random_init, seed=cfg.seed)
+    device = placement.device
+    base_cost = {"load_seconds": load_clock.seconds, "weight_bytes": model.weight_bytes}
+    bandwidth = cfg.bandwidth or nominal_bandwidth(device)
+    copy_bw = measured_copy_bandwidth(device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    records = []
+    with torch.inference_mode():
+        for scenario in cfg.scenarios:
+            for params, work, units in SCENARIO_FUNCTIONS[scenario](model, cfg, gen):
+                with MemoryTracker(device) as memory:
+                    if scenario == "decode":
+                        full = time_it(work[0], device, cfg.warmup, cfg.repeats)
+                        one = time_it(work[1], device, cfg.warmup, cfg.repeats)
+                        per_token = max((statistics.median(full) - statistics.median(one)) / (cfg.new_tokens - 1), 1e-9)
+                        times = [per_token]
+                    else:
+                        times = time_it(work, device, cfg.warmup, cfg.repeats)
+                cost = {**base_cost, "seconds": _summary(times), "memory": memory.summary()}
+                for unit, count in units.items():
+                    cost[f"{unit}_per_second"] = count / statistics.median(times)
+                record = {"kind": "profile", "scenario": scenario, "precision": precision, "status": "ok",
+                          "params": params, "cost": cost}
+                if scenario == "decode":
+                    record["cost"]["seconds_per_token"] = times[0]
+                    record["cost"]["full_generate_seconds"] = _summary(full)
+                    if params["batch_size"] == 1:
+                        record["roofline"] = _decode_roofline(model, times[0], bandwidth, copy_bw)
+                records.append(record)
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return records
+
+
+def run_profile(cfg: ProfileConfig) -> Path:
+    unknown = [s for s in cfg.scenarios if s not in SCENARIOS]
+    if unknown:
+        raise FromageInputError(f"--scenarios {','.join(unknown)}", "unknown scenario", f"choose from {', '.join(SCENARIOS)}")
+    for p in cfg.precisions:
+        if p not in PRECISIONS:
+            raise FromageInputError(f"precision {p!r}", "unknown precision", f"choose from {', '.join(PRECISIONS)}")
+    if cfg.model_dir is None and not cfg.random_init:
+        raise FromageInputError("--model-dir", "required (or --random-init)")
+    if cfg.new_tokens < 2:
+        raise FromageInputError("--new-tokens", "must be >= 2 (decode cost is the difference of two lengths)")
+    from .runner import _check_output_dir
+
+    _check_output_dir(cfg.out)
+    precisions = cfg.precisions or [resolve_placement(cfg.device, None).precision]
+    records = []
+    for precision in precisions:
+        records += profile_precision(cfg, precision)
+    return write_results(cfg.out, {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                   "config": cfg.to_json(), "environment": describe_environment(), "records": records})

@@ -1,0 +1,183 @@
+"""`fromage-bench eval`: a tasks x precisions matrix. Each precision is one model load; each cell records
+the task's metrics and what it cost. Results are written once, atomically, at the end: a failed run
+leaves no partial results file."""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model import PRECISIONS, FromageInputError, load_fromage, resolve_placement
+from tasks import REGISTRY, parse_protocols, parse_task_spec
+from tasks.base import RunContext, TaskResult
+from tasks.cache import FeatureCache
+
+from .environment import describe_environment
+from .results import atomic_write_text, write_results
+from .trackers import MemoryTracker, Stopwatch, percentiles_ms, throughput
+
+PRECISION_ORDER = ("fp32", "bf16", "fp16", "int8")  # highest first: drift is measured against the first run
+
+
+@dataclass
+class EvalConfig:
+    tasks: str
+    out: Path
+    data_root: Path = Path("data")
+    model_dir: Path | None = None
+    opt_version: str | None = None
+    visual_model: str | None = None
+    device: str | None = None
+    precisions: list[str] = field(default_factory=lambda: [])
+    protocols: str | None = None
+    limit: int | None = None
+    batch_size: int = 16
+    seed: int = 0
+    random_init: bool = False
+    retrieval_set: Path | None = None
+    cache_dir: Path | None = None
+    progress: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def default_cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fromage-bench" / "features"
+
+
+def _check_output_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise FromageInputError(out, f"output directory is not writable: {err.strerror or err}") from None
+
+
+def validate(config: EvalConfig) -> list:
+    """Everything that can be checked before a model is loaded."""
+    cells = parse_task_spec(config.tasks)
+    for task, setting in cells:
+        task.check_files(config.data_root, setting)
+        parse_protocols(config.protocols, task)
+    for p in config.precisions:
+        if p not in PRECISIONS:
+            raise FromageInputError(f"precision {p!r}", "unknown precision", f"choose from {', '.join(PRECISIONS)}")
+    if config.limit is not None and config.limit < 1:
+        raise FromageInputError("--limit", "must be >= 1")
+    if config.model_dir is None and not config.random_init:
+        raise FromageInputError("--model-dir", "required (or --random-init)")
+    _check_output_dir(config.out)
+    return cells
+
+
+def run_eval(config: EvalConfig) -> Path:
+    cells = validate(config)
+    placement_default = resolve_placement(config.device, None)  # bad --device fails here, before anything runs
+    precisions = config.precisions or [placement_default.precision]
+    staging = config.out / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "predictions").mkdir(parents=True)
+    records: list[dict] = []
+    try:
+        for precision in precisions:
+            records += _run_precision(config, cells, precision, staging)
+        _add_drift(records)
+        final_predictions = config.out / "predictions"
+        shutil.rmtree(final_predictions, ignore_errors=True)
+        (staging / "predictions").rename(final_predictions)
+        path = write_results(config.out, {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "config": config.to_json(), "environment": describe_environment(), "records": records})
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def _skipped_records(cells, precision: str, reason: str) -> list[dict]:
+    return [{"kind": "eval", "task": task.name, "setting": setting, "protocol": None, "precision": precision,
+             "status": "skipped", "reason": reason} for task, setting in cells]
+
+
+def _run_precision(config: EvalConfig, cells, precision: str, staging: Path) -> list[dict]:
+    try:
+        placement = resolve_placement(config.device, precision)
+    except FromageInputError as err:
+        if err.where.startswith("device="):
+            raise
+        return _skipped_records(cells, precision, str(err))
+    torch.manual_seed(config.seed)
+    with Stopwatch() as load_clock, MemoryTracker(placement.device) as load_memory:
+        model = load_fromage(config.model_dir, opt_version=config.opt_version, visual_model=config.visual_model,
+                             device=placement.device, precision=precision, retrieval_set=config.retrieval_set,
+                             random_init=config.random_init, seed=config.seed)
+    load_cost = {"load_seconds": load_clock.seconds, "load_memory": load_memory.summary(),
+                 "weight_bytes": model.weight_bytes}
+    cache = FeatureCache(config.cache_dir, model.fingerprint) if config.cache_dir else None
+    records = []
+    for task, setting in cells:
+        torch.manual_seed(config.seed)
+        protocols = parse_protocols(config.protocols, task)
+        ctx = RunContext(model=model, data_root=config.data_root, limit=config.limit, cache=cache,
+                         progress=config.progress, batch_size=config.batch_size, latencies=[])
+        model.counters.clear()
+        with Stopwatch() as clock, MemoryTracker(placement.device) as memory:
+            results = task.run(ctx, setting, protocols)
+        cost = {**load_cost, "wall_seconds": clock.seconds, "memory": memory.summary(),
+                "latency_ms": percentiles_ms(ctx.latencies), "throughput": throughput(model.counters, clock.seconds),
+                "work": dict(model.counters)}
+        for result in results:
+            records.append(_record(result, precision, cost, staging))
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return records
+
+
+def _record(result: TaskResult, precision: str, cost: dict, staging: Path) -> dict:
+    name = f"{result.task}-{result.setting}-{result.protocol}-{precision}.jsonl"
+    lines = "".join(json.dumps(p, default=str) + "\n" for p in result.predictions)
+    atomic_write_text(staging / "predictions" / name, lines)
+    n = result.n_examples
+    cost = {**cost, "examples_per_second": n / cost["wall_seconds"] if cost["wall_seconds"] > 0 else None}
+    return {"kind": "eval", "task": result.task, "setting": result.setting, "protocol": result.protocol,
+            "precision": precision, "status": "ok", "metrics": result.metrics, "paper": result.paper,
+            "n_examples": n, "n_skipped": result.skipped.total, "skipped": result.skipped.counts,
+            "skipped_examples": result.skipped.examples, "extra": result.extra, "cost": cost,
+            "predictions_file": f"predictions/{name}"}
+
+
+def _add_drift(records: list[dict]) -> None:
+    """Each lower-precision cell's metric deltas against the highest precision that ran in this invocation."""
+    ran = {r["precision"] for r in records if r["status"] == "ok"}
+    reference = next((p for p in PRECISION_ORDER if p in ran), None)
+    by_key = {(r["task"], r["setting"], r["protocol"]): r for r in records
+              if r["status"] == "ok" and r["precision"] == reference}
+    for r in records:
+        base = by_key.get((r["task"], r["setting"], r["protocol"]))
+        if r["status"] != "ok" or base is None or r["precision"] == reference:
+            continue
+        r["drift"] = {"against": reference, **{m: v - base["metrics"][m] for m, v in r["metrics"].items()
+                                              if m in base["metrics"] and _is_number(v) and _is_number(base["metrics"][m])}}
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+
+def list_tasks() -> list[dict]:
+    return [{"name": t.name, "description": t.description, "settings": list(t.settings), "protocols": list(t.protocols),
+             "files": t.files, "metrics": list(t.metrics),
+             "paper": {f"{s}/{p}": v for (s, p), v in t.paper.items()}} for t in REGISTRY.values()]

@@ -1,0 +1,167 @@
+"""Small synthetic image-caption datasets in the real formats and layouts of CC3M validation and the
+Karpathy COCO split: coloured shapes drawn with PIL, captions that describe them.
+
+Layouts (under `root`, as the `captioning` / `image_text_retrieval` tasks expect them by default):
+
+* ``cc3m/cc3m_val.tsv`` (header ``caption<TAB>image``; image names without extension, like the released
+  file) and images ``cc3m/validation/<name>.jpg``;
+* ``coco/dataset_coco.json`` (Karpathy format: test images plus a few train/restval/val entries) and
+  images ``coco/val2014/COCO_val2014_<cocoid:012d>.jpg``.
+
+Faults (counts of distinct examples, chosen by the seed and returned by id): ``missing`` (no image file),
+``corrupt`` (a truncated JPEG), ``png`` (the image saved as PNG under a `.png` name instead of `.jpg`).
+"""
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 119, 180), "yellow": (240, 200, 20),
+           "purple": (148, 103, 189), "orange": (255, 127, 14)}
+BACKGROUNDS = {"white": (250, 250, 250), "black": (15, 15, 15), "grey": (128, 128, 128)}
+SHAPES = ("circle", "square", "triangle", "stripe")
+TEMPLATES = ("a {colour} {shape} on a {background} background.",
+             "A {colour} {shape} in front of a {background} wall",
+             "there is a {colour} {shape} in this picture .",
+             "picture of a {colour} {shape}, {background} backdrop",
+             "a simple {shape} painted {colour}")
+
+
+def draw_shape(colour: str, shape: str, background: str, size: tuple[int, int] = (96, 72),
+               offset: int = 0) -> Image.Image:
+    """A `background` image with one `colour` `shape` near its centre (`offset` moves it a little)."""
+    w, h = size
+    image = Image.new("RGB", size, BACKGROUNDS[background])
+    draw = ImageDraw.Draw(image)
+    cx, cy, r = w // 2 + offset, h // 2 - offset // 2, min(w, h) // 3
+    fill = COLOURS[colour]
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    else:
+        for x in range(0, w, 12):
+            draw.rectangle([x, 0, x + 5, h], fill=fill)
+    return image
+
+
+def _scene(rng: random.Random, i: int) -> tuple[str, str, str, int]:
+    colours, shapes, backgrounds = list(COLOURS), list(SHAPES), list(BACKGROUNDS)
+    # walk the combinations so that consecutive images always differ, with a seeded start and offset
+    start = rng.randrange(len(colours) * len(shapes))
+    k = start + i
+    return (colours[k % len(colours)], shapes[(k // len(colours)) % len(shapes)],
+            backgrounds[(k + i) % len(backgrounds)], rng.randrange(-6, 7))
+
+
+def _captions(rng: random.Random, colour: str, shape: str, background: str, count: int) -> list[str]:
+    order = rng.sample(range(len(TEMPLATES)), len(TEMPLATES))
+    return [TEMPLATES[order[j % len(order)]].format(colour=colour, shape=shape, background=background)
+            for j in range(count)]
+
+
+def _pick_faults(rng: random.Random, n: int, **counts: int) -> dict[str, list[int]]:
+    total = sum(counts.values())
+    if total > n:
+        raise ValueError(f"{total} faulty examples requested but only {n} examples")
+    chosen = rng.sample(range(n), total)
+    out, at = {}, 0
+    for fault, count in counts.items():
+        out[fault] = sorted(chosen[at:at + count])
+        at += count
+    return out
+
+
+def _write_image(image: Image.Image, path: Path, fault: str | None) -> Path | None:
+    """Save as JPEG (or PNG for the `png` fault, under a .png name); `corrupt` keeps half of the file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fault == "missing":
+        return None
+    if fault == "png":
+        path = path.with_suffix(".png")
+        image.save(path, format="PNG")
+        return path
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    data = buffer.getvalue()
+    path.write_bytes(data[: len(data) // 2] if fault == "corrupt" else data)
+    return path
+
+
+def write_cc3m(root: Path, *, n: int = 12, seed: int = 0, missing: int = 0, corrupt: int = 0, png: int = 0,
+               extensions_in_tsv: bool = False) -> dict:
+    """`root/cc3m/cc3m_val.tsv` + `root/cc3m/validation/` with `n` images, one caption each.
+
+    Returns ``{"tsv", "image_dir", "ids" (TSV image column, file order), "captions", "files" (id -> path
+    written or None), "missing", "corrupt", "png" (ids)}``."""
+    rng = random.Random(seed)
+    root = Path(root)
+    image_dir = root / "cc3m" / "validation"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    faults = _pick_faults(rng, n, missing=missing, corrupt=corrupt, png=png)
+    fault_of = {i: f for f, idx in faults.items() for i in idx}
+    ids, captions, files = [], [], {}
+    for i in range(n):
+        colour, shape, background, offset = _scene(rng, i)
+        name = f"{i}_{rng.randrange(10**9, 10**10)}"
+        files[name] = _write_image(draw_shape(colour, shape, background, offset=offset),
+                                   image_dir / f"{name}.jpg", fault_of.get(i))
+        ids.append(name)
+        captions.append(_captions(rng, colour, shape, background, 1)[0])
+    column = [f"{name}.jpg" if extensions_in_tsv else name for name in ids]
+    tsv = root / "cc3m" / "cc3m_val.tsv"
+    tsv.write_text("caption\timage\n" + "".join(f"{c}\t{p}\n" for c, p in zip(captions, column)), encoding="utf-8")
+    return {"tsv": tsv, "image_dir": image_dir, "ids": column, "captions": captions, "files": files,
+            **{fault: [column[i] for i in idx] for fault, idx in faults.items()}}
+
+
+def write_coco_karpathy(root: Path, *, n: int = 8, seed: int = 0, captions_per_image: int = 5, n_other: int = 3,
+                        missing: int = 0, corrupt: int = 0, png: int = 0) -> dict:
+    """`root/coco/dataset_coco.json` (Karpathy format) with `n` test images of `captions_per_image`
+    sentences each, plus `n_other` entries of the train/restval/val splits (their images are written too).
+
+    Returns ``{"json", "image_root", "ids" (test cocoids as strings, file order), "captions" (id -> raw
+    sentences), "files" (id -> path written or None), "missing", "corrupt", "png" (test ids)}``."""
+    rng = random.Random(seed)
+    root = Path(root)
+    image_root = root / "coco"
+    faults = _pick_faults(rng, n, missing=missing, corrupt=corrupt, png=png)
+    fault_of = {i: f for f, idx in faults.items() for i in idx}
+    others = ("train", "restval", "val")
+    # interleave the other splits with the test images, as the real file mixes them
+    splits = ["test"] * n
+    for j in range(n_other):
+        splits.insert(rng.randrange(len(splits) + 1), others[j % len(others)])
+    entries, ids, captions, files = [], [], {}, {}
+    test_index, sentid = 0, 0
+    for imgid, split in enumerate(splits):
+        colour, shape, background, offset = _scene(rng, imgid)
+        cocoid = 100000 + 37 * imgid + rng.randrange(30)
+        filepath = "train2014" if split == "train" else "val2014"
+        filename = f"COCO_{filepath}_{cocoid:012d}.jpg"
+        fault = fault_of.get(test_index) if split == "test" else None
+        written = _write_image(draw_shape(colour, shape, background, offset=offset),
+                               image_root / filepath / filename, fault)
+        raws = _captions(rng, colour, shape, background, captions_per_image)
+        sentences = []
+        for raw in raws:
+            tokens = raw.lower().replace(",", " ").replace(".", " ").split()
+            sentences.append({"tokens": tokens, "raw": raw, "imgid": imgid, "sentid": sentid})
+            sentid += 1
+        entries.append({"filepath": filepath, "sentids": [s["sentid"] for s in sentences], "filename": filename,
+                        "imgid": imgid, "split": split, "sentences": sentences, "cocoid": cocoid})
+        if split == "test":
+            ids.append(str(cocoid))
+            captions[str(cocoid)] = raws
+            files[str(cocoid)] = written
+            test_index += 1
+    path = image_root / "dataset_coco.json"
+    path.write_text(json.dumps({"images": entries, "dataset": "coco"}), encoding="utf-8")
+    return {"json": path, "image_root": image_root, "ids": ids, "captions": captions, "files": files,
+            **{fault: [ids[i] for i in idx] for fault, idx in faults.items()}}

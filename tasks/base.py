@@ -1,0 +1,140 @@
+"""What every task is: a small declarative unit (name, settings, protocols, files, metrics, paper numbers)
+plus a `run` that turns a model and a data root into one `TaskResult` per setting x protocol."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from tqdm import tqdm
+
+from model.errors import FromageInputError
+
+
+@dataclass
+class Skipped:
+    """Examples left out because of per-example data faults (missing/corrupt image, ...), by reason."""
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)  # first few, for the report
+
+    def add(self, reason: str, example_id: str = "") -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        if example_id and len(self.examples) < 20:
+            self.examples.append(f"{example_id}: {reason}")
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+@dataclass
+class TaskResult:
+    """One record of results.json: a task x setting x protocol (the runner adds precision and timings)."""
+    task: str
+    setting: str
+    protocol: str
+    metrics: dict[str, float]
+    n_examples: int
+    skipped: Skipped
+    paper: dict[str, float] | None = None
+    predictions: list[dict[str, Any]] = field(default_factory=list)  # one JSON-able dict per example
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunContext:
+    """Where a task runs: the model, the data, and the harness services it may use."""
+    model: Any                     # model.Fromage
+    data_root: Path
+    limit: int | None = None       # first N examples (stories, dialogues, captions)
+    cache: Any = None              # tasks.cache.FeatureCache or None
+    progress: bool = True
+    batch_size: int = 16
+    latencies: list[float] | None = None  # seconds per example, filled by `track`
+
+    def track(self, iterable: Iterable, desc: str | None = None, total: int | None = None,
+              size: Callable[[Any], int] | None = None) -> Iterator:
+        """Iterate with a progress bar, timing the work done on each item (`size(item)` examples per item,
+        e.g. a batch) and recording seconds per example for the latency percentiles."""
+        bar = tqdm(iterable, desc=desc, total=total, disable=not self.progress, leave=False, dynamic_ncols=True)
+        for item in bar:
+            start = time.perf_counter()
+            yield item
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            n = max(1, size(item) if size else 1)
+            if self.latencies is not None:
+                self.latencies.extend([(time.perf_counter() - start) / n] * n)
+
+
+@dataclass
+class Task:
+    name: str
+    description: str
+    settings: tuple[str, ...]
+    protocols: tuple[str, ...]
+    files: dict[str, str]  # role (or "setting/role" when settings read different data) -> default path under --data-root
+    metrics: tuple[str, ...]
+    paper: dict[tuple[str, str], dict[str, float]]  # (setting, protocol) -> the paper's numbers, where it has them
+    run: Callable[[RunContext, str, tuple[str, ...]], list[TaskResult]]
+    default_setting: str | None = None
+
+    def path(self, ctx: RunContext, role: str, setting: str | None = None) -> Path:
+        key = f"{setting}/{role}" if setting and f"{setting}/{role}" in self.files else role
+        return ctx.data_root / self.files[key]
+
+    def check_files(self, data_root: Path, setting: str | None = None) -> None:
+        """Fail fast, before any model work, naming the first missing file."""
+        for role, rel in self.files.items():
+            if "/" in role and setting is not None and not role.startswith(f"{setting}/"):
+                continue
+            path = data_root / rel
+            if not path.exists():
+                raise FromageInputError(path, f"missing ({self.name} needs its {role} here)",
+                                        f"see `fromage-bench tasks` for the expected layout under --data-root")
+
+
+REGISTRY: dict[str, Task] = {}
+
+
+def register(task: Task) -> Task:
+    REGISTRY[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    if name not in REGISTRY:
+        raise FromageInputError(f"task {name!r}", "unknown task", f"valid tasks: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def parse_task_spec(spec: str) -> list[tuple[Task, str]]:
+    """'vist_retrieval:5cap4img,visdial_ranking' -> [(task, setting), ...]; no setting = all settings."""
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, setting = item.partition(":")
+        task = get_task(name)
+        if setting and setting not in task.settings:
+            raise FromageInputError(f"task {item!r}", f"unknown setting {setting!r} of {name}",
+                                    f"valid settings: {', '.join(task.settings)}")
+        out += [(task, s) for s in ([setting] if setting else task.settings)]
+    if not out:
+        raise FromageInputError("--tasks", "no task given", f"valid tasks: {', '.join(sorted(REGISTRY))}")
+    return out
+
+
+def parse_protocols(spec: str | None, task: Task) -> tuple[str, ...]:
+    if spec is None:
+        return task.protocols
+    wanted = tuple(p.strip() for p in spec.split(",") if p.strip())
+    for p in wanted:
+        if p not in ("paper", "corrected"):
+            raise FromageInputError(f"--protocol {p!r}", "unknown protocol", "valid protocols: paper, corrected")
+    return tuple(p for p in wanted if p in task.protocols) or task.protocols[:1]
+
+
+def limited(items: Iterable, limit: int | None) -> list:
+    items = list(items)
+    return items if limit is None else items[:limit]

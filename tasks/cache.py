@@ -1,0 +1,80 @@
+"""On-disk cache of per-image CLIP features, keyed by model fingerprint (which includes the precision)
+and image content hash, so a second run and other tasks reuse them."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from .images import content_hash, try_load
+
+
+class FeatureCache:
+    def __init__(self, root: Path, fingerprint: str):
+        self.dir = Path(root) / fingerprint
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.hits = 0
+        self.misses = 0
+
+    def _file(self, digest: str) -> Path:
+        return self.dir / digest[:2] / f"{digest}.safetensors"
+
+    def get(self, digest: str) -> torch.Tensor | None:
+        f = self._file(digest)
+        if not f.is_file():
+            return None
+        try:
+            return load_file(str(f))["features"]
+        except Exception:  # a torn write from a killed run: recompute
+            return None
+
+    def put(self, digest: str, features: torch.Tensor) -> None:
+        f = self._file(digest)
+        f.parent.mkdir(exist_ok=True)
+        tmp = f.with_suffix(".tmp")
+        save_file({"features": features.detach().float().cpu().contiguous()}, str(tmp))
+        tmp.replace(f)
+
+
+def load_features(model, paths: Sequence[Path | None], cache: FeatureCache | None = None,
+                  batch_size: int = 32) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
+    """Pooled CLIP features (float32, CPU) of image files, by index, and the reason for each file that
+    could not be used ("missing image" / "corrupt image"). Cached features skip decoding altogether."""
+    features: dict[int, torch.Tensor] = {}
+    failures: dict[int, str] = {}
+    pending: list[tuple[int, str, Image.Image]] = []
+
+    def flush():
+        if not pending:
+            return
+        fresh = model.image_features([im for _, _, im in pending], batch_size=batch_size).float().cpu()
+        for (i, digest, _), feats in zip(pending, fresh):
+            features[i] = feats
+            if cache is not None:
+                cache.put(digest, feats)
+        pending.clear()
+
+    for i, path in enumerate(paths):
+        if path is None or not Path(path).is_file():
+            failures[i] = "missing image"
+            continue
+        digest = content_hash(path)
+        cached = cache.get(digest) if cache is not None else None
+        if cached is not None:
+            features[i] = cached
+            cache.hits += 1
+            continue
+        image, reason = try_load(path)
+        if image is None:
+            failures[i] = reason
+            continue
+        if cache is not None:
+            cache.misses += 1
+        pending.append((i, digest, image))
+        if len(pending) == batch_size:
+            flush()
+    flush()
+    return features, failures
