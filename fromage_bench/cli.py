@@ -146,7 +146,19 @@ def cmd_eval(args) -> int:
 
     path = run_eval(eval_config_from_args(args))
     print(f"wrote {path}")
+    _write_report(path.parent)
     return 0
+
+
+def _write_report(run_dir: Path) -> None:
+    """The results are already safe on disk; a report failure is reported, not fatal."""
+    from reports import write_report
+
+    try:
+        print(f"wrote {write_report(run_dir)}")
+    except Exception as err:  # noqa: BLE001 - keep the run's results even if rendering breaks
+        print(f"fromage-bench: warning: report not written: {err} (rerun `fromage-bench report {run_dir}`)",
+              file=sys.stderr)
 
 
 def cmd_tasks(args) -> int:
@@ -197,6 +209,22 @@ def cmd_profile(args) -> int:
         cfg.options = args.options
     path = run_profile(cfg)
     print(f"wrote {path}")
+    _write_report(path.parent)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from reports import main_report
+
+    path = main_report(args.run_dir, args.images)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_results_csv(args) -> int:
+    from .results import to_csv
+
+    print(f"wrote {to_csv(args.run_dir, args.out)}")
     return 0
 
 
@@ -259,6 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-sizes", help="retrieval pool sizes, default 1000,100000")
     p.add_argument("--bandwidth", type=float, help="device memory bandwidth in bytes/s for the decode roofline")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("report", help="(re)generate RUN_DIR/report.html from RUN_DIR/results.json")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--images", action="append", metavar="TASK=DIR",
+                   help="image directory for a task's thumbnails (default: from the run's data root)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("results-csv", help="export a run's results.json as CSV (one row per record)")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("out", type=Path)
+    p.set_defaults(func=cmd_results_csv)
 
     p = sub.add_parser("info", help="load a model and print its size, precision and weight bytes")
     _add_model_arguments(p)

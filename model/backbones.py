@@ -43,6 +43,16 @@ def resolve_backbone(name_or_path: str, model_dir: str | Path | None, what: str)
             "nothing is fetched at run time") from None
 
 
+def _custom_config_file(name_or_path: str) -> Path | None:
+    """A user's own architecture for random init: a config.json, or a directory holding one."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".json":
+        return path
+    if path.is_dir() and (path / "config.json").is_file():
+        return path / "config.json"
+    return None
+
+
 def paper_config_name(name_or_path: str) -> str:
     """'facebook/opt-6.7b' -> 'opt-6.7b' if we ship its configuration, else an error listing the ones we do."""
     short = name_or_path.rstrip("/").split("/")[-1]
@@ -54,7 +64,14 @@ def paper_config_name(name_or_path: str) -> str:
 
 
 def paper_config(name_or_path: str) -> dict:
-    return json.loads((CONFIG_DIR / f"{paper_config_name(name_or_path)}.json").read_text())
+    """Architecture hyperparameters for a random-init backbone: a shipped paper configuration by name
+    ('facebook/opt-6.7b'), or a config.json path / directory."""
+    custom = _custom_config_file(name_or_path)
+    path = custom or CONFIG_DIR / f"{paper_config_name(name_or_path)}.json"
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise FromageInputError(path, f"malformed JSON: {err}") from None
 
 
 def load_tokenizer(path: Path | None) -> GPT2Tokenizer:

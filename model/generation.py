@@ -73,7 +73,8 @@ def generate(model: FromageModel, batch: PaddedBatch, max_new_tokens: int, *, te
     lengths = torch.full_like(finished, max_new_tokens, dtype=torch.long)
 
     first = dict(inputs_embeds=embeds, attention_mask=mask, position_ids=batch.position_ids, output_hidden_states=True)
-    out = forward_with_cache(lm, None, **first) if use_cache else lm(use_cache=False, **first)
+    # Only the last position's logits are needed; the uncached path keeps the original's full computation.
+    out = forward_with_cache(lm, None, logits_to_keep=1, **first) if use_cache else lm(use_cache=False, **first)
     cache = returned_cache(out) if use_cache else None
     tokens, ret_embeddings = [], []
     for step in range(max_new_tokens):

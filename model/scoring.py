@@ -65,7 +65,7 @@ def score_continuations(model: FromageModel, context: Prompt | EmbeddedPrompt, c
     """
     ctx = context if isinstance(context, EmbeddedPrompt) else embed_prompt(model, context)
     ctx_len = len(ctx)
-    out = forward_with_cache(model.lm, None, inputs_embeds=ctx.embeds[None])
+    out = forward_with_cache(model.lm, None, inputs_embeds=ctx.embeds[None], logits_to_keep=1)
     ctx_cache = cache_layers(returned_cache(out))
     ctx_last_logits = out.logits[0, -1]
 
@@ -89,14 +89,21 @@ def score_continuations(model: FromageModel, context: Prompt | EmbeddedPrompt, c
 
 @torch.inference_mode()
 def score_continuations_naive(model: FromageModel, context: Prompt, continuations: Sequence[str], *,
-                              continuation_bos: bool = False, shift: bool = True) -> ContinuationScores:
-    """Reference path, the way the original scripts work: context + continuation re-encoded per continuation."""
+                              continuation_bos: bool = False, shift: bool = True, batch_size: int = 20) -> ContinuationScores:
+    """Reference path, the way the original VisDial script works: every continuation gets the whole context
+    re-encoded in front of it; the full sequences run in right-padded batches of `batch_size` (20 there)."""
     ctx = embed_prompt(model, context)
+    conts = embed_continuations(model, continuations, continuation_bos)
+    full = [EmbeddedPrompt(torch.cat([ctx.embeds, c.embeds]), torch.cat([torch.full_like(ctx.labels, IGNORE_INDEX), c.labels]),
+                           c.labels) for c in conts]
     sums, counts = [], []
-    for cont in embed_continuations(model, continuations, continuation_bos):
-        embeds = torch.cat([ctx.embeds, cont.embeds])[None]
-        logits = model.lm(inputs_embeds=embeds, use_cache=False).logits[0]
-        cont_logits = logits[len(ctx) - 1:-1] if shift else logits[len(ctx):]
-        sums.append(target_logprobs(cont_logits, cont.labels).sum())
-        counts.append(torch.tensor(cont.labels.numel()))
-    return ContinuationScores(torch.stack(sums).cpu(), torch.stack(counts).cpu())
+    for start in range(0, len(full), batch_size):
+        batch = pad_batch(full[start:start + batch_size], side="right")
+        logits = model.lm(inputs_embeds=batch.embeds, use_cache=False).logits
+        if shift:
+            logits, labels = logits[:, :-1], batch.labels[:, 1:]
+        else:
+            labels = batch.labels
+        sums.append(target_logprobs(logits, labels).sum(dim=1))
+        counts.append((labels != IGNORE_INDEX).sum(dim=1))
+    return ContinuationScores(torch.cat(sums).cpu(), torch.cat(counts).cpu())

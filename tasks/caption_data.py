@@ -11,7 +11,9 @@
   "sentences": [{"raw", ...}], "cocoid"?}]}``); only images whose ``split`` is ``"test"`` are used, at
   ``{image_root}/{filepath}/{filename}``. Flickr30k's Karpathy file (``dataset_flickr30k.json``) has the
   same structure without ``filepath``/``cocoid``: it loads as well (images at ``{image_root}/{filename}``,
-  ids from ``imgid``) by pointing the coco setting's two paths at it. ``limit`` counts test images.
+  ids from ``imgid``) by pointing the coco setting's two paths at it: with ``--data-root`` plus a per-file
+  path override once the runner offers one; until then, by laying it out as ``coco/dataset_coco.json``
+  with the images directly under ``coco/``. ``limit`` counts test images.
 
 Malformed files raise `FromageInputError` naming the file (and line / entry). Missing or corrupt image
 files are not errors here: the image keeps a path that does not open, and the task counts it as skipped.

@@ -12,7 +12,8 @@ lower-cased, space-tokenised form of `original_text`. The images are plain colou
 PIL and the sentences describe them.
 
 Faults that can be planted: `missing` photos without a file, `corrupt` photos whose file is truncated,
-`png` photos saved as `.png`; `unused` photos listed in `images` (with a file) that no story uses;
+`png` photos saved as `.png`; `unused` extra photos listed in `images` (with a file) that no story uses
+(album photos no story picked are unused as well);
 `shuffled=True` writes each story's annotations in a scrambled order (`worker_arranged_photo_order`
 keeps the true order).
 """
@@ -69,8 +70,8 @@ def write_vist(root: Path, *, n: int = 6, seed: int = 0, missing: int = 0, corru
 
     Returns {"root", "json", "image_dir", "story_ids" (file order), "stories" {story_id: photo ids in
     story order}, "captions" {story_id: texts in story order}, "targets" {story_id: last photo id},
-    "missing", "corrupt", "png", "unused" (photo ids), "skipped" {story_id: reason}, "pool" (readable
-    photos used by some story, in the order of the `images` list)}.
+    "missing", "corrupt", "png", "unused" (photo ids; unused = every listed photo no story uses),
+    "skipped" {story_id: reason}, "pool" (readable photos used by some story, in `images` list order)}.
     """
     if n < 1:
         raise ValueError("n must be >= 1")
@@ -129,8 +130,6 @@ def write_vist(root: Path, *, n: int = 6, seed: int = 0, missing: int = 0, corru
 
     used = {pid for photos in stories.values() for pid in photos}
     for pid in photo_ids:
-        if pid not in used and pid not in unused_ids:
-            continue  # an album photo no story picked: listed, but no file needed; keep files for used/unused
         colour, shape, size, background = looks[pid]
         image = _draw(colour, shape, size, background)
         kind = planted.get(pid)
@@ -190,5 +189,5 @@ def write_vist(root: Path, *, n: int = 6, seed: int = 0, missing: int = 0, corru
             "captions": captions, "targets": {sid: stories[sid][-1] for sid in story_ids},
             "missing": [p for p, k in planted.items() if k == "missing"],
             "corrupt": [p for p, k in planted.items() if k == "corrupt"],
-            "png": [p for p, k in planted.items() if k == "png"], "unused": list(unused_ids),
+            "png": [p for p, k in planted.items() if k == "png"], "unused": [p for p in photo_ids if p not in used],
             "skipped": skipped, "pool": pool}

@@ -1,0 +1,180 @@
+"""Training data: a CC3M-style TSV of (caption, image file) pairs, and the order in which it is read.
+
+The TSV has a header with the columns `caption` and `image` (in any order; other columns are ignored);
+image names are relative to an image directory and are tried as given, then with `.jpg` and `.png`.
+Captions are tokenised like the original training code: BOS + caption + `[RET]`, at most `max_len`
+tokens (a caption that does not fit is cut and keeps `[RET]` as its last token), padded to `max_len`.
+
+The order is a pure function of (seed, micro-batch index): epoch e reads a permutation seeded with
+seed + e, cut into global batches of `batch_size x world_size` (a last partial batch is dropped), and
+rank r takes the r-th block of each global batch. So a run on W processes sees exactly the global
+batches of a run on one process with a W times larger batch, and a resumed run only needs the number
+of micro-batches already read.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .errors import FromageInputError
+from .images import load_image
+
+REQUIRED_COLUMNS = ("caption", "image")
+IMAGE_SUFFIXES = ("", ".jpg", ".png")
+MAX_LEN = 24  # the original's --max-len
+
+
+def read_tsv(path: str | Path) -> list[tuple[str, str]]:
+    """(caption, image name) rows of a CC3M-style TSV; anything malformed is a FromageInputError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FromageInputError(path, "missing", "expected a TSV with a header line `caption<TAB>image`")
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            rows = list(csv.reader(f, delimiter="\t"))
+    except UnicodeDecodeError as err:
+        raise FromageInputError(path, f"not UTF-8 text: {err}") from None
+    except csv.Error as err:
+        raise FromageInputError(path, f"malformed TSV: {err}") from None
+    if not rows:
+        raise FromageInputError(path, "empty file", "expected a header line `caption<TAB>image`")
+    header = [name.strip() for name in rows[0]]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise FromageInputError(path, f"header {header} lacks the column(s) {', '.join(missing)}",
+                                "expected a header line `caption<TAB>image`")
+    caption_col, image_col = header.index("caption"), header.index("image")
+    pairs = []
+    for line, row in enumerate(rows[1:], start=2):
+        if not row:
+            continue  # blank line
+        if len(row) != len(header):
+            raise FromageInputError(path, f"line {line} has {len(row)} tab-separated fields, the header {len(header)}")
+        caption, image = row[caption_col].strip(), row[image_col].strip()
+        if not caption or not image:
+            raise FromageInputError(path, f"line {line} has an empty {'caption' if not caption else 'image'} field")
+        pairs.append((caption, image))
+    if not pairs:
+        raise FromageInputError(path, "no data rows after the header")
+    return pairs
+
+
+def tokenize_caption(tokenizer, caption: str, ret_id: int, max_len: int = MAX_LEN) -> list[int]:
+    """BOS + caption + [RET], cut to max_len tokens with [RET] kept last (as the original's truncation)."""
+    ids = tokenizer(caption, add_special_tokens=True).input_ids[:max_len - 1]
+    return ids + [ret_id]
+
+
+class CaptionDataset(torch.utils.data.Dataset):
+    """Item i: the CLIP pixel values of row i's image and its caption's token ids.
+
+    An image that is missing or cannot be decoded is skipped: the item is taken from the next row of the
+    file whose image can be read, and `skipped` counts how many rows were passed over. (The original
+    picked a random row instead; either way the batch keeps its size, which the all-gather of the
+    contrastive loss needs on every rank.)
+    """
+
+    def __init__(self, tsv: str | Path, image_dir: str | Path, tokenizer, processor, ret_id: int, max_len: int = MAX_LEN):
+        self.tsv = Path(tsv)
+        self.image_dir = Path(image_dir)
+        if not self.image_dir.is_dir():
+            raise FromageInputError(self.image_dir, "image directory not found")
+        self.rows = read_tsv(self.tsv)
+        self.tokenizer = tokenizer
+        self.processor = processor
+        self.ret_id = ret_id
+        self.max_len = max_len
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def image_path(self, name: str) -> Path | None:
+        for suffix in IMAGE_SUFFIXES:
+            candidate = self.image_dir / (name + suffix)
+            if candidate.is_file():
+                return candidate
+        return None
+
+    def read_image(self, index: int) -> Image.Image | None:
+        path = self.image_path(self.rows[index][1])
+        if path is None:
+            return None
+        try:
+            return load_image(path)
+        except FromageInputError:
+            return None
+
+    def __getitem__(self, index: int) -> dict:
+        for skipped in range(len(self.rows)):
+            row = (index + skipped) % len(self.rows)
+            image = self.read_image(row)
+            if image is not None:
+                # Like the original training code: the CLIP processor as it is (resize the short side,
+                # centre crop), not the 224x224 squash that the released inference notebooks use.
+                pixels = self.processor([image], return_tensors="pt").pixel_values[0]
+                ids = tokenize_caption(self.tokenizer, self.rows[row][0], self.ret_id, self.max_len)
+                return {"pixel_values": pixels, "input_ids": ids, "skipped": skipped}
+        raise FromageInputError(self.image_dir, f"none of the {len(self.rows)} images named in {self.tsv} can be read")
+
+
+@dataclass
+class Batch:
+    pixel_values: torch.Tensor  # (B, 3, H, W)
+    input_ids: torch.Tensor     # (B, max_len) BOS, caption, [RET], then padding
+    lengths: torch.Tensor       # (B,) real tokens per row, [RET] included
+    skipped: int                # unreadable images passed over while building this batch
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(self.pixel_values.to(device), self.input_ids.to(device), self.lengths.to(device), self.skipped)
+
+
+class Collate:
+    """Pads token ids to max_len with `pad_id` (padding only ever sits after the last real token)."""
+
+    def __init__(self, pad_id: int, max_len: int = MAX_LEN):
+        self.pad_id = pad_id
+        self.max_len = max_len
+
+    def __call__(self, items: list[dict]) -> Batch:
+        ids = torch.full((len(items), self.max_len), self.pad_id, dtype=torch.long)
+        for row, item in enumerate(items):
+            ids[row, :len(item["input_ids"])] = torch.tensor(item["input_ids"])
+        lengths = torch.tensor([len(item["input_ids"]) for item in items])
+        pixels = torch.stack([item["pixel_values"] for item in items])
+        return Batch(pixels, ids, lengths, sum(item["skipped"] for item in items))
+
+
+class ShardedBatches(torch.utils.data.Sampler):
+    """Yields this rank's index lists for micro-batches start, start+1, ..., stop-1 (see the module doc)."""
+
+    def __init__(self, num_rows: int, batch_size: int, world_size: int, rank: int, seed: int, start: int, stop: int):
+        self.global_batch = batch_size * world_size
+        if num_rows < self.global_batch:
+            raise ValueError(f"{num_rows} rows are fewer than one global batch ({self.global_batch})")
+        self.num_rows, self.batch_size, self.rank, self.seed = num_rows, batch_size, rank, seed
+        self.batches_per_epoch = num_rows // self.global_batch
+        self.start, self.stop = start, stop
+        self._epoch, self._order = None, None
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + epoch))
+        return self._order
+
+    def indices(self, micro_batch: int) -> list[int]:
+        epoch, position = divmod(micro_batch, self.batches_per_epoch)
+        order = self.order(epoch)
+        first = position * self.global_batch + self.rank * self.batch_size
+        return order[first:first + self.batch_size].tolist()
+
+    def __iter__(self):
+        for micro_batch in range(self.start, self.stop):
+            yield self.indices(micro_batch)
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)

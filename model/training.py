@@ -1,0 +1,577 @@
+"""Training FROMAGe's trained parts on (image, caption) pairs, as the original recipe (Koh et al., ICML 2023).
+
+Reads top to bottom: configuration, processes, the trainable tensors, one training step (captioning pass,
+retrieval pass, optimiser step), checkpoints, logging, export, and `train`, the loop that ties them up.
+
+What is trained: `visual_embeddings` (image -> LM input tokens), `visual_fc` (image -> retrieval space),
+`text_hidden_fcs` (LM hidden state -> retrieval space), `logit_scale`, and the `[RET]` input-embedding row.
+The OPT language model and the CLIP vision tower stay frozen and in eval mode.
+
+The `[RET]` row is a separate parameter spliced into the frozen LM wherever the row is used: in the
+input embeddings (where a token is `[RET]`) and, because OPT ties its output layer to the input
+embeddings, in the output logits (the `[RET]` column is recomputed from the trained row). This gives the
+row exactly the gradient it gets in the original, where the whole tied matrix is trainable and the
+gradient of every other row is zeroed before each step; but no other row can ever change (whatever the
+optimiser or weight decay), and no gradient or AdamW state is kept for the 50k frozen rows of the real
+model. At the end the row is written into the embedding matrix and exported with `save_release`.
+
+Several processes (`torchrun`): each process reads its block of every global batch, computes its share of
+the global loss (see `model.losses`) and the gradients of the trained tensors are summed across processes
+with one all-reduce per optimiser step. Only these few tensors are synchronised; the frozen model is never
+wrapped. The contrastive loss is taken over the global batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import hashlib
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .checkpoint import save_release
+from .errors import FromageInputError
+from .fromage import FromageModel
+from .inference import Fromage
+from .loading import load_fromage
+from .losses import IGNORE_INDEX, contrastive_loss_share, distributed, token_loss_share
+from .precision import resolve_placement
+from .train_data import MAX_LEN, Batch, CaptionDataset, Collate, ShardedBatches
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+RELEASE_DIR = "release"
+METRICS_FILE = "metrics.csv"
+METRICS_FIELDS = ["step", "loss", "caption_loss", "retrieval_loss", "lr", "grad_norm", "seconds",
+                  "ret_lm_loss", "skipped_images"]
+CHECKPOINT_FORMAT = "fromage-bench-train-1"
+
+
+# -- configuration --------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """Defaults are the original's (batch 180 on one GPU, 10 epochs x 2000 steps)."""
+
+    model_dir: Path                 # initial model (release format); its trained maps are the initialisation
+    train_tsv: Path
+    image_dir: Path
+    out: Path                       # metrics.csv, checkpoints/, release/
+    steps: int = 20000              # optimiser steps in total (a resumed run continues up to this)
+    batch_size: int = 180           # per process; the global batch is batch_size x processes
+    lr: float = 3e-4
+    warmup: int = 100               # linear warm-up steps
+    grad_accum: int = 1             # micro-batches per optimiser step
+    concat_prob: float = 0.5        # probability that a micro-batch's captions are concatenated pairwise
+    caption_weight: float = 1.0     # captioning cross-entropy (image, caption)
+    retrieval_weight: float = 1.0   # contrastive loss (text <-> image)
+    ret_lm_weight: float = 1.0      # LM cross-entropy of the text-only retrieval pass (caption, [RET])
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0          # <= 0: no clipping
+    max_len: int = MAX_LEN
+    renorm_ret: bool = True         # rescale the [RET] row to the mean norm of the other rows after each step
+    save_every: int = 1000          # optimiser steps between checkpoints (0: only at the end)
+    resume: Path | None = None      # a checkpoint file, or a directory holding checkpoints/
+    seed: int = 0
+    device: str | None = None       # default cuda if available (cuda:LOCAL_RANK under torchrun), else cpu
+    precision: str | None = None    # autocast: bf16 (default on CUDA) or fp16 on CUDA; fp32 only on CPU
+    log: list[str] = field(default_factory=list)  # extra loggers: "tensorboard"
+    workers: int = 4                # data-loading worker processes
+    progress: bool = True
+
+    def check(self) -> None:
+        checks = [
+            (self.steps >= 1, "--steps", "must be >= 1"),
+            (self.batch_size >= 1, "--batch-size", "must be >= 1"),
+            (self.grad_accum >= 1, "--grad-accum", "must be >= 1"),
+            (self.lr > 0, "--lr", "must be > 0"),
+            (self.warmup >= 0, "--warmup", "must be >= 0"),
+            (0.0 <= self.concat_prob <= 1.0, "--concat-prob", "must be in [0, 1]"),
+            (self.concat_prob == 0 or self.batch_size % 2 == 0, "--batch-size",
+             "must be even when --concat-prob > 0 (captions are concatenated in pairs)"),
+            (self.save_every >= 0, "--save-every", "must be >= 0"),
+            (self.seed >= 0, "--seed", "must be >= 0"),
+            (self.max_len >= 2, "--max-len", "must be >= 2"),
+            (self.workers >= 0, "--workers", "must be >= 0"),
+            (set(self.log) <= {"tensorboard"}, "--log", "the only extra logger is tensorboard"),
+        ]
+        for ok, flag, problem in checks:
+            if not ok:
+                raise FromageInputError(flag, problem)
+
+
+# -- processes ------------------------------------------------------------------------------------------
+@dataclass
+class Processes:
+    rank: int
+    world_size: int
+    device: torch.device
+    precision: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+
+def setup_processes(device: str | None, precision: str | None) -> Processes:
+    """One process, or one of torchrun's (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the environment):
+    gloo on CPU, NCCL on GPU, one GPU per process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    placement = resolve_placement(device, "fp32")  # the weights stay fp32; `precision` is the autocast
+    dev = placement.device
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
+    precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise FromageInputError(f"--precision {precision}", "training runs in fp32, or with bf16/fp16 autocast on CUDA")
+    if precision != "fp32" and dev.type != "cuda":
+        raise FromageInputError(f"--precision {precision}", "autocast is for CUDA only: on CPU training runs in fp32")
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise FromageInputError(f"--precision {precision}", "this GPU has no bf16 support", "use --precision fp16")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    return Processes(rank, world_size, dev, precision)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # CPU and every CUDA device
+
+
+# -- the trainable tensors ------------------------------------------------------------------------------
+def make_trainable(model: FromageModel) -> tuple[nn.Parameter, dict[str, nn.Parameter]]:
+    """Freeze everything, then enable the trained maps; the [RET] row becomes its own parameter.
+    Returns (ret_row, {name: parameter}) in a fixed order (the optimiser's and the checkpoint's)."""
+    model.requires_grad_(False)
+    params = {}
+    for name, param in model.named_parameters():
+        if not name.startswith(("lm.", "visual_model.")):
+            params[name] = param.requires_grad_(True)
+    row = model.input_embeddings.weight[model.retrieval_token_idx]
+    ret_row = nn.Parameter(row.detach().clone().float())
+    params["ret_row"] = ret_row
+    return ret_row, params
+
+
+def set_train_mode(model: FromageModel) -> None:
+    """Dropout in the trained maps follows model_args.json; the frozen backbones stay in eval mode."""
+    model.train()
+    model.lm.eval()
+    model.visual_model.eval()
+
+
+def mean_frozen_row_norm(model: FromageModel) -> torch.Tensor:
+    weight = model.input_embeddings.weight
+    others = torch.arange(weight.shape[0], device=weight.device) != model.retrieval_token_idx
+    return weight[others].float().norm(dim=1).mean()
+
+
+def install_ret_row(model: FromageModel, ret_row: torch.Tensor) -> None:
+    """Write the trained row into the (tied) embedding matrix: what inference and `save_release` read."""
+    with torch.no_grad():
+        weight = model.input_embeddings.weight
+        weight[model.retrieval_token_idx] = ret_row.to(weight.dtype)
+
+
+# -- the LM with the trained [RET] row --------------------------------------------------------------------
+def embed_text(model: FromageModel, ret_row: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    embeds = model.input_embeddings(ids)
+    is_ret = (ids == model.retrieval_token_idx).unsqueeze(-1)
+    return torch.where(is_ret, ret_row.to(embeds.dtype), embeds)
+
+
+def lm_forward(model: FromageModel, ret_row: torch.Tensor, embeds: torch.Tensor,
+               hidden_states: bool = False) -> tuple[torch.Tensor, tuple | None]:
+    """(logits, hidden_states) of the frozen OPT; with tied embeddings the [RET] logit uses the trained row."""
+    out = model.lm.model.decoder(inputs_embeds=embeds, output_hidden_states=hidden_states, use_cache=False)
+    hidden = out.last_hidden_state
+    logits = model.lm.lm_head(hidden)
+    if model.lm.lm_head.weight.data_ptr() == model.input_embeddings.weight.data_ptr():
+        ret_logit = (hidden @ ret_row.to(hidden.dtype)).unsqueeze(-1)
+        is_ret = torch.arange(logits.shape[-1], device=logits.device) == model.retrieval_token_idx
+        logits = torch.where(is_ret, ret_logit.to(logits.dtype), logits)
+    return logits, out.hidden_states
+
+
+# -- one training step ------------------------------------------------------------------------------------
+def caption_sequences(visual: torch.Tensor, text: torch.Tensor, ids: torch.Tensor, ret_id: int,
+                      concat: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """LM inputs and labels of the captioning loss, laid out as the original's.
+
+    Row i: image i's visual tokens, then BOS, caption, [RET], padding. Labels: -100 on the visual tokens and
+    from the first [RET] on (so BOS and the caption tokens are scored). With `concat`, rows 2k and 2k+1
+    become one row: the first's image and caption (up to [RET]), the second's image and caption, then the
+    first's and the second's unlabelled tails ([RET] and padding).
+    """
+    batch, n_visual = visual.shape[:2]
+    embeds = torch.cat([visual.to(text.dtype), text], dim=1)
+    labels = torch.cat([ids.new_full((batch, n_visual), IGNORE_INDEX), ids], dim=1)
+    cut = n_visual + (ids == ret_id).int().argmax(dim=1)  # first [RET] of each row (there always is one)
+    positions = torch.arange(labels.shape[1], device=labels.device)
+    labels = labels.masked_fill(positions >= cut[:, None], IGNORE_INDEX)
+    if not concat:
+        return embeds, labels
+    pairs_embeds, pairs_labels = [], []
+    for a, b in zip(range(0, batch, 2), range(1, batch, 2)):
+        ca, cb = int(cut[a]), int(cut[b])
+        pairs_embeds.append(torch.cat([embeds[a, :ca], embeds[b, :cb], embeds[a, ca:], embeds[b, cb:]]))
+        pairs_labels.append(torch.cat([labels[a, :ca], labels[b, :cb], labels[a, ca:], labels[b, cb:]]))
+    return torch.stack(pairs_embeds), torch.stack(pairs_labels)
+
+
+def retrieval_labels(ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The text-only retrieval pass is also scored as language modelling: the caption and its [RET]."""
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    return ids.masked_fill(positions >= lengths[:, None], IGNORE_INDEX)
+
+
+def concat_this_batch(seed: int, micro_batch: int, prob: float) -> bool:
+    """A coin flip that depends only on (seed, micro-batch index): the same on every process and on resume."""
+    return prob > 0 and float(np.random.default_rng([seed, micro_batch]).random()) < prob
+
+
+def micro_step(model: FromageModel, ret_row: nn.Parameter, batch: Batch, concat: bool, cfg: TrainConfig,
+               procs: Processes, scaler) -> torch.Tensor:
+    """Forward and backward of one micro-batch. Returns this process's detached loss shares
+    (caption, retrieval, ret_lm). Each pass is back-propagated at once, so only one LM graph is alive."""
+    scale = 1.0 / cfg.grad_accum
+    with torch.no_grad(), procs.autocast():
+        features = model.vision_features(batch.pixel_values)  # frozen CLIP: no graph needed
+
+    # Captioning: image tokens (captioning mapping) then the caption.
+    with procs.autocast():
+        text = embed_text(model, ret_row, batch.input_ids)
+        visual = model.project_visual(features, "captioning")
+        embeds, labels = caption_sequences(visual, text, batch.input_ids, model.retrieval_token_idx, concat)
+        logits, _ = lm_forward(model, ret_row, embeds)
+    caption = token_loss_share(logits, labels)
+    scaler.scale(cfg.caption_weight * scale * caption).backward()
+
+    # Retrieval: the caption and [RET] alone; the hidden state at [RET] against the image (retrieval mapping).
+    with procs.autocast():
+        text = embed_text(model, ret_row, batch.input_ids)
+        logits, hidden = lm_forward(model, ret_row, text, hidden_states=True)
+        at_ret = model.retrieval_space(hidden)[torch.arange(len(text), device=text.device), batch.lengths - 1]
+        image = model.project_visual(features, "retrieval")[:, 0]
+    ret_lm = token_loss_share(logits, retrieval_labels(batch.input_ids, batch.lengths))
+    retrieval = contrastive_loss_share(F.normalize(at_ret.float(), dim=-1), F.normalize(image.float(), dim=-1),
+                                       model.logit_scale.float())
+    scaler.scale((cfg.retrieval_weight * retrieval + cfg.ret_lm_weight * ret_lm) * scale).backward()
+    return torch.stack([caption, retrieval, ret_lm]).detach().double()
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over the first `warmup` optimiser steps (step is 1-based), then constant."""
+    return cfg.lr * min(1.0, step / cfg.warmup) if cfg.warmup > 0 else cfg.lr
+
+
+def optimizer_step(optimizer, scaler, params: dict[str, nn.Parameter], ret_row: nn.Parameter,
+                   cfg: TrainConfig, ret_norm: torch.Tensor | None) -> float:
+    """Sum the gradients over processes, clip, step; returns the gradient norm before clipping."""
+    if distributed():
+        for param in params.values():
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            dist.all_reduce(param.grad)
+    scaler.unscale_(optimizer)
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), max_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if ret_norm is not None:  # as the original: keep the [RET] row at the mean norm of the frozen rows
+        with torch.no_grad():
+            ret_row.mul_(ret_norm / ret_row.norm())
+    return float(grad_norm)
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    """python, numpy and torch generator states as plain tensors and numbers (loadable with weights_only)."""
+    version, words, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                       "cached": float(cached)},
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["words"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def gather_objects(obj) -> list:
+    if not distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def save_checkpoint(path: Path, step: int, params: dict[str, nn.Parameter], optimizer, scaler, cfg: TrainConfig,
+                    procs: Processes, skipped: int) -> None:
+    """Everything a bit-exact continuation needs, written atomically (a temporary file, then a rename).
+    Every process calls it (each contributes its generator states); the main process writes."""
+    ranks = gather_objects({"rng": rng_state(), "skipped": skipped})
+    if not procs.is_main:
+        return
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT, "step": step, "data_position": step * cfg.grad_accum,
+        "world_size": procs.world_size, "global_batch": cfg.batch_size * procs.world_size,
+        "grad_accum": cfg.grad_accum, "seed": cfg.seed, "max_len": cfg.max_len,
+        "trainable": {name: p.detach().cpu().clone() for name, p in params.items()},
+        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        "lr_schedule": {"lr": cfg.lr, "warmup": cfg.warmup},  # the schedule is a function of the step
+        "ranks": ranks,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def checkpoint_path(out: Path, step: int) -> Path:
+    return out / CHECKPOINT_DIR / f"step_{step:07d}.pt"
+
+
+def find_checkpoint(path: Path) -> Path:
+    """A checkpoint file, or the latest one in DIR/checkpoints or DIR."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    for folder in (path / CHECKPOINT_DIR, path):
+        found = sorted(folder.glob("step_*.pt")) if folder.is_dir() else []
+        if found:
+            return found[-1]
+    raise FromageInputError(path, "no training checkpoint found", f"expected a file or a directory with {CHECKPOINT_DIR}/step_*.pt")
+
+
+def load_checkpoint(path: Path, params: dict[str, nn.Parameter], optimizer, scaler, cfg: TrainConfig,
+                    procs: Processes) -> tuple[int, int]:
+    """Restore the state saved by `save_checkpoint`; returns (step, this process's skipped-image count)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise FromageInputError(path, f"not a readable training checkpoint: {err}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise FromageInputError(path, "not a fromage-bench training checkpoint")
+    expected = {"global_batch": cfg.batch_size * procs.world_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
+                "max_len": cfg.max_len}
+    differ = [f"{k} {ckpt[k]} (now {v})" for k, v in expected.items() if ckpt[k] != v]
+    if differ:
+        raise FromageInputError(path, f"was written with {', '.join(differ)}: the data order would not continue",
+                                "resume with the same global batch, --grad-accum, --seed and --max-len")
+    if list(ckpt["trainable"]) != list(params):
+        raise FromageInputError(path, "holds other trained tensors than this model has", "same --model-dir as the run?")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(ckpt["trainable"][name])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    skipped = 0
+    if ckpt["world_size"] == procs.world_size:
+        set_rng_state(ckpt["ranks"][procs.rank]["rng"])
+        skipped = ckpt["ranks"][procs.rank]["skipped"]
+    else:
+        log.warning("%s was written by %d processes, this run has %d: generator states are not restored "
+                    "(only dropout uses them)", path, ckpt["world_size"], procs.world_size)
+    return ckpt["step"], skipped
+
+
+# -- logging ----------------------------------------------------------------------------------------------
+class MetricsLog:
+    """metrics.csv (and TensorBoard if asked for and installed), written by the main process only.
+    On resume the rows after the checkpoint's step are dropped, so the file reads as one run."""
+
+    def __init__(self, out: Path, resumed_step: int, tensorboard: bool):
+        path = out / METRICS_FILE
+        kept = []
+        if resumed_step and path.is_file():
+            with path.open(newline="") as f:
+                kept = [row for row in csv.DictReader(f) if int(row["step"]) <= resumed_step]
+        self.file = path.open("w", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=METRICS_FIELDS)
+        self.writer.writeheader()
+        self.writer.writerows(kept)
+        self.file.flush()
+        self.tensorboard = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tensorboard = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                log.warning("--log tensorboard: the tensorboard package is not installed; writing metrics.csv only")
+
+    def write(self, row: dict) -> None:
+        self.writer.writerow(row)
+        self.file.flush()
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key != "step":
+                    self.tensorboard.add_scalar(f"train/{key}", value, row["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+# -- export ---------------------------------------------------------------------------------------------
+def backbone_reference(name: str, model_dir: Path) -> str:
+    """A backbone named by a path (relative to the initial model's directory, or to the working directory) is
+    written as an absolute path, so the export loads from anywhere; a Hugging Face id is kept as it is."""
+    for candidate in (Path(model_dir) / name, Path(name).expanduser()):
+        if candidate.is_dir():
+            return str(candidate.resolve())
+    return name
+
+
+def export_release(model: FromageModel, model_dir: Path, out_dir: Path) -> Path:
+    """model_args.json + pretrained_ckpt.pth.tar, which `load_fromage(out_dir)` reads."""
+    args = copy.deepcopy(model.args)
+    args.opt_version = backbone_reference(args.opt_version, model_dir)
+    args.visual_encoder = backbone_reference(args.visual_encoder, model_dir)
+    return save_release(model, out_dir, args)
+
+
+def trained_fingerprint(fromage: Fromage, params: dict[str, nn.Parameter]) -> str:
+    digest = hashlib.sha256(fromage.fingerprint.encode())
+    for name, param in params.items():
+        digest.update(name.encode())
+        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# -- the loop ---------------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    fromage: Fromage               # the trained model in memory ([RET] row installed, eval mode)
+    history: list[dict]            # one row per optimiser step of this run (what metrics.csv holds)
+    release_dir: Path | None       # the export (main process only)
+    checkpoint: Path | None        # the last checkpoint written
+    skipped_images: int            # over all processes
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    procs = setup_processes(cfg.device, cfg.precision)
+    try:
+        return _train(cfg, procs)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, procs: Processes) -> TrainResult:
+    cfg.check()
+    fromage = load_fromage(cfg.model_dir, device=procs.device, precision="fp32")
+    model = fromage.model
+    dataset = CaptionDataset(cfg.train_tsv, cfg.image_dir, model.tokenizer, model.feature_extractor,
+                             model.retrieval_token_idx, cfg.max_len)
+    global_batch = cfg.batch_size * procs.world_size
+    if len(dataset) < global_batch:
+        raise FromageInputError(cfg.train_tsv, f"has {len(dataset)} rows, fewer than one global batch ({global_batch})")
+
+    seed_everything(cfg.seed + procs.rank)
+    ret_row, params = make_trainable(model)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=cfg.betas, eps=1e-8,
+                                  weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(procs.device.type, enabled=procs.precision == "fp16")
+    ret_norm = mean_frozen_row_norm(model) if cfg.renorm_ret else None
+    start, skipped = 0, 0
+    if cfg.resume is not None:
+        start, skipped = load_checkpoint(find_checkpoint(cfg.resume), params, optimizer, scaler, cfg, procs)
+
+    sampler = ShardedBatches(len(dataset), cfg.batch_size, procs.world_size, procs.rank, cfg.seed,
+                             start=start * cfg.grad_accum, stop=cfg.steps * cfg.grad_accum)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers,
+                                         collate_fn=Collate(model.tokenizer.pad_token_id, cfg.max_len),
+                                         pin_memory=procs.device.type == "cuda")
+    metrics = None
+    if procs.is_main:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        metrics = MetricsLog(cfg.out, start, "tensorboard" in cfg.log)
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not (procs.is_main and cfg.progress))
+    history, last_checkpoint = [], None
+    set_train_mode(model)
+    batches = iter(loader)
+    for step in range(start + 1, cfg.steps + 1):
+        began = time.time()
+        lr = learning_rate(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        shares = torch.zeros(3, dtype=torch.float64)
+        for micro in range(cfg.grad_accum):
+            batch = next(batches)
+            skipped += batch.skipped
+            concat = concat_this_batch(cfg.seed, (step - 1) * cfg.grad_accum + micro, cfg.concat_prob)
+            shares += micro_step(model, ret_row, batch.to(procs.device), concat, cfg, procs, scaler).cpu() / cfg.grad_accum
+        grad_norm = optimizer_step(optimizer, scaler, params, ret_row, cfg, ret_norm)
+        caption, retrieval, ret_lm, total_skipped = sum_over_processes(torch.cat([shares, torch.tensor([float(skipped)], dtype=torch.float64)])).tolist()
+        row = {"step": step, "loss": cfg.caption_weight * caption + cfg.retrieval_weight * retrieval + cfg.ret_lm_weight * ret_lm,
+               "caption_loss": caption, "retrieval_loss": retrieval, "lr": lr, "grad_norm": grad_norm,
+               "seconds": time.time() - began, "ret_lm_loss": ret_lm, "skipped_images": int(total_skipped)}
+        history.append(row)
+        if metrics is not None:
+            metrics.write(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", cap=f"{caption:.3f}", ret=f"{retrieval:.3f}")
+        if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
+            last_checkpoint = checkpoint_path(cfg.out, step)
+            save_checkpoint(last_checkpoint, step, params, optimizer, scaler, cfg, procs, skipped)
+    bar.close()
+    if metrics is not None:
+        metrics.close()
+
+    install_ret_row(model, ret_row)
+    model.eval().requires_grad_(False)
+    fromage.fingerprint = trained_fingerprint(fromage, params)
+    release = export_release(model, cfg.model_dir, cfg.out / RELEASE_DIR) if procs.is_main else None
+    total_skipped = int(sum_over_processes(torch.tensor(skipped, dtype=torch.float64)))
+    if distributed():
+        dist.barrier()  # the export exists before any process returns
+    if total_skipped and procs.is_main:
+        log.warning("%d unreadable image(s) were skipped (replaced by the next readable row)", total_skipped)
+    return TrainResult(fromage, history, release, last_checkpoint, total_skipped)
+
+
+def sum_over_processes(value: torch.Tensor) -> torch.Tensor:
+    """Sum over processes of a small CPU float64 tensor (on the collective's device for NCCL)."""
+    if not distributed():
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    value = value.to(device)
+    dist.all_reduce(value)
+    return value.cpu()

@@ -1,0 +1,828 @@
+"""`write_report`: one self-contained HTML file per run directory (`run_dir/report.html`).
+
+Everything is inline: CSS in a <style>, plots as base64 PNG data URIs, thumbnails as base64 JPEG data URIs.
+No JavaScript and no external URL; a Content-Security-Policy meta tag forbids scripts and any non-data
+resource, so the file is safe to open from disk. Every string that comes from a dataset, the config or the
+environment is HTML-escaped. Missing or corrupt images become grey placeholders; a section whose data is not
+there is left out (or says why), never failing the report.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from fromage_bench.results import atomic_write_text, read_results
+
+from . import plots
+
+REPORT_FILE = "report.html"
+PRECISION_ORDER = ("fp32", "bf16", "fp16", "int8")  # highest first
+THUMB_PX = 96
+MAX_EXAMPLES = 5
+TOP_SHOWN = 5
+HEADLINE_METRICS = ("R@1", "NDCG", "MRR", "BLEU-4", "BLEU4", "CIDEr", "R@5", "R@10", "accuracy")
+HEADLINE_BY_TASK = (("visdial", ("NDCG", "MRR")), ("caption", ("BLEU-4", "BLEU4", "CIDEr")))
+TOP_KEYS = ("top", "topk", "top_k", "top5", "top10", "topk_preds", "top_ids", "retrieved", "predictions")
+TARGET_KEYS = ("target", "target_id", "gt", "gt_id", "gt_image", "answer_image")
+RANK_KEYS = ("rank", "gt_rank", "target_rank")
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d1d1f;background:#fff;
+ font-size:14px}
+header{background:#233044;color:#fff;padding:14px 24px}
+header h1{margin:0;font-size:22px}
+nav{padding:6px 24px;background:#eef1f5;border-bottom:1px solid #d5dae1}
+nav a{margin-right:14px;color:#233044;text-decoration:none}
+main{padding:8px 24px 40px}
+h2{border-bottom:2px solid #233044;padding-bottom:3px;margin-top:28px}
+h3{margin:18px 0 6px}
+table{border-collapse:collapse;margin:8px 0;font-size:13px}
+th,td{border:1px solid #d5dae1;padding:3px 7px;text-align:left;vertical-align:top}
+th{background:#eef1f5}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+tr.group-start td{border-top:2px solid #8a94a3}
+td.skipped{background:#fff4e0;color:#8a5300;font-style:italic}
+.pos{color:#1a7f37}.neg{color:#b42318}.ref{color:#6b7280;font-style:italic}
+.muted{color:#6b7280}
+.note{background:#f6f8fa;border-left:4px solid #8a94a3;padding:6px 10px;margin:8px 0}
+dl.kv{display:grid;grid-template-columns:max-content auto;gap:2px 14px}
+dl.kv dt{font-weight:600}dl.kv dd{margin:0}
+figure{display:inline-block;margin:8px 12px 8px 0;vertical-align:top}
+figure img{border:1px solid #d5dae1;max-width:100%}
+figcaption{font-size:12px;color:#6b7280}
+.example{border:1px solid #d5dae1;border-radius:6px;padding:8px 10px;margin:10px 0}
+.captions{margin:4px 0 6px;padding-left:20px}
+.thumbs{display:flex;flex-wrap:wrap;gap:8px}
+.thumb{position:relative;display:inline-block;width:96px;text-align:center;font-size:11px}
+.thumb img,.thumb .placeholder{width:96px;height:96px;object-fit:cover;border:3px solid transparent;
+ box-sizing:border-box}
+.thumb .placeholder{background:#c8ccd2;color:#333;display:flex;align-items:center;justify-content:center;
+ overflow:hidden;word-break:break-all;padding:4px;font-size:10px}
+.thumb.hit img,.thumb.hit .placeholder{border-color:#1a9c3e}
+.thumb .mark{position:absolute;top:2px;right:4px;background:#1a9c3e;color:#fff;border-radius:9px;padding:0 5px;
+ font-weight:700}
+.thumb .cap{display:block;color:#6b7280;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+ol.answers li.hit{color:#1a7f37;font-weight:600}
+pre{background:#f6f8fa;border:1px solid #d5dae1;padding:8px;overflow:auto;max-height:480px;font-size:12px}
+"""
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+def esc(value: Any) -> str:
+    """HTML-escape anything for text or attribute context; None becomes an em dash."""
+    if value is None:
+        return "\u2014"
+    return html.escape(str(value), quote=True)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def fmt_num(v: Any, digits: int = 2) -> str:
+    if _is_num(v):
+        return f"{v:,.{digits}f}" if abs(v) >= 1000 else f"{v:.{digits}f}"
+    return esc(v)
+
+
+def fmt_signed(v: Any, digits: int = 2) -> str:
+    return f"{v:+.{digits}f}" if _is_num(v) else "\u2014"
+
+
+def human_bytes(n: Any) -> str:
+    if not _is_num(n):
+        return "\u2014"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def _get(d: Any, *path: str, default: Any = None) -> Any:
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return default
+        d = d[key]
+    return d
+
+
+def precision_key(p: Any) -> tuple:
+    p = str(p)
+    return (PRECISION_ORDER.index(p), "") if p in PRECISION_ORDER else (len(PRECISION_ORDER), p)
+
+
+def _sign_class(v: Any) -> str:
+    if not _is_num(v) or v == 0:
+        return ""
+    return "pos" if v > 0 else "neg"
+
+
+def _table(headers: Iterable[str], rows: Iterable[str], table_id: str | None = None,
+           head_html: str | None = None) -> str:
+    head = head_html if head_html is not None else "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in headers) + "</tr>"
+    ident = f' id="{esc(table_id)}"' if table_id else ""
+    return f"<table{ident}><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _section(anchor: str, title: str, body: str) -> str:
+    return f'<section id="{esc(anchor)}"><h2>{esc(title)}</h2>{body}</section>'
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{esc(text)}</p>'
+
+
+# ---------------------------------------------------------------------------------------------- records
+
+class Run:
+    """results.json, indexed for the report."""
+
+    def __init__(self, document: dict, run_dir: Path):
+        self.doc = document
+        self.run_dir = run_dir
+        records = [r for r in document.get("records") or [] if isinstance(r, dict)]
+        self.evals = [r for r in records if r.get("kind", "eval") == "eval"]
+        self.profiles = [r for r in records if r.get("kind") == "profile"]
+        self.records = records
+        self.ok_evals = [r for r in self.evals if r.get("status", "ok") == "ok"]
+        self.precisions = sorted({str(r.get("precision")) for r in records if r.get("precision") is not None},
+                                 key=precision_key)
+        self.ok_precisions = sorted({str(r.get("precision")) for r in self.ok_evals}, key=precision_key)
+
+    def task_settings(self) -> list[tuple[str, Any]]:
+        seen: dict[tuple[str, Any], None] = {}
+        for r in self.evals:
+            seen.setdefault((str(r.get("task")), r.get("setting")), None)
+        return list(seen)
+
+    def skipped_for(self, task: str, setting: Any, protocol: Any, precision: str) -> dict | None:
+        """A skipped record covering this cell: same key, or the same task(/setting) with no protocol."""
+        for r in self.evals:
+            if r.get("status", "ok") == "ok" or str(r.get("task")) != task or str(r.get("precision")) != precision:
+                continue
+            if r.get("setting") not in (setting, None):
+                continue
+            if r.get("protocol") in (protocol, None):
+                return r
+        return None
+
+
+def _label(task: Any, setting: Any = None, protocol: Any = None) -> str:
+    return ":".join(str(x) for x in (task, setting, protocol) if x not in (None, ""))
+
+
+def _peak_memory(mem: Any) -> tuple[str, float] | None:
+    """The most telling peak of a `cost.memory` dict: CUDA allocated, else NVML process/device, else RSS."""
+    if not isinstance(mem, dict):
+        return None
+    for key, name in (("cuda_max_allocated_bytes", "CUDA allocated"), ("nvml_process_used_bytes", "NVML process"),
+                      ("nvml_device_used_bytes", "NVML device"), ("cpu_rss_bytes", "RSS")):
+        if _is_num(mem.get(key)):
+            return name, float(mem[key])
+    return None
+
+
+def _tokens_per_second(throughput: Any) -> tuple[float | None, str]:
+    if not isinstance(throughput, dict):
+        return None, ""
+    parts = {k: v for k, v in throughput.items() if k.startswith("tokens") and k.endswith("_per_second") and _is_num(v)}
+    if not parts:
+        return None, ""
+    breakdown = ", ".join(f"{k.removesuffix('_per_second')}: {v:.1f}/s" for k, v in sorted(parts.items()))
+    return float(sum(parts.values())), breakdown
+
+
+def _images_per_second(throughput: Any) -> float | None:
+    if not isinstance(throughput, dict):
+        return None
+    if _is_num(throughput.get("images_encoded_per_second")):
+        return float(throughput["images_encoded_per_second"])
+    vals = [v for k, v in throughput.items() if k.startswith("images") and k.endswith("_per_second") and _is_num(v)]
+    return float(sum(vals)) if vals else None
+
+
+def headline_metric(metrics: dict, task: str = "") -> str | None:
+    """The metric that stands for a task in the accuracy-vs-memory plot (NDCG for VisDial, R@1 for retrieval,
+    BLEU-4 for captioning, ...), else its first numeric metric."""
+    numeric = [k for k, v in metrics.items() if _is_num(v)]
+    lowered = {k.lower(): k for k in numeric}
+    preferred = next((names for part, names in HEADLINE_BY_TASK if part in task.lower()), ())
+    for want in (*preferred, *HEADLINE_METRICS):
+        if want.lower() in lowered:
+            return lowered[want.lower()]
+    return numeric[0] if numeric else None
+
+
+# ---------------------------------------------------------------------------------------------- sections
+
+def _summary(run: Run) -> str:
+    doc, config, env = run.doc, run.doc.get("config") or {}, run.doc.get("environment") or {}
+    model = config.get("model_dir") if isinstance(config, dict) else None
+    if isinstance(config, dict) and config.get("random_init"):
+        model = (f"random init ({config.get('opt_version') or 'default LM'}, "
+                 f"{config.get('visual_model') or 'default vision'})")
+    elif isinstance(config, dict):
+        extras = [str(config[k]) for k in ("opt_version", "visual_model") if config.get(k)]
+        if extras:
+            model = f"{model or 'model'} ({', '.join(extras)})"
+    gpus = [g.get("name") for g in env.get("gpus") or [] if isinstance(g, dict) and g.get("name")]
+    hardware = ", ".join(gpus) if gpus else (env.get("cpu") or None)
+    device = (config.get("device") if isinstance(config, dict) else None) or "auto"
+    precisions = []
+    for p in run.precisions:
+        ok = any(str(r.get("precision")) == p and r.get("status", "ok") == "ok" for r in run.records)
+        precisions.append(p if ok else f"{p} (skipped)")
+    code = env.get("code") if isinstance(env.get("code"), dict) else {}
+    commit = code.get("commit")
+    if commit and code.get("dirty"):
+        commit = f"{commit} (dirty)"
+    items = [
+        ("model", model), ("device", f"{device} \u2014 {hardware}" if hardware else device),
+        ("precisions", ", ".join(precisions) or None),
+        ("tasks", ", ".join(_label(t, s) for t, s in run.task_settings()) or None),
+        ("records", f"{len(run.records)} ({len(run.evals)} eval, {len(run.profiles)} profile)"),
+        ("created", doc.get("created")), ("commit", commit),
+        ("schema", f"{doc.get('schema')} v{doc.get('schema_version')}"),
+    ]
+    body = '<dl class="kv">' + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in items) + "</dl>"
+    return _section("summary", "Summary", body)
+
+
+def _accuracy(run: Run) -> str:
+    if not run.evals:
+        return _section("accuracy", "Accuracy", _note("No evaluation records in this run."))
+    precisions = sorted({str(r.get("precision")) for r in run.evals}, key=precision_key)
+    reference = run.ok_precisions[0] if run.ok_precisions else None
+    # Row groups: (task, setting, protocol) of every ok record, in order; task/settings with none ok get one row.
+    keys: dict[tuple, None] = {}
+    for r in run.ok_evals:
+        keys.setdefault((str(r.get("task")), r.get("setting"), r.get("protocol")), None)
+    for task, setting in run.task_settings():
+        if not any(k[0] == task and k[1] == setting for k in keys):
+            keys.setdefault((task, setting, None), None)
+    by_cell = {(str(r.get("task")), r.get("setting"), r.get("protocol"), str(r.get("precision"))): r
+               for r in run.ok_evals}
+
+    head = ("<tr><th rowspan=2>Task</th><th rowspan=2>Setting</th><th rowspan=2>Protocol</th><th rowspan=2>Metric</th>"
+            "<th rowspan=2>Paper</th>"
+            + "".join(f'<th colspan=3 data-precision="{esc(p)}">{esc(p)}</th>' for p in precisions) + "</tr><tr>"
+            + "".join("<th>ours</th><th>\u0394 paper</th><th>drift</th>" for _ in precisions) + "</tr>")
+    rows = []
+    for task, setting, protocol in keys:
+        cells = {p: by_cell.get((task, setting, protocol, p)) for p in precisions}
+        paper = next((c.get("paper") for c in cells.values() if c and isinstance(c.get("paper"), dict)), None) or {}
+        metrics: dict[str, None] = {}
+        for c in cells.values():
+            if c and isinstance(c.get("metrics"), dict):
+                for m in c["metrics"]:
+                    metrics.setdefault(str(m), None)
+        for m in paper:
+            metrics.setdefault(str(m), None)
+        base = cells.get(reference) if reference else None
+        for i, metric in enumerate(metrics or [None]):
+            tds = [f"<td>{esc(task)}</td><td>{esc(setting)}</td><td>{esc(protocol)}</td><td>{esc(metric)}</td>",
+                   f'<td class="num paper">{fmt_num(paper.get(metric)) if metric in paper else "&#8212;"}</td>']
+            for p in precisions:
+                rec = cells[p]
+                if rec is None:
+                    skipped = run.skipped_for(task, setting, protocol, p)
+                    reason = skipped.get("reason") if skipped else None
+                    text = f"skipped: {reason}" if skipped else "not run"
+                    tds.append(f'<td colspan=3 class="skipped" data-precision="{esc(p)}">{esc(text)}</td>')
+                    continue
+                value = (rec.get("metrics") or {}).get(metric) if metric is not None else None
+                delta = value - paper[metric] if _is_num(value) and _is_num(paper.get(metric)) else None
+                if p == reference:
+                    drift_html = '<span class="ref">ref</span>'
+                else:
+                    drift = _get(rec, "drift", metric)
+                    if not _is_num(drift) and base is not None:
+                        ref_value = (base.get("metrics") or {}).get(metric)
+                        drift = value - ref_value if _is_num(value) and _is_num(ref_value) else None
+                    drift_html = f'<span class="{_sign_class(drift)}">{fmt_signed(drift)}</span>'
+                title = f"n={rec.get('n_examples')}, skipped examples={rec.get('n_skipped', 0)}"
+                tds.append(f'<td class="num value" data-precision="{esc(p)}" title="{esc(title)}">'
+                           f'{fmt_num(value) if metric is not None else "&#8212;"}</td>'
+                           f'<td class="num delta {_sign_class(delta)}" data-precision="{esc(p)}">'
+                           f'{fmt_signed(delta)}</td>'
+                           f'<td class="num drift" data-precision="{esc(p)}">{drift_html}</td>')
+            cls = ' class="group-start"' if i == 0 else ""
+            rows.append(f"<tr{cls}>{''.join(tds)}</tr>")
+    note = (f'<p class="muted">\u0394 paper = ours \u2212 paper. Drift = this precision \u2212 '
+            f'{esc(reference)} (the highest precision that ran).</p>' if reference else "")
+    return _section("accuracy", "Accuracy", _table([], rows, "accuracy-table", head) + note)
+
+
+MEMORY_COLUMNS = (("cuda_max_allocated_bytes", "CUDA alloc"), ("cuda_max_reserved_bytes", "CUDA reserved"),
+                  ("nvml_process_used_bytes", "NVML process"), ("nvml_device_used_bytes", "NVML device"),
+                  ("cpu_rss_bytes", "RSS"))
+
+
+def _cost_rows(run: Run) -> list[dict]:
+    """One row per task x setting x precision (the protocols of one run share their cost)."""
+    seen: dict[tuple, dict] = {}
+    for r in run.evals:
+        key = (str(r.get("task")), r.get("setting"), str(r.get("precision")))
+        if r.get("status", "ok") != "ok":
+            if not any(k[0] == key[0] and k[2] == key[2] for k in seen):
+                seen.setdefault(key, r)
+            continue
+        if key not in seen or seen[key].get("status", "ok") != "ok":
+            seen[key] = r
+    return sorted(seen.values(), key=lambda r: (precision_key(r.get("precision")), str(r.get("task")),
+                                                str(r.get("setting"))))
+
+
+def _cost(run: Run) -> str:
+    rows_src = _cost_rows(run)
+    if not rows_src:
+        return ""
+    mem_cols = [(k, name) for k, name in MEMORY_COLUMNS
+                if any(_is_num(_get(r, "cost", "memory", k)) for r in rows_src)]
+    headers = (["Precision", "Task", "Load s", "Weights", "Load peak"] + [f"Peak {n}" for _, n in mem_cols]
+               + ["Examples/s", "Tokens/s", "Images/s", "p50 ms", "p90 ms", "p99 ms"])
+    rows = []
+    last_precision = None
+    for r in rows_src:
+        p = str(r.get("precision"))
+        cls = ' class="group-start"' if p != last_precision else ""
+        last_precision = p
+        label = _label(r.get("task"), r.get("setting"))
+        if r.get("status", "ok") != "ok":
+            rows.append(f"<tr{cls}><td>{esc(p)}</td><td>{esc(label)}</td><td colspan={len(headers) - 2} "
+                        f'class="skipped">{esc("skipped: " + str(r.get("reason")))}</td></tr>')
+            continue
+        cost = r.get("cost") if isinstance(r.get("cost"), dict) else {}
+        load_peak = _peak_memory(cost.get("load_memory"))
+        tok, breakdown = _tokens_per_second(cost.get("throughput"))
+        lat = cost.get("latency_ms") if isinstance(cost.get("latency_ms"), dict) else {}
+        tds = [esc(p), esc(label)]
+        num = [fmt_num(cost.get("load_seconds")), human_bytes(cost.get("weight_bytes")),
+               f'<span title="{esc(load_peak[0])}">{human_bytes(load_peak[1])}</span>' if load_peak else "&#8212;"]
+        num += [human_bytes(_get(cost, "memory", k)) for k, _ in mem_cols]
+        num += [fmt_num(cost.get("examples_per_second")),
+                f'<span title="{esc(breakdown)}">{fmt_num(tok, 1)}</span>' if tok is not None else "&#8212;",
+                fmt_num(_images_per_second(cost.get("throughput")), 1) if _images_per_second(cost.get("throughput"))
+                is not None else "&#8212;"]
+        num += [fmt_num(lat.get(q)) if _is_num(lat.get(q)) else "&#8212;" for q in ("p50", "p90", "p99")]
+        rows.append(f"<tr{cls}>" + "".join(f"<td>{t}</td>" for t in tds)
+                    + "".join(f'<td class="num">{t}</td>' for t in num) + "</tr>")
+    note = ('<p class="muted">Peak memory during the task; "Load peak" is the peak during the model load '
+            "(CUDA allocated, else NVML, else process RSS). Tokens/s sums scored, generated and encoded tokens "
+            "(hover for the breakdown).</p>")
+    return _section("cost", "Cost", _table(headers, rows, "cost-table") + note)
+
+
+def _profile(run: Run) -> str:
+    if not run.profiles:
+        return ""
+    headers = ["Scenario", "Params", "Precision", "Median ms", "Throughput", "Roofline", "Peak memory", "Weights"]
+    records = sorted(run.profiles, key=lambda r: (str(r.get("scenario")), json.dumps(r.get("params"), sort_keys=True,
+                                                                                       default=str),
+                                                  precision_key(r.get("precision"))))
+    rows = []
+    for r in records:
+        params = r.get("params") if isinstance(r.get("params"), dict) else {}
+        params_text = ", ".join(f"{k}={v}" for k, v in sorted(params.items(), key=lambda kv: str(kv[0])))
+        head = f"<td>{esc(r.get('scenario'))}</td><td>{esc(params_text)}</td><td>{esc(r.get('precision'))}</td>"
+        if r.get("status", "ok") != "ok":
+            rows.append(f'<tr>{head}<td colspan=5 class="skipped">{esc("skipped: " + str(r.get("reason")))}</td></tr>')
+            continue
+        cost = r.get("cost") if isinstance(r.get("cost"), dict) else {}
+        median = _get(cost, "seconds", "median")
+        rates = [f"{fmt_num(v, 1)} {esc(k.removesuffix('_per_second'))}/s" for k, v in sorted(cost.items())
+                 if k.endswith("_per_second") and _is_num(v)]
+        roof = r.get("roofline") if isinstance(r.get("roofline"), dict) else None
+        if roof and _is_num(roof.get("fraction_of_roofline")):
+            roof_html = (f'{roof["fraction_of_roofline"] * 100:.1f}% <span class="muted">of '
+                         f'{fmt_num(roof.get("roofline_tokens_per_second"), 1)} tok/s</span>')
+        else:
+            roof_html = "&#8212;"
+        peak = _peak_memory(cost.get("memory"))
+        rows.append(f"<tr>{head}<td class=num>{fmt_num(median * 1000) if _is_num(median) else '&#8212;'}</td>"
+                    f"<td class=num>{'<br>'.join(rates) or '&#8212;'}</td><td class=num>{roof_html}</td>"
+                    f"<td class=num>{human_bytes(peak[1]) if peak else '&#8212;'}</td>"
+                    f"<td class=num>{human_bytes(cost.get('weight_bytes'))}</td></tr>")
+    note = ('<p class="muted">Roofline (decode): batch-1 decode reads every weight once per token, so memory '
+            "bandwidth / weight bytes bounds tokens/s; the fraction is measured / bound.</p>")
+    return _section("profile", "Profile", _table(headers, rows, "profile-table") + note)
+
+
+def _plots(run: Run) -> str:
+    precisions = run.ok_precisions
+    figures: list[tuple[str, str | None]] = []
+    ok_costs = [r for r in run.ok_evals if isinstance(r.get("cost"), dict)]
+
+    def attempt(title: str, fn) -> None:
+        try:
+            figures.append((title, fn()))
+        except Exception as err:  # a plot must never cost the whole report
+            figures.append((title, f"error: {type(err).__name__}: {err}"))
+
+    def memory():
+        series: dict[str, list] = {"weights": []}
+        for k, name in MEMORY_COLUMNS:
+            series[name] = []
+        for p in precisions:
+            recs = [r for r in ok_costs if str(r.get("precision")) == p]
+            weights = [r["cost"]["weight_bytes"] for r in recs if _is_num(r["cost"].get("weight_bytes"))]
+            series["weights"].append(max(weights) if weights else None)
+            for k, name in MEMORY_COLUMNS:
+                vals = [_get(r, "cost", "memory", k) for r in recs]
+                vals = [v for v in vals if _is_num(v)]
+                series[name].append(max(vals) if vals else None)
+        return plots.memory_by_precision(precisions, series)
+
+    def throughput():
+        series: dict[str, list] = {}
+        for task, setting in run.task_settings():
+            recs = {str(r.get("precision")): r for r in ok_costs
+                    if str(r.get("task")) == task and r.get("setting") == setting}
+            series[_label(task, setting)] = [_get(recs.get(p), "cost", "examples_per_second") for p in precisions]
+        series = {k: [v if _is_num(v) else None for v in vs] for k, vs in series.items()}
+        return plots.throughput_by_precision(precisions, series)
+
+    def accuracy_memory():
+        points: dict[str, list] = {}
+        names: dict[str, str] = {}
+        for r in ok_costs:
+            metrics = r.get("metrics") if isinstance(r.get("metrics"), dict) else {}
+            label = _label(r.get("task"), r.get("setting"), r.get("protocol"))
+            metric = names.get(label) or headline_metric(metrics, str(r.get("task")))
+            peak = _peak_memory(_get(r, "cost", "memory"))
+            if metric is None or peak is None or not _is_num(metrics.get(metric)):
+                continue
+            names[label] = metric
+            points.setdefault(label, []).append((str(r.get("precision")), peak[1], float(metrics[metric])))
+        return plots.accuracy_vs_memory(points, names)
+
+    def latency():
+        panels: dict[str, dict] = {}
+        for task, setting in run.task_settings():
+            by_p = {}
+            for p in precisions:
+                rec = next((r for r in ok_costs if str(r.get("task")) == task and r.get("setting") == setting
+                            and str(r.get("precision")) == p and isinstance(_get(r, "cost", "latency_ms"), dict)), None)
+                if rec is not None:
+                    by_p[p] = rec["cost"]["latency_ms"]
+            panels[_label(task, setting)] = by_p
+        return plots.latency_by_precision(panels)
+
+    if ok_costs:
+        attempt("Memory by precision", memory)
+        attempt("Throughput by precision", throughput)
+        attempt("Accuracy vs memory", accuracy_memory)
+        attempt("Latency distribution", latency)
+    parts = []
+    for title, uri in figures:
+        if uri is None:
+            continue
+        if uri.startswith("data:"):
+            parts.append(f'<figure><img src="{uri}" alt="{esc(title)}"><figcaption>{esc(title)}</figcaption></figure>')
+        else:
+            parts.append(_note(f"{title}: could not be drawn ({uri})"))
+    if not parts:
+        return ""
+    return _section("plots", "Plots", "".join(parts))
+
+
+# ------------------------------------------------------------------------------------- qualitative examples
+
+class Thumbnails:
+    """Small JPEG data URIs for dataset images, found through `image_roots` (task -> directory)."""
+
+    def __init__(self, image_roots: dict[str, Path] | None):
+        self.roots = {str(k): Path(v) for k, v in (image_roots or {}).items() if v is not None}
+        self._cache: dict[tuple[str, str], str | None] = {}
+
+    def root_for(self, task: str, setting: Any = None) -> Path | None:
+        return self.roots.get(_label(task, setting)) or self.roots.get(task)
+
+    def find(self, root: Path | None, ident: str) -> Path | None:
+        if root is None or not ident:
+            return None
+        try:
+            base = root.resolve()
+            for name in (f"{ident}.jpg", f"{ident}.png", f"{ident}.jpeg", f"{ident}.JPG", f"{ident}.PNG", ident):
+                candidate = (root / name).resolve()
+                if base in candidate.parents and candidate.is_file():
+                    return candidate
+        except (OSError, ValueError):
+            return None
+        return None
+
+    def data_uri(self, root: Path | None, ident: str) -> str | None:
+        key = (str(root), ident)
+        if key not in self._cache:
+            self._cache[key] = self._make(self.find(root, ident))
+        return self._cache[key]
+
+    @staticmethod
+    def _make(path: Path | None) -> str | None:
+        if path is None:
+            return None
+        try:
+            from PIL import Image
+
+            with Image.open(path) as img:
+                img.draft("RGB", (THUMB_PX * 2, THUMB_PX * 2))
+                img = img.convert("RGB")
+                img.thumbnail((THUMB_PX, THUMB_PX))
+                buf = io.BytesIO()
+                img.save(buf, format="JPEG", quality=80)
+            return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+        except Exception:  # missing, truncated, not an image, too large: a placeholder instead
+            return None
+
+    def html(self, root: Path | None, ident: Any, hit: bool = False, caption: str | None = None) -> str:
+        ident_s = "" if ident is None else str(ident)
+        uri = self.data_uri(root, ident_s)
+        inner = (f'<img src="{uri}" alt="{esc(ident_s)}" title="{esc(ident_s)}">' if uri else
+                 f'<span class="placeholder" title="image not found: {esc(ident_s)}">{esc(ident_s or "?")}</span>')
+        mark = '<span class="mark">\u2713</span>' if hit else ""
+        cap = f'<span class="cap">{esc(caption)}</span>' if caption else ""
+        return f'<span class="thumb{" hit" if hit else ""}">{inner}{mark}{cap}</span>'
+
+
+def _first(example: dict, keys: Iterable[str]) -> tuple[str | None, Any]:
+    for k in keys:
+        if k in example and example[k] is not None:
+            return k, example[k]
+    return None, None
+
+
+def _id_of(item: Any) -> Any:
+    if isinstance(item, dict):
+        return _first(item, ("id", "image", "photo_id", "image_id", "index"))[1]
+    return item
+
+
+def _top_list(example: dict) -> list | None:
+    _, value = _first(example, TOP_KEYS)
+    if isinstance(value, (list, tuple)) and value:
+        return list(value)
+    return None
+
+
+def _read_examples(path: Path, limit: int = 400) -> Iterator[dict]:
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f):
+            if i >= limit:
+                break
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(obj, dict):
+                yield obj
+
+
+def _as_text_list(value: Any) -> list[str]:
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value if v is not None]
+    return [str(value)] if value is not None else []
+
+
+def _rank_text(example: dict) -> str:
+    _, rank = _first(example, RANK_KEYS)
+    return f"rank {rank}" if rank is not None else ""
+
+
+def _render_retrieval(ex: dict, thumbs: Thumbnails, root: Path | None) -> str | None:
+    top = _top_list(ex)
+    _, target = _first(ex, TARGET_KEYS)
+    if top is None or target is None:
+        return None
+    title_key, title = _first(ex, ("story_id", "id", "image", "caption_id"))
+    captions = _as_text_list(_first(ex, ("captions", "caption", "text", "query"))[1])
+    context = _as_text_list(_first(ex, ("context_images", "context", "context_photos", "images"))[1])
+    parts = [f'<div class="example"><b>{esc(title_key or "example")} {esc(title)}</b> '
+             f'<span class="muted">target {esc(target)}; {esc(_rank_text(ex))}</span>']
+    if captions:
+        parts.append('<ol class="captions">' + "".join(f"<li>{esc(c)}</li>" for c in captions) + "</ol>")
+    if context:
+        parts.append('<div class="muted">context images</div><div class="thumbs">'
+                     + "".join(thumbs.html(root, c) for c in context[:TOP_SHOWN]) + "</div>")
+    parts.append(f'<div class="muted">top {min(TOP_SHOWN, len(top))} retrieved (\u2713 = target)</div>'
+                 '<div class="thumbs">')
+    found = False
+    for i, item in enumerate(top[:TOP_SHOWN]):
+        ident = _id_of(item)
+        hit = str(ident) == str(target)
+        found |= hit
+        parts.append(thumbs.html(root, ident, hit=hit, caption=f"#{i + 1} {ident}"))
+    parts.append("</div>")
+    if not found:
+        parts.append('<div class="muted">target (not in the top '
+                     f'{TOP_SHOWN}):</div><div class="thumbs">'
+                     f'{thumbs.html(root, target, hit=True, caption=str(target))}</div>')
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def _render_dialog(ex: dict, thumbs: Thumbnails, root: Path | None) -> str | None:
+    question = ex.get("question")
+    top = _top_list(ex)
+    _, top_answers = _first(ex, ("top_answers", "top_answer_texts", "top5_answers"))
+    _, options = _first(ex, ("options", "answer_options", "candidates"))
+    if question is None or (top is None and not top_answers):
+        return None
+    _, gt = _first(ex, ("gt_index", "gt", "answer_index", "target"))
+    gt_answer = ex.get("gt_answer") or ex.get("answer")
+    if gt_answer is None and isinstance(options, list) and isinstance(gt, int) and 0 <= gt < len(options):
+        gt_answer = options[gt]
+    if gt_answer is None and isinstance(top_answers, list) and top and gt is not None:
+        gt_answer = next((a for i, a in zip(top, top_answers) if str(i) == str(gt)), None)
+    _, image_id = _first(ex, ("image_id", "image"))
+    entries = []
+    for i in range(min(TOP_SHOWN, max(len(top or []), len(top_answers or [])))):
+        index = top[i] if top and i < len(top) else None
+        if isinstance(top_answers, list) and i < len(top_answers):
+            text = str(top_answers[i])
+        elif isinstance(options, list) and isinstance(index, int) and 0 <= index < len(options):
+            text = str(options[index])
+        else:
+            text = f"option #{index}"
+        hit = (index is not None and gt is not None and str(index) == str(gt)) or (
+            index is None and gt_answer is not None and text == str(gt_answer))
+        shown_index = index is not None and not text.startswith("option #")
+        suffix = f' <span class="muted">(#{esc(index)})</span>' if shown_index else ""
+        mark = " \u2713" if hit else ""
+        entries.append(f'<li class="{"hit" if hit else ""}">{esc(text)}{suffix}{mark}</li>')
+    gt_text = f"gt: {gt_answer} (#{gt})" if gt_answer is not None else f"gt: option #{gt}"
+    return (f'<div class="example"><div class="thumbs">{thumbs.html(root, image_id)}<div>'
+            f'<b>image {esc(image_id)}, round {esc(ex.get("round"))}</b><br>Q: {esc(question)}<br>'
+            f'<span class="muted">{esc(gt_text)}; {esc(_rank_text(ex))}</span>'
+            f'<ol class="answers">{"".join(entries)}</ol></div></div></div>')
+
+
+def _render_caption(ex: dict, thumbs: Thumbnails, root: Path | None) -> str | None:
+    _, image = _first(ex, ("image", "image_id", "id"))
+    text_key, text = _first(ex, ("generated", "caption", "prediction", "text"))
+    if image is None or text is None:
+        return None
+    refs = _as_text_list(ex.get("references"))
+    top = _top_list(ex)
+    extra = f" {_rank_text(ex)}" if _first(ex, RANK_KEYS)[0] else ""
+    if top:
+        extra += "; top: " + ", ".join(str(_id_of(t)) for t in top[:TOP_SHOWN])
+    return (f'<div class="example"><div class="thumbs">{thumbs.html(root, image)}<div>'
+            f'<b>{esc(image)}</b> <span class="muted">{esc(extra)}</span><br>{esc(text_key)}: {esc(text)}'
+            + ('<ol class="captions">' + "".join(f"<li>{esc(r)}</li>" for r in refs[:5]) + "</ol>" if refs else "")
+            + "</div></div></div>")
+
+
+def _examples_for(run: Run, task: str, setting: Any, thumbs: Thumbnails) -> str:
+    candidates = sorted((r for r in run.ok_evals if str(r.get("task")) == task and r.get("setting") == setting
+                         and r.get("predictions_file")), key=lambda r: precision_key(r.get("precision")))
+    title = _label(task, setting)
+    for rec in candidates:
+        path = Path(str(rec["predictions_file"]))
+        path = path if path.is_absolute() else run.run_dir / path
+        if not path.is_file():
+            continue
+        root = thumbs.root_for(task, setting)
+        rendered = []
+        try:
+            examples = list(_read_examples(path))
+        except OSError:
+            continue
+        renderers = (_render_dialog, _render_retrieval, _render_caption)
+        for ex in examples:
+            for render in renderers:
+                try:
+                    out = render(ex, thumbs, root)
+                except Exception:  # an odd example is skipped, not fatal
+                    out = None
+                if out:
+                    rendered.append(out)
+                    break
+            if len(rendered) >= MAX_EXAMPLES:
+                break
+        if not rendered:
+            return f"<h3>{esc(title)}</h3>" + _note("The predictions have no fields this report knows how to show.")
+        where = f"protocol {rec.get('protocol')} at {rec.get('precision')}"
+        hint = "" if root else _note("No image directory given for this task: thumbnails are placeholders.")
+        return f'<h3>{esc(title)} <span class="muted">({esc(where)})</span></h3>{hint}' + "".join(rendered)
+    return ""
+
+
+def _qualitative(run: Run, thumbs: Thumbnails) -> str:
+    parts = [_examples_for(run, task, setting, thumbs) for task, setting in run.task_settings()]
+    parts = [p for p in parts if p]
+    if not parts:
+        return ""
+    return _section("examples", "Qualitative examples", "".join(parts))
+
+
+def _skipped_data(run: Run) -> str:
+    rows = []
+    for r in sorted(run.evals, key=lambda r: (str(r.get("task")), str(r.get("setting")),
+                                              precision_key(r.get("precision")), str(r.get("protocol")))):
+        head = (f"<td>{esc(r.get('task'))}</td><td>{esc(r.get('setting'))}</td><td>{esc(r.get('protocol'))}</td>"
+                f"<td>{esc(r.get('precision'))}</td>")
+        if r.get("status", "ok") != "ok":
+            reason = esc("cell skipped: " + str(r.get("reason")))
+            rows.append(f'<tr>{head}<td colspan=4 class="skipped">{reason}</td></tr>')
+            continue
+        reasons = r.get("skipped") if isinstance(r.get("skipped"), dict) else {}
+        examples = r.get("skipped_examples") if isinstance(r.get("skipped_examples"), list) else []
+        reasons_html = "<br>".join(f"{esc(k)}: {esc(v)}" for k, v in reasons.items()) or "&#8212;"
+        examples_html = ("<details><summary>" + esc(f"{len(examples)} listed") + "</summary>"
+                         + "<br>".join(esc(e) for e in examples) + "</details>") if examples else "&#8212;"
+        rows.append(f"<tr>{head}<td class=num>{esc(r.get('n_examples'))}</td>"
+                    f"<td class=num>{esc(r.get('n_skipped', 0))}</td>"
+                    f"<td>{reasons_html}</td><td>{examples_html}</td></tr>")
+    if not rows:
+        return ""
+    headers = ["Task", "Setting", "Protocol", "Precision", "Examples", "Skipped", "Reasons", "Skipped examples"]
+    return _section("skipped", "Skipped data", _table(headers, rows, "skipped-table"))
+
+
+def _environment(run: Run) -> str:
+    env = run.doc.get("environment")
+    config = run.doc.get("config")
+    dump = lambda v: esc(json.dumps(v, indent=2, sort_keys=True, default=str))  # noqa: E731
+    return _section("environment", "Environment and configuration",
+                    f"<h3>Environment</h3><pre>{dump(env)}</pre><h3>Configuration</h3><pre>{dump(config)}</pre>")
+
+
+# ---------------------------------------------------------------------------------------------- assembly
+
+def render_report(document: dict, run_dir: Path, image_roots: dict[str, Path] | None = None) -> str:
+    run = Run(document, Path(run_dir))
+    thumbs = Thumbnails(image_roots)
+    sections = [("summary", "Summary", _summary(run)), ("accuracy", "Accuracy", _accuracy(run)),
+                ("cost", "Cost", _cost(run)), ("profile", "Profile", _profile(run)), ("plots", "Plots", _plots(run)),
+                ("examples", "Examples", _qualitative(run, thumbs)), ("skipped", "Skipped data", _skipped_data(run)),
+                ("environment", "Environment", _environment(run))]
+    nav = "".join(f'<a href="#{a}">{esc(t)}</a>' for a, t, body in sections if body)
+    title = f"fromage-bench report \u2014 {run.run_dir.name}"
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
+            f"<header><h1>{esc(title)}</h1></header><nav>{nav}</nav><main>"
+            + "".join(body for _, _, body in sections) + "</main></body></html>\n")
+
+
+def _default_image_roots(document: dict) -> dict[str, Path]:
+    """Image directories named by the run's own config (data_root + each task's image files), where they exist."""
+    roots: dict[str, Path] = {}
+    try:
+        data_root = Path(str((document.get("config") or {}).get("data_root")))
+        if not data_root.is_dir():
+            return roots
+        from tasks import REGISTRY
+
+        for name, task in REGISTRY.items():
+            for role, rel in task.files.items():
+                if "image" in role.lower() and (data_root / rel).is_dir():
+                    setting, _, _ = role.rpartition("/")
+                    roots.setdefault(_label(name, setting or None), data_root / rel)
+    except Exception:  # the defaults are a convenience: without them thumbnails are placeholders
+        return {}
+    return roots
+
+
+def write_report(run_dir: Path, *, image_roots: dict[str, Path] | None = None) -> Path:
+    """Write `run_dir/report.html` (atomically) from `run_dir/results.json` and return its path."""
+    run_dir = Path(run_dir)
+    document = read_results(run_dir)
+    if image_roots is None:
+        image_roots = _default_image_roots(document)
+    text = render_report(document, run_dir, image_roots)
+    path = run_dir / REPORT_FILE
+    atomic_write_text(path, text)
+    return path
+
+
+def parse_image_roots(values: Iterable[str] | dict | None) -> dict[str, Path] | None:
+    """`["vist_retrieval=/data/vist/images", ...]` (CLI form) or a dict -> {task: Path}."""
+    if values is None:
+        return None
+    if isinstance(values, dict):
+        return {str(k): Path(v) for k, v in values.items()}
+    out: dict[str, Path] = {}
+    for item in values:
+        task, sep, directory = str(item).partition("=")
+        if not sep or not task or not directory:
+            from model.errors import FromageInputError
+
+            raise FromageInputError(f"--images {item!r}", "expected TASK=DIRECTORY")
+        out[task.strip()] = Path(directory.strip())
+    return out
+
+
+def main_report(run_dir: str | Path, image_roots: Iterable[str] | dict | None = None) -> Path:
+    """CLI hook for `fromage-bench report RUN_DIR [--images TASK=DIR ...]`."""
+    return write_report(Path(run_dir), image_roots=parse_image_roots(image_roots))

@@ -1,0 +1,415 @@
+"""VisDial v1.0 val (paper Table 2): dialogue -> image retrieval, and ranking the 100 answer options of
+every round given the image and the dialogue so far.
+
+Protocols (both computed in one invocation; the expensive work is shared):
+
+`visdial_retrieval`
+  * paper: as the original script. Query text "Q: {q}? A: {a}." for every round, joined by spaces, then
+    `[RET]` (no caption; tokenised with BOS); its embedding is the normalised `[RET]` output. The original
+    builds `scores = image_embs @ text_embs.T` with the raw (not normalised) retrieval-mapped image
+    embeddings and ranks along rows: for each IMAGE it ranks the dialogues (image -> text), although the
+    paper's table describes text -> image.
+  * corrected: for each dialogue, rank the images (text -> image) by cosine similarity.
+
+`visdial_ranking`
+  * paper: as the original script. Context = image (captioning mapping) + "Q: q1?\\nA: a1\\n...Q: qk?\\nA: "
+    (tokenised with BOS); each option tokenised with its own BOS, scored WITHOUT the next-token shift
+    (each position's logits against the token at that position) and summed; dense annotations read at
+    the flat round index `i * 10 + round_id` (the 1-based round id used as a 0-based index: one round
+    late, and round 10 spills into the next dialogue's first round).
+  * corrected: options without BOS, next-token (shifted) log-probabilities averaged over the option's
+    tokens; dense annotations at round `round_id - 1` of dialogue i (the VisDial challenge's definition).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from model.errors import FromageInputError
+
+from .base import RunContext, Skipped, Task, TaskResult, limited, register
+from .cache import load_features
+from .images import ImageDir
+from .metrics import ranks_from_scores, recall_at_k, mean_rank, mean_reciprocal_rank, median_rank, visdial_ndcg
+
+DIALOGS_FILE = "visdial/visdial_1.0_val.json"
+DENSE_FILE = "visdial/visdial_1.0_val_dense_annotations.json"
+IMAGE_DIR = "visdial/VisualDialog_val2018"
+IMAGE_PREFIX = "VisualDialog_val2018_"
+N_OPTIONS = 100
+ROUNDS_PER_DIALOGUE = 10  # VisDial v1.0 val; the original's flat index `i * 10 + round_id` assumes it
+RET = "[RET]"
+PROTOCOLS = ("paper", "corrected")
+
+
+# -- data -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Round:
+    question: str
+    answer: str
+    options: tuple[str, ...]  # the 100 answer-option texts
+    gt_index: int             # position of the ground-truth answer among the options
+
+
+@dataclass(frozen=True)
+class Dialogue:
+    index: int      # position in the file
+    image_id: int
+    caption: str
+    rounds: tuple[Round, ...]
+
+
+@dataclass(frozen=True)
+class DenseAnnotation:
+    dialogue: int   # index of the dialogue it belongs to (the file is aligned with the dialogues)
+    image_id: int
+    round_id: int   # 1-based, as in the file
+    relevance: tuple[float, ...]
+
+
+def _read_json(path: Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FromageInputError(path, "missing", "see `fromage-bench tasks` for the expected layout under --data-root")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise FromageInputError(path, f"malformed JSON ({err})") from None
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def load_dialogues(path: Path) -> list[Dialogue]:
+    """All dialogues of `visdial_1.0_val.json`, with question/answer indices resolved to text."""
+    path = Path(path)
+    doc = _read_json(path)
+    data = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(data, dict):
+        raise FromageInputError(path, "not a VisDial file: expected an object with a 'data' object")
+    for key in ("questions", "answers", "dialogs"):
+        if not isinstance(data.get(key), list):
+            raise FromageInputError(path, f"not a VisDial file: 'data.{key}' must be a list")
+    questions, answers = data["questions"], data["answers"]
+    for key, texts in (("questions", questions), ("answers", answers)):
+        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise FromageInputError(path, f"data.{key}[{bad}] is not a string")
+
+    def text(table: list[str], key: str, index: Any, where: str) -> str:
+        if not _is_int(index) or not 0 <= index < len(table):
+            raise FromageInputError(path, f"{where}: {key} index {index!r} outside 0..{len(table) - 1}")
+        return table[index]
+
+    dialogues = []
+    for i, d in enumerate(data["dialogs"]):
+        where = f"data.dialogs[{i}]"
+        if not isinstance(d, dict) or not _is_int(d.get("image_id")) or not isinstance(d.get("dialog"), list):
+            raise FromageInputError(path, f"{where}: expected an object with an integer 'image_id' and a 'dialog' list")
+        if d["image_id"] < 0:
+            raise FromageInputError(path, f"{where}: negative image_id {d['image_id']}")
+        if not d["dialog"]:
+            raise FromageInputError(path, f"{where}: the dialogue has no rounds")
+        rounds = []
+        for r, turn in enumerate(d["dialog"]):
+            at = f"{where}.dialog[{r}]"
+            if not isinstance(turn, dict):
+                raise FromageInputError(path, f"{at}: expected an object")
+            options = turn.get("answer_options")
+            if not isinstance(options, list) or len(options) != N_OPTIONS:
+                n = len(options) if isinstance(options, list) else "no"
+                raise FromageInputError(path, f"{at}: {n} answer options, expected {N_OPTIONS}")
+            gt = turn.get("gt_index")
+            if not _is_int(gt) or not 0 <= gt < N_OPTIONS:
+                raise FromageInputError(path, f"{at}: gt_index {gt!r} outside 0..{N_OPTIONS - 1}")
+            rounds.append(Round(question=text(questions, "question", turn.get("question"), at),
+                                answer=text(answers, "answer", turn.get("answer"), at),
+                                options=tuple(text(answers, "answer option", o, at) for o in options),
+                                gt_index=gt))
+        caption = d.get("caption", "")
+        dialogues.append(Dialogue(i, d["image_id"], caption if isinstance(caption, str) else "", tuple(rounds)))
+    return dialogues
+
+
+def load_dense(path: Path, dialogues: Sequence[Dialogue]) -> list[DenseAnnotation]:
+    """The dense annotations, checked to be aligned with the dialogues (one per dialogue, same order)."""
+    path = Path(path)
+    doc = _read_json(path)
+    if not isinstance(doc, list):
+        raise FromageInputError(path, "not a VisDial dense-annotation file: expected a list")
+    if len(doc) != len(dialogues):
+        raise FromageInputError(path, f"{len(doc)} dense annotations for {len(dialogues)} dialogues: not aligned "
+                                      "with the dialogue file")
+    out = []
+    for i, (a, d) in enumerate(zip(doc, dialogues)):
+        where = f"[{i}]"
+        if not isinstance(a, dict):
+            raise FromageInputError(path, f"{where}: expected an object")
+        if a.get("image_id") != d.image_id:
+            raise FromageInputError(path, f"{where}: image_id {a.get('image_id')!r} but dialogue {i} shows image "
+                                          f"{d.image_id}: not aligned with the dialogue file")
+        round_id = a.get("round_id")
+        if not _is_int(round_id) or not 1 <= round_id <= len(d.rounds):
+            raise FromageInputError(path, f"{where}: round_id {round_id!r} outside 1..{len(d.rounds)}")
+        relevance = a.get("gt_relevance", a.get("relevance"))
+        if (not isinstance(relevance, list) or len(relevance) != N_OPTIONS
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+                           for x in relevance)):
+            raise FromageInputError(path, f"{where}: gt_relevance must be {N_OPTIONS} non-negative numbers")
+        out.append(DenseAnnotation(i, d.image_id, round_id, tuple(float(x) for x in relevance)))
+    return out
+
+
+def image_paths(image_dir: ImageDir, dialogues: Sequence[Dialogue]) -> list[Path | None]:
+    """`VisualDialog_val2018_{image_id:012d}.jpg` (a .png of the same name is accepted too), None if absent."""
+    return [image_dir.find(f"{IMAGE_PREFIX}{d.image_id:012d}") for d in dialogues]
+
+
+def _readable(ctx: RunContext, image_dir: Path, dialogues: Sequence[Dialogue]) -> tuple[dict[int, torch.Tensor], Skipped]:
+    """Pooled CLIP features by dialogue position, and the dialogues skipped for their image."""
+    features, failures = load_features(ctx.model, image_paths(ImageDir(image_dir), dialogues), ctx.cache,
+                                       batch_size=ctx.batch_size)
+    skipped = Skipped()
+    for i in sorted(failures):
+        skipped.add(failures[i], f"dialogue {i} (image {dialogues[i].image_id})")
+    if not features:
+        raise FromageInputError(image_dir, f"none of the {len(dialogues)} dialogues' images could be read")
+    return features, skipped
+
+
+# -- text -----------------------------------------------------------------------------------------------
+def retrieval_text(dialogue: Dialogue) -> str:
+    """The original's query: "Q: {q}? A: {a}." for every round, joined by spaces, then `[RET]` (no caption)."""
+    parts = []
+    for rnd in dialogue.rounds:
+        parts += [f"Q: {rnd.question}?", f"A: {rnd.answer}."]
+    return " ".join(parts) + RET
+
+
+def ranking_context_text(dialogue: Dialogue, round_index: int) -> str:
+    """The original's context for round `round_index` (0-based): earlier rounds as "Q: q?" / "A: a" lines,
+    the current question, then "\\nA: " (no caption)."""
+    lines = []
+    for j in range(round_index):
+        lines += [f"Q: {dialogue.rounds[j].question}?", f"A: {dialogue.rounds[j].answer}"]
+    lines.append(f"Q: {dialogue.rounds[round_index].question}?")
+    return "\n".join(lines) + "\nA: "
+
+
+# -- protocol logic (pure) ------------------------------------------------------------------------------
+def retrieval_scores(image_embs: torch.Tensor, text_embs: torch.Tensor, protocol: str) -> torch.Tensor:
+    """Score matrix whose ROWS are the queries and whose target is the diagonal.
+
+    paper: image x text with the raw image embeddings (the original's matrix: each image ranks the dialogues);
+    corrected: text x image, cosine similarity (each dialogue ranks the images).
+    `text_embs` are the (already normalised) `[RET]` embeddings."""
+    image_embs, text_embs = image_embs.float(), text_embs.float()
+    if protocol == "paper":
+        return image_embs @ text_embs.T
+    if protocol == "corrected":
+        return F.normalize(text_embs, dim=-1) @ F.normalize(image_embs, dim=-1).T
+    raise ValueError(f"unknown protocol {protocol!r}")
+
+
+@dataclass(frozen=True)
+class OptionScoring:
+    continuation_bos: bool  # each option tokenised with its own BOS
+    shift: bool             # next-token scoring (False: each position's logits vs the token at that position)
+    reduce: str             # "sum" or "mean" of the option's token log-probabilities
+    description: str
+
+
+SCORING = {
+    "paper": OptionScoring(True, False, "sum", "options with their own BOS, unshifted logits, summed log-probs"),
+    "corrected": OptionScoring(False, True, "mean", "options without BOS, next-token log-probs, mean per token"),
+}
+
+
+def option_scores(scores: Any, protocol: str) -> torch.Tensor:
+    """Higher-is-better score per option from a `ContinuationScores` (sum_logprob, num_tokens, mean_logprob)."""
+    if SCORING[protocol].reduce == "sum":
+        return scores.sum_logprob.float().cpu()
+    return scores.mean_logprob.float().cpu()
+
+
+def dense_rounds(annotations: Sequence[DenseAnnotation], round_counts: Sequence[int],
+                 protocol: str) -> list[tuple[int, int] | None]:
+    """The (dialogue, 0-based round) each dense annotation is compared with, or None where the protocol's
+    index falls outside the evaluated dialogues.
+
+    paper: the original flattens all rounds of all dialogues in order and reads flat index
+    `i * 10 + round_id` (round_id is 1-based): one round late, and round 10 lands on the next dialogue's
+    first round; an index past the end is skipped (the original's loop stops there).
+    corrected: round `round_id - 1` of dialogue i."""
+    flat = [(i, r) for i, n in enumerate(round_counts) for r in range(n)]
+    out: list[tuple[int, int] | None] = []
+    for a in annotations:
+        if a.dialogue >= len(round_counts):
+            out.append(None)
+        elif protocol == "paper":
+            idx = a.dialogue * ROUNDS_PER_DIALOGUE + a.round_id
+            out.append(flat[idx] if idx < len(flat) else None)
+        elif protocol == "corrected":
+            out.append((a.dialogue, a.round_id - 1) if a.round_id - 1 < round_counts[a.dialogue] else None)
+        else:
+            raise ValueError(f"unknown protocol {protocol!r}")
+    return out
+
+
+def ranking_metrics(scores: dict[tuple[int, int], torch.Tensor], gt: dict[tuple[int, int], int],
+                    annotations: Sequence[DenseAnnotation], targets: Sequence[tuple[int, int] | None]
+                    ) -> tuple[dict[str, float], dict[tuple[int, int], int], int]:
+    """Metrics over the scored rounds (keys (dialogue, round)): MRR / R@k / mean rank over every scored round,
+    NDCG over the dense annotations whose target round was scored. Returns (metrics, rank by round, n NDCG rounds)."""
+    keys = sorted(scores)
+    matrix = torch.stack([scores[k] for k in keys])
+    ranks = ranks_from_scores(matrix, torch.tensor([gt[k] for k in keys]))
+    metrics: dict[str, float] = {}
+    pairs = [(scores[t], a.relevance) for a, t in zip(annotations, targets) if t is not None and t in scores]
+    if pairs:
+        metrics["NDCG"] = visdial_ndcg(torch.stack([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs]))
+    else:
+        metrics["NDCG"] = math.nan
+    metrics["MRR"] = mean_reciprocal_rank(ranks)
+    metrics.update({f"R@{k}": v for k, v in recall_at_k(ranks, (1, 5, 10, 20)).items()})
+    metrics["mean_rank"] = mean_rank(ranks)
+    return metrics, dict(zip(keys, ranks.tolist())), len(pairs)
+
+
+def top_k(scores: torch.Tensor, k: int = 5) -> list[int]:
+    """Indices of the k best scores, ties by lower index (the metrics' convention)."""
+    return torch.sort(scores, descending=True, stable=True).indices[:k].tolist()
+
+
+# -- visdial_retrieval ----------------------------------------------------------------------------------
+def run_retrieval(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> list[TaskResult]:
+    model = ctx.model
+    dialogues = limited(load_dialogues(RETRIEVAL.path(ctx, "dialogs", setting)), ctx.limit)
+    with torch.inference_mode():
+        features, skipped = _readable(ctx, RETRIEVAL.path(ctx, "images", setting), dialogues)
+        kept = [dialogues[i] for i in sorted(features)]
+        image_embs = model.project_images(torch.stack([features[d.index] for d in kept]), "retrieval")[:, 0]
+        image_embs = image_embs.float().cpu()
+        prompts = [[retrieval_text(d)] for d in kept]
+        size = max(1, ctx.batch_size)
+        chunks = [prompts[i:i + size] for i in range(0, len(prompts), size)]
+        text_embs = torch.cat([model.retrieval_embeddings(c, batch_size=size).float().cpu()
+                               for c in ctx.track(chunks, desc="visdial_retrieval", size=len)])
+
+    ids = [d.image_id for d in kept]
+    results = []
+    for protocol in protocols:
+        scores = retrieval_scores(image_embs, text_embs, protocol)
+        targets = torch.arange(len(kept))
+        ranks = ranks_from_scores(scores, targets)
+        metrics = {f"R@{k}": v for k, v in recall_at_k(ranks, (1, 5, 10)).items()}
+        metrics.update(MRR=mean_reciprocal_rank(ranks), mean_rank=mean_rank(ranks), median_rank=median_rank(ranks))
+        direction = "image->text" if protocol == "paper" else "text->image"
+        predictions = []
+        for row, d in enumerate(kept):
+            predictions.append({"image_id": d.image_id, "dialogue": d.index, "direction": direction,
+                                "rank": int(ranks[row]), "top5": [ids[j] for j in top_k(scores[row])],
+                                "query": f"image {d.image_id}" if protocol == "paper" else retrieval_text(d)})
+        results.append(TaskResult(
+            task=RETRIEVAL.name, setting=setting, protocol=protocol, metrics=metrics, n_examples=len(kept),
+            skipped=copy.deepcopy(skipped), paper=RETRIEVAL.paper.get((setting, protocol)), predictions=predictions,
+            extra={"direction": direction, "pool_size": len(kept),
+                   "scores": ("raw retrieval image embeddings @ normalised [RET] embeddings, ranked per image"
+                              if protocol == "paper" else "cosine similarity, images ranked per dialogue"),
+                   "paper_baselines": {"CLIP ViT-L/14": dict(PAPER_RETRIEVAL_CLIP)}}))
+    return results
+
+
+# -- visdial_ranking ------------------------------------------------------------------------------------
+def run_ranking(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> list[TaskResult]:
+    model = ctx.model
+    all_dialogues = load_dialogues(RANKING.path(ctx, "dialogs", setting))
+    annotations = load_dense(RANKING.path(ctx, "dense", setting), all_dialogues)
+    dialogues = limited(all_dialogues, ctx.limit)
+    annotations = annotations[:len(dialogues)]
+    batch_size = ctx.batch_size or N_OPTIONS
+
+    scores: dict[str, dict[tuple[int, int], torch.Tensor]] = {p: {} for p in protocols}
+    with torch.inference_mode():
+        features, skipped = _readable(ctx, RANKING.path(ctx, "images", setting), dialogues)
+        kept = [dialogues[i] for i in sorted(features)]
+        for d in ctx.track(kept, desc="visdial_ranking", size=lambda d: len(d.rounds)):
+            visual = model.project_images(features[d.index][None], "captioning")[0]
+            for r, rnd in enumerate(d.rounds):
+                context = [visual, ranking_context_text(d, r)]
+                for protocol in protocols:
+                    scores[protocol][(d.index, r)] = _score_options(model, context, rnd.options, protocol, batch_size)
+
+    gt = {(d.index, r): rnd.gt_index for d in kept for r, rnd in enumerate(d.rounds)}
+    round_counts = [len(d.rounds) for d in dialogues]
+    results = []
+    for protocol in protocols:
+        targets = dense_rounds(annotations, round_counts, protocol)
+        metrics, ranks, n_dense = ranking_metrics(scores[protocol], gt, annotations, targets)
+        predictions = []
+        for d in kept:
+            for r, rnd in enumerate(d.rounds):
+                best = top_k(scores[protocol][(d.index, r)])
+                predictions.append({"image_id": d.image_id, "dialogue": d.index, "round_id": r + 1,
+                                    "question": rnd.question, "gt_index": rnd.gt_index, "rank": ranks[(d.index, r)],
+                                    "top5": best, "answer": rnd.answer, "predicted": rnd.options[best[0]]})
+        results.append(TaskResult(
+            task=RANKING.name, setting=setting, protocol=protocol, metrics=metrics, n_examples=len(gt),
+            skipped=copy.deepcopy(skipped), paper=RANKING.paper.get((setting, protocol)), predictions=predictions,
+            extra={"dialogues": len(kept), "ndcg_rounds": n_dense, "scoring": SCORING[protocol].description,
+                   "dense_index": ("flat round i*10 + round_id (the original's off-by-one)" if protocol == "paper"
+                                   else "round round_id - 1 of dialogue i")}))
+    return results
+
+
+def _score_options(model, context: list, options: Sequence[str], protocol: str, batch_size: int) -> torch.Tensor:
+    """One round's 100 option scores. Without BOS an empty option has no token to score: it gets -inf."""
+    how = SCORING[protocol]
+    usable = [j for j, o in enumerate(options) if how.continuation_bos or o]
+    out = torch.full((len(options),), -math.inf)
+    if usable:
+        result = model.score_continuations(context, [options[j] for j in usable], continuation_bos=how.continuation_bos,
+                                           shift=how.shift, batch_size=batch_size)
+        out[torch.tensor(usable)] = option_scores(result, protocol)
+    return out
+
+
+# -- registration ---------------------------------------------------------------------------------------
+PAPER_RETRIEVAL = {"R@1": 20.8, "R@5": 44.9, "R@10": 56.0}
+PAPER_RETRIEVAL_CLIP = {"R@1": 17.7, "R@5": 38.9, "R@10": 50.2}
+# The reference notebook (VisDial_Inference_IT2T_Generation.ipynb) of the original code.
+PAPER_RANKING = {"NDCG": 16.594, "MRR": 21.997, "R@1": 17.573, "R@5": 19.971, "R@10": 24.414, "R@20": 48.309}
+
+RETRIEVAL = register(Task(
+    name="visdial_retrieval",
+    description="VisDial v1.0 val: retrieve each dialogue's image from the val images, given all 10 rounds of "
+                "question/answer text (paper Table 2)",
+    settings=("val",),
+    protocols=PROTOCOLS,
+    files={"dialogs": DIALOGS_FILE, "images": IMAGE_DIR},
+    metrics=("R@1", "R@5", "R@10", "MRR", "mean_rank", "median_rank"),
+    paper={("val", "paper"): dict(PAPER_RETRIEVAL)},  # measured with the original protocol only
+    run=run_retrieval,
+))
+
+RANKING = register(Task(
+    name="visdial_ranking",
+    description="VisDial v1.0 val: rank the 100 answer options of every round given the image and the dialogue "
+                "so far (paper Table 2)",
+    settings=("val",),
+    protocols=PROTOCOLS,
+    files={"dialogs": DIALOGS_FILE, "dense": DENSE_FILE, "images": IMAGE_DIR},
+    metrics=("NDCG", "MRR", "R@1", "R@5", "R@10", "R@20", "mean_rank"),
+    paper={("val", "paper"): dict(PAPER_RANKING)},
+    run=run_ranking,
+))
+
+TASKS = (RETRIEVAL, RANKING)

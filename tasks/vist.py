@@ -1,0 +1,345 @@
+"""VIST contextual image retrieval (FROMAGe paper, Table 1).
+
+Each Visual Storytelling (SIS val) story has five sentences, one per photo. The query is built from the
+story's text (and, in one setting, its first four photos) followed by `[RET]`; the target is the fifth
+photo, retrieved from a pool of every readable photo used by some story.
+
+Settings:
+  * ``1cap``     - the last sentence only:             caption5[RET]
+  * ``5cap``     - the five sentences:                 caption1 caption2 ... caption5[RET]
+  * ``5cap4img`` - sentences and the first four photos: caption1 image1 caption2 ... image4 caption5[RET]
+    (the default, and the setting of the original evaluation script).
+
+Data: stories are grouped by ``story_id`` and their entries sorted by ``worker_arranged_photo_order``
+(the original kept file order, which is the same order in the released file). A story needs exactly five
+entries. The candidate pool holds every photo used in some story whose image file can be read, in the
+order of the file's ``images`` list (photos missing from that list follow, in order of first use):
+readable photos of skipped stories stay in it, photos no story uses are not in it. A story with any
+missing or corrupt photo is skipped as a query and counted. With ``--limit N`` the queries and the pool
+both come from the first N stories of the file. Pooled CLIP features are computed once per photo (and
+cached); context photos go through the captioning mapping, pool photos through the retrieval mapping.
+
+Scoring (both protocols): the query is the normalised retrieval embedding at the prompt's last position,
+which is its `[RET]` token; pool scores are ``query @ (exp(logit_scale) * normalised pool embeddings)``;
+the story's own context photos (its first four) get -10000 in every setting, as the original masks
+``story_data[:-1]``; ranking is by score, ties by pool index. Scores are computed in float32.
+
+Protocols: the only difference is the per-caption BOS.
+  * ``paper`` - exactly the original: every caption is tokenised on its own with special tokens, so each
+    one starts with its own BOS ``</s>``; ``[RET]`` is appended to the last caption with no space
+    (``caption + "[RET]"``) before tokenising.
+  * ``corrected`` - the interleaving used everywhere else by the model API: the captions are strings and
+    only the first text of the prompt keeps its BOS (captions 2-5 have none); ``[RET]`` is appended the
+    same way. For ``1cap`` both protocols build the same prompt.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from model.errors import FromageInputError
+
+from .base import RunContext, Skipped, Task, TaskResult, register
+from .cache import load_features
+from .images import ImageDir
+from .metrics import mean_rank, mean_reciprocal_rank, ranks_from_scores, recall_at_k
+
+RET_TOKEN = "[RET]"
+SETTINGS = ("1cap", "5cap", "5cap4img")
+PROTOCOLS = ("paper", "corrected")
+STORY_LENGTH = 5
+MASK_PENALTY = 10000.0
+KS = (1, 5, 10)
+TOP_K = 10
+REQUIRED_KEYS = ("story_id", "photo_flickr_id", "worker_arranged_photo_order", "text")
+
+PAPER_NUMBERS = {
+    "1cap": {"R@1": 11.3, "R@5": 24.6, "R@10": 32.1},
+    "5cap": {"R@1": 10.8, "R@5": 23.8, "R@10": 31.7},
+    "5cap4img": {"R@1": 18.2, "R@5": 42.7, "R@10": 51.8},
+}
+PAPER_BASELINES = {
+    "1cap": {"CLIP ViT-L/14": {"R@1": 11.9, "R@5": 25.5, "R@10": 32.2}},
+    "5cap": {"CLIP ViT-L/14": {"R@1": 5.9, "R@5": 19.5, "R@10": 28.0}},
+    "5cap4img": {"CLIP ViT-L/14": {"R@1": 2.4, "R@5": 21.3, "R@10": 34.0}},
+}
+
+
+# -- data -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Story:
+    story_id: str
+    photo_ids: tuple[str, ...]  # in worker_arranged_photo_order
+    captions: tuple[str, ...]
+
+    @property
+    def target(self) -> str:
+        return self.photo_ids[-1]
+
+    @property
+    def context(self) -> tuple[str, ...]:
+        return self.photo_ids[:-1]
+
+
+def load_stories(path: Path) -> tuple[list[Story], list[str]]:
+    """The stories of a SIS file (in order of first appearance) and the photo ids of its `images` list."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FromageInputError(path, "VIST story file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise FromageInputError(path, f"malformed JSON: {err}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise FromageInputError(path, "not a VIST story-in-sequence file: no 'annotations' list",
+                                "expected the SIS val.story-in-sequence.json")
+    listed: list[str] = []
+    images = data.get("images", [])
+    if isinstance(images, list):
+        listed = [str(im["id"]) for im in images if isinstance(im, dict) and "id" in im]
+
+    grouped: dict[str, list[dict]] = {}
+    for index, ann in enumerate(data["annotations"]):
+        if not (isinstance(ann, list) and len(ann) == 1 and isinstance(ann[0], dict)):
+            story = ""
+            if isinstance(ann, list) and ann and isinstance(ann[0], dict) and "story_id" in ann[0]:
+                story = f" (story {ann[0]['story_id']})"
+            raise FromageInputError(path, f"annotation {index}{story} is not a one-element list of an object")
+        entry = ann[0]
+        where = f"story {entry['story_id']}" if "story_id" in entry else f"annotation {index}"
+        missing = [k for k in REQUIRED_KEYS if k not in entry]
+        if missing:
+            raise FromageInputError(path, f"{where}: annotation {index} lacks {', '.join(missing)}")
+        order = entry["worker_arranged_photo_order"]
+        if isinstance(order, bool) or not isinstance(order, int):
+            raise FromageInputError(path, f"{where}: worker_arranged_photo_order {order!r} is not an integer")
+        if not isinstance(entry["text"], str):
+            raise FromageInputError(path, f"{where}: text is not a string")
+        grouped.setdefault(str(entry["story_id"]), []).append(entry)
+
+    stories = []
+    for story_id, entries in grouped.items():
+        if len(entries) != STORY_LENGTH:
+            raise FromageInputError(path, f"story {story_id} has {len(entries)} entries, expected {STORY_LENGTH}")
+        entries = sorted(entries, key=lambda e: e["worker_arranged_photo_order"])
+        orders = [e["worker_arranged_photo_order"] for e in entries]
+        if len(set(orders)) != len(orders):
+            raise FromageInputError(path, f"story {story_id} repeats a worker_arranged_photo_order: {orders}")
+        stories.append(Story(story_id, tuple(str(e["photo_flickr_id"]) for e in entries),
+                             tuple(e["text"] for e in entries)))
+    return stories, listed
+
+
+def pool_candidates(stories: Sequence[Story], listed: Sequence[str]) -> list[str]:
+    """Photos used by some story: in `images` list order, then unlisted ones in order of first use."""
+    used: dict[str, None] = {}
+    for story in stories:
+        for pid in story.photo_ids:
+            used.setdefault(pid, None)
+    ordered = [pid for pid in dict.fromkeys(listed) if pid in used]
+    seen = set(ordered)
+    return ordered + [pid for pid in used if pid not in seen]
+
+
+# -- prompts ----------------------------------------------------------------------------------------------
+def setting_parts(setting: str, story: Story) -> tuple[tuple[str, ...], int]:
+    """(captions used, number of context photos interleaved) for a setting."""
+    if setting == "1cap":
+        return story.captions[-1:], 0
+    if setting == "5cap":
+        return story.captions, 0
+    if setting == "5cap4img":
+        return story.captions, len(story.context)
+    raise ValueError(f"unknown VIST setting {setting!r}; valid: {', '.join(SETTINGS)}")
+
+
+def _with_ret(captions: Sequence[str]) -> list[str]:
+    return [c + RET_TOKEN if i == len(captions) - 1 else c for i, c in enumerate(captions)]
+
+
+def _interleave(texts: Sequence[Any], context: Sequence[torch.Tensor]) -> list:
+    if len(context) not in (0, len(texts) - 1):
+        raise ValueError(f"{len(context)} context images for {len(texts)} captions")
+    items: list = []
+    for i, text in enumerate(texts):
+        items.append(text)
+        if i < len(context):
+            items.append(context[i])
+    return items
+
+
+def paper_prompt(tokenizer, captions: Sequence[str], context: Sequence[torch.Tensor] = ()) -> list:
+    """The original's query: each caption tokenised on its own with special tokens (each with its own BOS),
+    `[RET]` appended to the last caption with no space; interleaved with the context photos' captioning
+    embeddings (caption1, image1, ..., caption_n)."""
+    texts = []
+    for text in _with_ret(captions):
+        ids = tokenizer(text, add_special_tokens=True).input_ids
+        texts.append(torch.tensor(ids, dtype=torch.long))
+    ret_id = tokenizer.convert_tokens_to_ids(RET_TOKEN)
+    if int(texts[-1][-1]) != ret_id:  # the original reads the last position; retrieval_embeddings the last [RET]
+        raise RuntimeError("the tokenizer put tokens after [RET]: the paper protocol's last position is not [RET]")
+    return _interleave(texts, context)
+
+
+def corrected_prompt(captions: Sequence[str], context: Sequence[torch.Tensor] = ()) -> list:
+    """The model API's interleaving: strings, BOS only on the first text; `[RET]` appended with no space."""
+    return _interleave(_with_ret(captions), context)
+
+
+def build_prompt(protocol: str, tokenizer, captions: Sequence[str], context: Sequence[torch.Tensor] = ()) -> list:
+    if protocol == "paper":
+        return paper_prompt(tokenizer, captions, context)
+    if protocol == "corrected":
+        return corrected_prompt(captions, context)
+    raise ValueError(f"unknown protocol {protocol!r}")
+
+
+# -- scoring ----------------------------------------------------------------------------------------------
+def scaled_pool(pool_embeddings: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
+    """exp(logit_scale) * L2-normalised pool retrieval embeddings (P, D), float32."""
+    scale = torch.as_tensor(logit_scale, dtype=torch.float32).exp()
+    return scale.to(pool_embeddings.device) * F.normalize(pool_embeddings.float(), dim=-1)
+
+
+def mask_context(scores: torch.Tensor, context_columns: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Subtract 10000 from each row's context-photo columns (once per context entry, as the original)."""
+    scores = scores.clone()
+    for row, columns in enumerate(context_columns):
+        for column in columns:
+            scores[row, column] -= MASK_PENALTY
+    return scores
+
+
+def top_k(scores: torch.Tensor, k: int = TOP_K) -> torch.Tensor:
+    """Column indices of the k best scores per row, ties by lower column index."""
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    return order[:, :k]
+
+
+def story_metrics(ranks: torch.Tensor) -> dict[str, float]:
+    out = {f"R@{k}": v for k, v in recall_at_k(ranks, KS).items()}
+    out["MRR"] = mean_reciprocal_rank(ranks)
+    out["mean_rank"] = mean_rank(ranks)
+    return out
+
+
+def query_embeddings(model, stories: Sequence[Story], setting: str, protocol: str,
+                     features: dict[str, torch.Tensor], batch_size: int,
+                     context_embeddings: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """(B, shared_dim) normalised query embeddings of stories; `features` are pooled CLIP features by
+    photo id, `context_embeddings` (optional) their captioning projections, computed here if absent."""
+    if context_embeddings is None:
+        context_embeddings = context_projections(model, stories, setting, features)
+    tokenizer = model.model.tokenizer
+    prompts = []
+    for story in stories:
+        captions, n_images = setting_parts(setting, story)
+        context = [context_embeddings[pid] for pid in story.context[:n_images]]
+        prompts.append(build_prompt(protocol, tokenizer, captions, context))
+    return model.retrieval_embeddings(prompts, batch_size=batch_size)
+
+
+def context_projections(model, stories: Sequence[Story], setting: str,
+                        features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Captioning embeddings (n_visual_tokens, D) of the stories' context photos, one projection call."""
+    wanted = list(dict.fromkeys(pid for s in stories for pid in s.context[:setting_parts(setting, s)[1]]))
+    if not wanted:
+        return {}
+    projected = model.project_images(torch.stack([features[pid] for pid in wanted]), "captioning")
+    return dict(zip(wanted, projected))
+
+
+def read_pool(model, stories: Sequence[Story], listed: Sequence[str], image_dir: ImageDir, cache=None,
+              batch_size: int = 32) -> tuple[list[str], dict[str, torch.Tensor], dict[str, str]]:
+    """(pool photo ids in pool order, pooled CLIP features by photo id, failure reason by unreadable photo id).
+    Every photo used by a story is read once (through the feature cache); the pool is the readable ones."""
+    candidates = pool_candidates(stories, listed)
+    paths = [image_dir.find(pid) for pid in candidates]
+    by_index, failures = load_features(model, paths, cache, batch_size=batch_size)
+    if candidates and not by_index:
+        raise FromageInputError(image_dir.root, f"none of the {len(candidates)} photos the stories use could be read",
+                                "expected {photo_flickr_id}.jpg or .png files here")
+    features = {candidates[i]: f for i, f in sorted(by_index.items())}
+    failed = {candidates[i]: reason for i, reason in sorted(failures.items())}
+    return [pid for pid in candidates if pid in features], features, failed
+
+
+# -- the task ---------------------------------------------------------------------------------------------
+def run(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> list[TaskResult]:
+    if setting not in SETTINGS:
+        raise FromageInputError(f"vist_retrieval:{setting}", "unknown setting", f"valid: {', '.join(SETTINGS)}")
+    for protocol in protocols:
+        if protocol not in PROTOCOLS:
+            raise FromageInputError(f"--protocol {protocol}", "unknown protocol for vist_retrieval")
+    model = ctx.model
+    json_path = TASK.path(ctx, "annotations", setting)
+    image_dir = ImageDir(TASK.path(ctx, "images", setting))
+    stories, listed = load_stories(json_path)
+    if ctx.limit is not None:
+        stories = stories[:ctx.limit]
+
+    with torch.inference_mode():
+        pool, features, failed = read_pool(model, stories, listed, image_dir, ctx.cache, ctx.batch_size)
+        column = {pid: i for i, pid in enumerate(pool)}
+
+        skipped = Skipped()
+        queries: list[Story] = []
+        for story in stories:
+            reason = next((failed[pid] for pid in story.photo_ids if pid in failed), None)
+            if reason is not None:
+                skipped.add(reason, story.story_id)
+            else:
+                queries.append(story)
+
+        ranks = {p: [] for p in protocols}
+        predictions: dict[str, list[dict]] = {p: [] for p in protocols}
+        if queries:
+            pool_embeddings = model.project_images(torch.stack([features[pid] for pid in pool]), "retrieval")[:, 0]
+            pool_matrix = scaled_pool(pool_embeddings, model.model.logit_scale.detach().float())
+            chunks = [queries[i:i + ctx.batch_size] for i in range(0, len(queries), ctx.batch_size)]
+            for chunk in ctx.track(chunks, desc=f"vist {setting}", total=len(chunks), size=len):
+                context = context_projections(model, chunk, setting, features)
+                targets = torch.tensor([column[s.target] for s in chunk])
+                context_columns = [[column[pid] for pid in s.context] for s in chunk]
+                for protocol in protocols:
+                    q = query_embeddings(model, chunk, setting, protocol, features, ctx.batch_size, context)
+                    scores = mask_context((q.float() @ pool_matrix.T).cpu(), context_columns)
+                    chunk_ranks = ranks_from_scores(scores, targets)
+                    best = top_k(scores, TOP_K)
+                    ranks[protocol].append(chunk_ranks)
+                    for story, rank, top in zip(chunk, chunk_ranks.tolist(), best.tolist()):
+                        predictions[protocol].append({
+                            "story_id": story.story_id, "target": story.target, "rank": rank,
+                            "top10": [pool[i] for i in top], "context": list(story.context),
+                            "captions": list(story.captions)})
+
+    results = []
+    for protocol in protocols:
+        all_ranks = torch.cat(ranks[protocol]) if ranks[protocol] else torch.zeros(0, dtype=torch.long)
+        metrics = story_metrics(all_ranks) if all_ranks.numel() else {}
+        results.append(TaskResult(
+            task=TASK.name, setting=setting, protocol=protocol, metrics=metrics, n_examples=len(queries),
+            skipped=skipped, paper=TASK.paper.get((setting, protocol)), predictions=predictions[protocol],
+            extra={"paper_baselines": PAPER_BASELINES[setting], "pool_size": len(pool),
+                   "n_stories": len(stories), "unreadable_photos": len(failed)}))
+    return results
+
+
+TASK = register(Task(
+    name="vist_retrieval",
+    description="VIST contextual image retrieval (paper Table 1): retrieve a story's last photo from its "
+                "sentences (and earlier photos) + [RET], among all story photos",
+    settings=SETTINGS,
+    protocols=PROTOCOLS,
+    files={"annotations": "vist/sis/val.story-in-sequence.json", "images": "vist/images/val"},
+    metrics=("R@1", "R@5", "R@10", "MRR", "mean_rank"),
+    paper={(setting, "paper"): numbers for setting, numbers in PAPER_NUMBERS.items()},
+    run=run,
+    default_setting="5cap4img",
+))

@@ -1,0 +1,69 @@
+"""`fromage-bench profile`: every scenario at several precisions on CPU, results in the shared schema."""
+import json
+
+import pytest
+
+from fromage_bench.cli import main
+from fromage_bench.profiler import SCENARIOS, _decode_roofline, time_it
+from fromage_bench.results import load, read_results
+
+
+def test_every_scenario_on_the_tiny_model(tiny_dir, tmp_path):
+    out = tmp_path / "prof"
+    code = main(["profile", "--model-dir", str(tiny_dir), "--out", str(out), "--precisions", "fp32,int8",
+                 "--repeats", "2", "--warmup", "1", "--pool-sizes", "100,1000", "--decode-batch-sizes", "1,2",
+                 "--new-tokens", "4", "--device", "cpu"])
+    assert code == 0
+    doc = read_results(out)
+    records = doc["records"]
+    assert {r["scenario"] for r in records} == set(SCENARIOS)
+    assert {r["precision"] for r in records} == {"fp32", "int8"}
+    assert all(r["status"] == "ok" and r["cost"]["seconds"]["median"] > 0 for r in records)
+    decode1 = [r for r in records if r["scenario"] == "decode" and r["params"]["batch_size"] == 1]
+    assert all("roofline" in r and r["roofline"]["weight_bytes"] > 0 for r in decode1)
+    int8 = next(r for r in decode1 if r["precision"] == "int8")["roofline"]["weight_bytes"]
+    fp32 = next(r for r in decode1 if r["precision"] == "fp32")["roofline"]["weight_bytes"]
+    assert int8 < fp32
+    df = load(out)
+    assert len(df) == len(records) and "cost.seconds.median" in df.columns
+    assert doc["environment"]["packages"]["torch"]
+
+
+def test_roofline_arithmetic(tiny):
+    weight = tiny.model.lm
+    roof = _decode_roofline(tiny, per_token_seconds=0.01, bandwidth=1e9, copy_bandwidth=None)
+    # 100 tokens/s measured; the roofline is bandwidth / bytes; the fraction is bytes*rate / bandwidth
+    assert roof["measured_tokens_per_second"] == pytest.approx(100.0)
+    assert roof["roofline_tokens_per_second"] == pytest.approx(1e9 / roof["weight_bytes"])
+    assert roof["fraction_of_roofline"] == pytest.approx(roof["weight_bytes"] * 100.0 / 1e9)
+    assert weight is not None
+
+
+def test_time_it_counts_repeats_after_warmup():
+    import torch
+
+    calls = []
+    times = time_it(lambda: calls.append(1), torch.device("cpu"), warmup=3, repeats=4)
+    assert len(calls) == 7 and len(times) == 4
+
+
+@pytest.mark.slow
+def test_paper_architecture_small_random_init(tmp_path):
+    out = tmp_path / "p"
+    assert main(["profile", "--random-init", "--opt-version", "facebook/opt-125m", "--visual-model",
+                 "openai/clip-vit-base-patch32", "--device", "cpu", "--precisions", "bf16", "--out", str(out),
+                 "--repeats", "1", "--warmup", "0", "--image-batch-sizes", "1", "--context-lengths", "16",
+                 "--decode-batch-sizes", "1", "--new-tokens", "2", "--options", "4", "--pool-sizes", "100"]) == 0
+    records = json.loads((out / "results.json").read_text())["records"]
+    assert len(records) == 5 and all(r["status"] == "ok" for r in records)
+    assert records[0]["cost"]["weight_bytes"] > 2 * 200e6  # OPT-125m + ViT-B/32 in bf16
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--scenarios", "warp"], "unknown scenario"),
+    (["--precisions", "fp64"], "unknown precision"),
+    (["--new-tokens", "1"], "must be >= 2"),
+])
+def test_bad_profile_arguments(tiny_dir, tmp_path, capsys, argv, message):
+    assert main(["profile", "--model-dir", str(tiny_dir), "--out", str(tmp_path / "o"), *argv]) == 2
+    assert message in capsys.readouterr().err

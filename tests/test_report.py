@@ -1,0 +1,348 @@
+"""The HTML report: self-contained, escaped, correct numbers, tolerant of missing data, written atomically.
+
+`make_fake_run` builds a small but complete run directory (results.json following docs/results-schema.md,
+prediction JSONL files, an image directory with good, missing and corrupt images); the browser test reuses it.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from fromage_bench.results import write_results
+from reports import main_report, write_report
+
+SCRIPT_CAPTION = "A cat <script>alert(1)</script> & a dog"
+PWNED_QUESTION = "is it sunny?<script>document.title='PWNED'</script>"
+VIST_PAPER = {"R@1": 18.25, "R@5": 39.0, "R@10": 50.5}
+VIST_METRICS = {"fp32": {"R@1": 20.5, "R@5": 41.0, "R@10": 52.0},
+                "bf16": {"R@1": 20.0, "R@5": 41.5, "R@10": 52.0},
+                "int8": {"R@1": 19.0, "R@5": 40.0, "R@10": 51.0}}
+VISDIAL_PAPER = {"NDCG": 16.5, "MRR": 22.0, "R@1": 17.6}
+VISDIAL_METRICS = {"fp32": {"NDCG": 15.0, "MRR": 21.0, "R@1": 16.0},
+                   "bf16": {"NDCG": 14.75, "MRR": 21.5, "R@1": 16.0}}
+INT8_REASON = "int8 needs CUDA (bitsandbytes) <cpu> & no GPU"
+GB = 1024 ** 3
+
+
+def _cost(precision: str, scale: float) -> dict:
+    weight = {"fp32": 4, "bf16": 2, "int8": 1}[precision] * GB
+    return {"load_seconds": 3.5 * scale, "weight_bytes": weight,
+            "load_memory": {"cpu_rss_bytes": weight + GB, "cuda_max_allocated_bytes": weight},
+            "wall_seconds": 10.0 * scale, "examples_per_second": 12.5 / scale,
+            "latency_ms": {"p50": 70.0 * scale, "p90": 90.0 * scale, "p99": 120.0 * scale, "mean": 75.0 * scale},
+            "throughput": {"images_encoded_per_second": 50.0 / scale, "tokens_scored_per_second": 900.0 / scale,
+                           "tokens_encoded_per_second": 100.0 / scale},
+            "work": {"images_encoded": 500, "tokens_scored": 9000},
+            "memory": {"cpu_rss_bytes": weight + 2 * GB, "cuda_max_allocated_bytes": weight + GB // 2,
+                       "nvml_device_used_bytes": weight + GB}}
+
+
+def _vist_predictions(n_stories: int = 6) -> list[dict]:
+    out = []
+    for s in range(n_stories):
+        target = f"p{s}"
+        top = [f"p{(s + k) % 8}" for k in range(10)] if s % 2 == 0 else [f"p{(s + k + 1) % 8}" for k in range(10)]
+        if s == 1:
+            top[0] = "p_missing"  # no such file: a placeholder
+            top[1] = "p_bad"      # a corrupt file: a placeholder
+        captions = [f"story {s} caption {i}" for i in range(5)]
+        if s == 0:
+            captions[2] = SCRIPT_CAPTION
+        out.append({"story_id": f"s{s}", "target": target, "top": top, "rank": 1 if target == top[0] else 9,
+                    "captions": captions})
+    return out
+
+
+def _visdial_predictions() -> list[dict]:
+    out = []
+    for r in range(6):
+        ex = {"image_id": f"v{r}", "round": r + 1, "question": f"what is in round {r}?", "gt_index": 3,
+              "rank": 1 if r % 2 == 0 else 4, "top5": [3, 7, 1, 0, 9] if r % 2 == 0 else [7, 1, 0, 3, 9]}
+        if r == 0:
+            ex["question"] = PWNED_QUESTION
+        if r < 3:
+            ex["top_answers"] = [f"answer {i} <b>bold</b>" for i in ex["top5"]]
+        out.append(ex)
+    return out
+
+
+def make_fake_run(root: Path) -> tuple[Path, dict[str, Path]]:
+    """A run directory like `fromage-bench eval --precisions fp32,bf16,int8` writes, plus an image root."""
+    run_dir = root / "run"
+    (run_dir / "predictions").mkdir(parents=True)
+    images = root / "images"
+    images.mkdir()
+    colours = [(220, 40, 40), (40, 160, 60), (40, 60, 220), (230, 200, 40), (160, 40, 200), (40, 200, 200),
+               (120, 120, 120), (250, 120, 20)]
+    for i, colour in enumerate(colours):
+        img = Image.new("RGB", (160, 120), colour)
+        img.paste((255, 255, 255), (10 * i, 20, 10 * i + 30, 60))
+        img.save(images / f"p{i}.png")
+    (images / "p_bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    Image.new("RGB", (64, 64), (90, 30, 140)).save(images / "v0.jpg")
+
+    records = []
+    for precision in ("fp32", "bf16", "int8"):
+        scale = {"fp32": 1.0, "bf16": 0.6, "int8": 1.4}[precision]
+        name = f"predictions/vist_retrieval-1cap-paper-{precision}.jsonl"
+        (run_dir / name).write_text("".join(json.dumps(p) + "\n" for p in _vist_predictions()))
+        rec = {"kind": "eval", "task": "vist_retrieval", "setting": "1cap", "protocol": "paper", "precision": precision,
+               "status": "ok", "metrics": VIST_METRICS[precision], "paper": VIST_PAPER, "n_examples": 98,
+               "n_skipped": 2, "skipped": {"missing image": 1, "corrupt image": 1},
+               "skipped_examples": ["s77: missing image", "s78: corrupt image"], "extra": {},
+               "cost": _cost(precision, scale), "predictions_file": name}
+        if precision != "fp32":
+            rec["drift"] = {"against": "fp32",
+                            **{m: v - VIST_METRICS["fp32"][m] for m, v in VIST_METRICS[precision].items()}}
+        records.append(rec)
+    for precision in ("fp32", "bf16"):
+        name = f"predictions/visdial_ranking-10r-standard-{precision}.jsonl"
+        (run_dir / name).write_text("".join(json.dumps(p) + "\n" for p in _visdial_predictions()))
+        # no "drift" field here: the report computes it against fp32 itself
+        records.append({"kind": "eval", "task": "visdial_ranking", "setting": "10r", "protocol": "standard",
+                        "precision": precision, "status": "ok", "metrics": VISDIAL_METRICS[precision],
+                        "paper": VISDIAL_PAPER, "n_examples": 6, "n_skipped": 0, "skipped": {},
+                        "skipped_examples": [], "extra": {}, "cost": _cost(precision, 2.0),
+                        "predictions_file": name})
+    records.append({"kind": "eval", "task": "visdial_ranking", "setting": "10r", "protocol": None,
+                    "precision": "int8", "status": "skipped", "reason": INT8_REASON})
+    for precision, fraction in (("fp32", 0.41), ("bf16", 0.52)):
+        records.append({"kind": "profile", "scenario": "decode", "precision": precision, "status": "ok",
+                        "params": {"batch_size": 1, "context_tokens": 64, "new_tokens": 32},
+                        "cost": {"seconds": {"median": 0.8, "min": 0.79, "max": 0.83, "all": [0.79, 0.8, 0.83]},
+                                 "tokens_per_second": 40.0, "memory": {"cpu_rss_bytes": 5 * GB},
+                                 "weight_bytes": 4 * GB, "load_seconds": 3.0},
+                        "roofline": {"weight_bytes": 4 * GB, "bandwidth_bytes_per_second": 400 * GB,
+                                     "roofline_tokens_per_second": 100.0, "fraction_of_roofline": fraction}})
+    records.append({"kind": "profile", "scenario": "decode", "precision": "int8", "status": "skipped",
+                    "reason": INT8_REASON, "params": {"batch_size": 1}})
+    config = {"tasks": "vist_retrieval:1cap,visdial_ranking:10r", "out": str(run_dir),
+              "data_root": str(root / "nodata"),
+              "model_dir": "fromage_model/<weights & co>", "device": "cpu", "precisions": ["fp32", "bf16", "int8"]}
+    environment = {"python": "3.11.7", "platform": "Linux", "cpu": "Fake <CPU> & co", "cpu_count": 2,
+                   "memory_bytes": 8 * GB, "gpus": [], "packages": {"torch": "2.13.0"},
+                   "code": {"commit": "abc1234def", "dirty": False}}
+    write_results(run_dir, {"created": "2026-11-27T23:30:00Z", "config": config, "environment": environment,
+                            "records": records})
+    return run_dir, {"vist_retrieval": images, "visdial_ranking": images}
+
+
+class _Doc(HTMLParser):
+    """The <img> sources, and the rows of each table with an id: [(tag attrs, text)] per cell."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.imgs: list[dict] = []
+        self.tables: dict[str, list[list[tuple[dict, str]]]] = {}
+        self._table: str | None = None
+        self._cell: tuple[dict, list[str]] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.imgs.append(attrs)
+        elif tag == "table" and attrs.get("id"):
+            self._table = attrs["id"]
+            self.tables[self._table] = []
+        elif tag == "tr" and self._table:
+            self.tables[self._table].append([])
+        elif tag in ("td", "th") and self._table:
+            self._cell = (attrs, [])
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._table and self._cell is not None:
+            self.tables[self._table][-1].append((self._cell[0], "".join(self._cell[1]).strip()))
+            self._cell = None
+        elif tag == "table":
+            self._table = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell[1].append(data)
+
+
+def parse(text: str) -> _Doc:
+    doc = _Doc()
+    doc.feed(text)
+    return doc
+
+
+def decode_data_uri(src: str) -> Image.Image:
+    match = re.fullmatch(r"data:image/(png|jpeg);base64,([A-Za-z0-9+/=]+)", src)
+    assert match, src[:80]
+    img = Image.open(io.BytesIO(base64.b64decode(match.group(2), validate=True)))
+    img.load()
+    return img
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    run_dir, roots = make_fake_run(tmp_path_factory.mktemp("report"))
+    path = write_report(run_dir, image_roots=roots)
+    return run_dir, path, path.read_text(encoding="utf-8")
+
+
+def _row(doc: _Doc, table: str, **match) -> list[tuple[dict, str]]:
+    """The first row whose leading cells have the given texts (by position: task=0, setting=1, ...)."""
+    positions = {"task": 0, "setting": 1, "protocol": 2, "metric": 3}
+    for row in doc.tables[table]:
+        texts = [t for _, t in row]
+        if len(texts) > 4 and all(texts[positions[k]] == v for k, v in match.items()):
+            return row
+    raise AssertionError(f"no row {match} in {table}")
+
+
+def _cell(row, css: str, precision: str) -> str:
+    for attrs, text in row:
+        if css in (attrs.get("class") or "").split() and attrs.get("data-precision") == precision:
+            return text
+    raise AssertionError(f"no {css} cell for {precision}")
+
+
+def test_report_is_self_contained(report):
+    run_dir, path, text = report
+    assert path == run_dir / "report.html"
+    assert text.startswith("<!DOCTYPE html>")
+    lowered = text.lower()
+    assert 'src="http' not in lowered and "<link" not in lowered and "<script" not in lowered
+    assert "url(" not in lowered and "@import" not in lowered
+    assert not re.search(r"(src|href)=\"(?!data:|#)", text), "only data: URIs and in-page anchors"
+
+
+def test_every_image_is_a_decodable_data_uri(report):
+    _, _, text = report
+    doc = parse(text)
+    assert len(doc.imgs) >= 4 + 10  # the four plots and a page of thumbnails
+    kinds = set()
+    for attrs in doc.imgs:
+        img = decode_data_uri(attrs["src"])
+        kinds.add(img.format)
+        assert img.width > 0 and img.height > 0
+        if img.format == "JPEG":
+            assert max(img.size) <= 96
+    assert kinds == {"PNG", "JPEG"}
+    assert text.count('alt="Memory by precision"') == 1 and 'alt="Latency distribution"' in text
+    assert 'alt="Accuracy vs memory"' in text and 'alt="Throughput by precision"' in text
+
+
+def test_dataset_text_is_escaped(report):
+    _, _, text = report
+    assert "A cat &lt;script&gt;alert(1)&lt;/script&gt; &amp; a dog" in text
+    assert "&lt;script&gt;document.title=&#x27;PWNED&#x27;&lt;/script&gt;" in text
+    assert "<script" not in text and "<b>bold</b>" not in text and "answer 3 &lt;b&gt;bold&lt;/b&gt;" in text
+    assert "Fake &lt;CPU&gt; &amp; co" in text and "fromage_model/&lt;weights &amp; co&gt;" in text
+
+
+def test_accuracy_table_shows_paper_delta_and_drift(report):
+    _, _, text = report
+    doc = parse(text)
+    row = _row(doc, "accuracy-table", task="vist_retrieval", metric="R@1")
+    assert row[4][1] == "18.25"                        # the paper's number
+    assert _cell(row, "value", "fp32") == "20.50"
+    assert _cell(row, "delta", "fp32") == "+2.25"      # 20.50 - 18.25, by hand
+    assert _cell(row, "delta", "bf16") == "+1.75"      # 20.00 - 18.25
+    assert _cell(row, "drift", "fp32") == "ref"
+    assert _cell(row, "drift", "bf16") == "-0.50"      # the record's drift
+    assert _cell(row, "drift", "int8") == "-1.50"
+    ndcg = _row(doc, "accuracy-table", task="visdial_ranking", metric="NDCG")
+    assert _cell(ndcg, "delta", "fp32") == "-1.50"     # 15.00 - 16.50
+    assert _cell(ndcg, "drift", "bf16") == "-0.25"     # computed by the report: 14.75 - 15.00
+    skipped = _cell(ndcg, "skipped", "int8")
+    assert skipped == f"skipped: {INT8_REASON}"
+
+
+def test_cost_profile_and_skipped_sections(report):
+    _, _, text = report
+    doc = parse(text)
+    cost_rows = [[t for _, t in row] for row in doc.tables["cost-table"]]
+    header = cost_rows[0]
+    assert {"Load s", "Weights", "Peak CUDA alloc", "Peak NVML device", "Peak RSS", "Examples/s", "Tokens/s",
+            "Images/s", "p50 ms", "p90 ms", "p99 ms"} <= set(header)
+    fp32_vist = next(r for r in cost_rows if r[:2] == ["fp32", "vist_retrieval:1cap"])
+    assert fp32_vist[header.index("Weights")] == "4.00 GiB"
+    assert fp32_vist[header.index("Tokens/s")] == "1,000.0"
+    assert fp32_vist[header.index("p99 ms")] == "120.00"
+    assert any(r[:2] == ["int8", "visdial_ranking:10r"] and f"skipped: {INT8_REASON}" in r for r in cost_rows)
+    profile = [[t for _, t in row] for row in doc.tables["profile-table"]]
+    assert any("41.0% of 100.0 tok/s" in r for r in profile)
+    assert any(r[0] == "decode" and r[2] == "int8" and r[3].startswith("skipped") for r in profile[1:])
+    skipped = [[t for _, t in row] for row in doc.tables["skipped-table"]]
+    assert any("missing image: 1" in " ".join(r) and "corrupt image: 1" in " ".join(r) for r in skipped)
+    assert "s77: missing image" in text
+    assert html.escape(f"cell skipped: {INT8_REASON}") in text
+
+
+def test_examples_mark_target_and_show_placeholders(report):
+    _, _, text = report
+    assert text.count('class="thumb hit"') >= 3            # the right photo is marked ...
+    assert '<span class="mark">\u2713</span>' in text       # ... with a tick
+    assert 'title="image not found: p_missing">p_missing<' in text
+    assert 'title="image not found: p_bad">p_bad<' in text  # corrupt: a placeholder too
+    assert text.count('class="example"') == 10              # 5 stories + 5 dialogue rounds
+    assert "Q: what is in round 3?" in text and "option #7" in text
+    assert '<li class="hit">answer 3 &lt;b&gt;bold&lt;/b&gt; <span class="muted">(#3)</span> \u2713</li>' in text
+
+
+def test_missing_images_and_predictions_never_fail(tmp_path):
+    run_dir, _ = make_fake_run(tmp_path)
+    path = write_report(run_dir, image_roots={"vist_retrieval": tmp_path / "does-not-exist"})
+    text = path.read_text()
+    assert "image not found: p0" in text and "data:image/jpeg" not in text
+    for f in (run_dir / "predictions").iterdir():
+        f.unlink()
+    text = main_report(run_dir).read_text()       # no image roots, no predictions: still a report
+    assert 'id="accuracy-table"' in text and 'class="example"' not in text
+
+
+def test_write_is_atomic(tmp_path, monkeypatch):
+    run_dir, roots = make_fake_run(tmp_path)
+    path = main_report(run_dir, [f"vist_retrieval={roots['vist_retrieval']}"])
+    assert sorted(p.name for p in run_dir.iterdir()) == ["predictions", "report.html", "results.json"]
+    before = path.read_bytes()
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        write_report(run_dir)
+    assert path.read_bytes() == before                # readers never see a torn report
+    assert sorted(p.name for p in run_dir.iterdir()) == ["predictions", "report.html", "results.json"]
+
+
+def test_odd_records_render(tmp_path):
+    """Records with fields missing or of the wrong type, and garbage prediction lines: still a report."""
+    run_dir = tmp_path / "odd"
+    (run_dir / "predictions").mkdir(parents=True)
+    (run_dir / "predictions" / "x.jsonl").write_text(
+        'not json\n[1, 2]\n{"story_id": 1, "target": 5, "top": "p1"}\n'
+        '{"story_id": 2, "target": 5, "topk": [{"id": 5, "score": 0.9}, {"id": 6}], "captions": 7}\n'
+        '{"question": "q?", "gt_index": "x", "top": [1, "two", null]}\n'
+        '{"image": "a/../../etc/passwd", "generated": "<i>caption</i>", "references": "one ref"}\n')
+    records = [
+        {"kind": "eval", "task": "weird", "setting": None, "protocol": "paper", "precision": "fp16", "status": "ok",
+         "metrics": {"R@1": None, "note": "n/a", "MRR": float("nan")}, "paper": None, "cost": None,
+         "predictions_file": "predictions/x.jsonl"},
+        {"kind": "eval", "task": "weird", "precision": "fp32", "status": "ok", "metrics": {"MRR": 3}},
+        {"kind": "eval", "task": "other", "precision": "int8", "status": "skipped"},
+        {"kind": "profile", "scenario": "prefill", "precision": "fp16", "status": "ok"},
+        {"kind": "profile", "precision": "bf16", "status": "ok", "cost": {"seconds": {}}, "params": None},
+        "not a record",
+    ]
+    write_results(run_dir, {"created": None, "config": None, "environment": {"code": None, "gpus": None},
+                            "records": records})
+    text = write_report(run_dir, image_roots={"weird": tmp_path}).read_text()
+    assert 'id="accuracy-table"' in text and 'id="profile-table"' in text
+    assert "&lt;i&gt;caption&lt;/i&gt;" in text and "<i>" not in text
+    assert "image not found: a/../../etc/passwd" in text   # never read outside the image root
+    for attrs in parse(text).imgs:
+        decode_data_uri(attrs["src"])
