@@ -199,7 +199,7 @@ def cmd_profile(args) -> int:
                         visual_model=args.visual_model, device=args.device,
                         precisions=_split(args.precisions or args.precision),
                         scenarios=_split(args.scenarios) or list(SCENARIOS), warmup=args.warmup, repeats=args.repeats,
-                        new_tokens=args.new_tokens, seed=args.seed or 0, bandwidth=args.bandwidth)
+                        new_tokens=args.new_tokens, seed=args.seed or 0, bandwidth=args.bandwidth, naive=args.naive)
     for flag, attr in (("image_batch_sizes", "image_batch_sizes"), ("context_lengths", "context_lengths"),
                        ("decode_batch_sizes", "decode_batch_sizes"), ("pool_sizes", "pool_sizes")):
         values = _ints(getattr(args, flag))
@@ -286,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--options", type=int, help="answer options per context (default 100)")
     p.add_argument("--pool-sizes", help="retrieval pool sizes, default 1000,100000")
     p.add_argument("--bandwidth", type=float, help="device memory bandwidth in bytes/s for the decode roofline")
+    p.add_argument("--naive", action="store_true",
+                   help="also time the reference paths (no-cache decode, per-option scoring) for the speed-up")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("report", help="(re)generate RUN_DIR/report.html from RUN_DIR/results.json")

@@ -24,6 +24,7 @@ from .results import write_results
 from .trackers import MemoryTracker, Stopwatch
 
 SCENARIOS = ("image_encoding", "prefill", "decode", "option_scoring", "retrieval")
+VISDIAL_VAL_ROUNDS = 2064 * 10  # VisDial v1.0 val: 2064 dialogues x 10 rounds, 100 options each
 
 # Peak memory bandwidth (bytes/s) by device name fragment: the batch-1 decode roofline reads every weight once per token.
 NOMINAL_BANDWIDTH = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12,
@@ -53,6 +54,7 @@ class ProfileConfig:
     pool_sizes: list[int] = field(default_factory=lambda: [1000, 100000])
     seed: int = 0
     bandwidth: float | None = None  # bytes/s, overrides the nominal table
+    naive: bool = False  # also time the reference paths (no-cache decode, per-option scoring) for comparison
 
     def to_json(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
@@ -123,10 +125,13 @@ def scenario_decode(model, cfg, gen):
     prompt_len = 32
     for batch_size in cfg.decode_batch_sizes:
         batch = pad_batch([_embedded(model, _random_text(model, prompt_len, gen)) for _ in range(batch_size)], side="left")
-        full = lambda b=batch: generate(model.model, b, cfg.new_tokens)  # noqa: E731
-        one = lambda b=batch: generate(model.model, b, 1)  # noqa: E731
-        yield ({"batch_size": batch_size, "prompt_tokens": prompt_len, "new_tokens": cfg.new_tokens},
-               (full, one), {"tokens": batch_size})
+        for cached in ((True, False) if cfg.naive and batch_size == 1 else (True,)):
+            full = lambda b=batch, c=cached: generate(model.model, b, cfg.new_tokens, use_cache=c)  # noqa: E731
+            one = lambda b=batch, c=cached: generate(model.model, b, 1, use_cache=c)  # noqa: E731
+            params = {"batch_size": batch_size, "prompt_tokens": prompt_len, "new_tokens": cfg.new_tokens}
+            if not cached:
+                params["path"] = "naive_no_cache"
+            yield params, (full, one), {"tokens": batch_size}
 
 
 def scenario_option_scoring(model, cfg, gen):
@@ -135,9 +140,11 @@ def scenario_option_scoring(model, cfg, gen):
     context = [image, _random_text(model, cfg.option_context_tokens, gen)]
     options = [_random_text(model, cfg.option_tokens, gen)[1:] for _ in range(cfg.options)]
     texts = [model.model.tokenizer.decode(o) for o in options]
-    run = lambda: model.score_continuations(context, texts)  # noqa: E731
-    yield ({"options": cfg.options, "context_tokens": cfg.option_context_tokens, "option_tokens": cfg.option_tokens},
-           run, {"options": cfg.options})
+    params = {"options": cfg.options, "context_tokens": cfg.option_context_tokens, "option_tokens": cfg.option_tokens}
+    yield params, (lambda: model.score_continuations(context, texts)), {"options": cfg.options}
+    if cfg.naive:  # the original script's way: the whole context re-encoded for each option, batches of 20
+        yield ({**params, "path": "naive_per_option"}, (lambda: model.score_continuations(context, texts, naive=True)),
+               {"options": cfg.options})
 
 
 def scenario_retrieval(model, cfg, gen):
@@ -225,8 +232,12 @@ def profile_precision(cfg: ProfileConfig, precision: str) -> list[dict]:
                 if scenario == "decode":
                     record["cost"]["seconds_per_token"] = times[0]
                     record["cost"]["full_generate_seconds"] = _summary(full)
-                    if params["batch_size"] == 1:
+                    if params["batch_size"] == 1 and "path" not in params:
                         record["roofline"] = _decode_roofline(model, times[0], bandwidth, copy_bw)
+                if scenario == "option_scoring" and params["options"] == 100:
+                    # one timed unit is one VisDial round (100 options): project the full val set from it
+                    record["projection"] = {"visdial_val_rounds": VISDIAL_VAL_ROUNDS,
+                                            "projected_minutes": statistics.median(times) * VISDIAL_VAL_ROUNDS / 60}
                 records.append(record)
     del model
     gc.collect()

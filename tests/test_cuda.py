@@ -1,0 +1,61 @@
+"""CUDA checks, run on a GPU machine (skipped elsewhere): defaults, cache/no-cache equality, precisions,
+CPU/GPU agreement, and the runner's GPU memory trackers."""
+import pytest
+import torch
+
+from fromage_bench.cli import main
+from fromage_bench.results import read_results
+from model import load_fromage
+from model.precision import resolve_placement
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def cuda_fp32(tiny_dir):
+    return load_fromage(tiny_dir, device="cuda", precision="fp32")
+
+
+def test_defaults_on_cuda(tiny_dir):
+    placement = resolve_placement()
+    assert placement.device.type == "cuda" and placement.precision == "bf16"
+    m = load_fromage(tiny_dir)
+    assert m.model.device.type == "cuda" and m.model.lm_dtype == torch.bfloat16
+
+
+def test_cache_equals_no_cache_and_cpu(cuda_fp32, tiny, images):
+    prompt = [images[0], "A red"]
+    a = cuda_fp32.generate([prompt], 16)
+    b = cuda_fp32.generate([prompt], 16, use_cache=False)
+    assert torch.equal(a.token_ids, b.token_ids)
+    assert torch.equal(a.token_ids.cpu(), tiny.generate([prompt], 16).token_ids)
+    assert cuda_fp32.get_log_lik_scores(prompt) == pytest.approx(tiny.get_log_lik_scores(prompt), abs=1e-3)
+
+
+def test_continuations_on_cuda(cuda_fp32, images):
+    context = [images[1], "Q: what colour?\nA: "]
+    options = ["red", "blue square", "no", "it is green"]
+    fast = cuda_fp32.score_continuations(context, options)
+    naive = cuda_fp32.score_continuations(context, options, naive=True)
+    torch.testing.assert_close(fast.sum_logprob, naive.sum_logprob, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "int8"])
+def test_precisions_on_cuda(tiny_dir, cuda_fp32, images, precision):
+    m = load_fromage(tiny_dir, device="cuda", precision=precision)
+    prompt = [images[2], "Q: what is it?\nA: a circle"]
+    ref = cuda_fp32.get_log_lik_scores(prompt)
+    assert abs(m.get_log_lik_scores(prompt) - ref) < 0.05 * abs(ref)
+    assert m.weight_bytes < cuda_fp32.weight_bytes
+
+
+def test_runner_records_gpu_memory(tiny_dir, tmp_path):
+    from fromage_bench.synth.visdial import write_visdial
+
+    write_visdial(tmp_path / "data", n=2, seed=0)
+    out = tmp_path / "run"
+    assert main(["eval", "--model-dir", str(tiny_dir), "--data-root", str(tmp_path / "data"), "--out", str(out),
+                 "--tasks", "visdial_ranking", "--precisions", "bf16,int8", "--no-progress", "--no-cache"]) == 0
+    for r in read_results(out)["records"]:
+        assert r["status"] == "ok"
+        assert r["cost"]["memory"]["cuda_max_allocated_bytes"] > 0
