@@ -125,12 +125,16 @@ def scenario_decode(model, cfg, gen):
     prompt_len = 32
     for batch_size in cfg.decode_batch_sizes:
         batch = pad_batch([_embedded(model, _random_text(model, prompt_len, gen)) for _ in range(batch_size)], side="left")
-        for cached in ((True, False) if cfg.naive and batch_size == 1 else (True,)):
-            full = lambda b=batch, c=cached: generate(model.model, b, cfg.new_tokens, use_cache=c)  # noqa: E731
-            one = lambda b=batch, c=cached: generate(model.model, b, 1, use_cache=c)  # noqa: E731
+        # path: "auto" (CUDA graph where possible), plus, for the speed-up, the dynamic-cache step and the
+        # original's no-cache decoding at batch 1
+        paths = ("auto", "dynamic", "naive_no_cache") if cfg.naive and batch_size == 1 else ("auto",)
+        for path in paths:
+            kwargs = {"use_cache": False} if path == "naive_no_cache" else {"decode": path}
+            full = lambda b=batch, k=kwargs: generate(model.model, b, cfg.new_tokens, **k)  # noqa: E731
+            one = lambda b=batch, k=kwargs: generate(model.model, b, 1, **k)  # noqa: E731
             params = {"batch_size": batch_size, "prompt_tokens": prompt_len, "new_tokens": cfg.new_tokens}
-            if not cached:
-                params["path"] = "naive_no_cache"
+            if path != "auto":
+                params["path"] = path
             yield params, (full, one), {"tokens": batch_size}
 
 

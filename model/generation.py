@@ -12,7 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from .fromage import FromageModel
-from .lm_cache import forward_with_cache, returned_cache
+from .lm_cache import cache_layers, forward_with_cache, returned_cache
+from .static_decode import static_decoder, supports_static
+
+DECODE_PATHS = ("auto", "dynamic", "static", "graph")
 from .prompts import PaddedBatch
 
 
@@ -60,10 +63,19 @@ def choose_next_token(logits: torch.Tensor, step: int, ret_token: int, *, temper
 @torch.inference_mode()
 def generate(model: FromageModel, batch: PaddedBatch, max_new_tokens: int, *, temperature: float = 0.0,
              top_p: float = 1.0, min_word_tokens: int = 0, ret_scale_factor: float = 1.0, stop_at_newline: bool = False,
-             use_cache: bool = True, generator: torch.Generator | None = None) -> GenerationOutput:
-    """Decode up to `max_new_tokens` tokens after a LEFT-padded batch of prompts."""
+             use_cache: bool = True, generator: torch.Generator | None = None, decode: str = "auto") -> GenerationOutput:
+    """Decode up to `max_new_tokens` tokens after a LEFT-padded batch of prompts.
+
+    With the cache, `decode` picks how steps run: "dynamic" (Hugging Face forward with a growing cache),
+    "static" (fixed-size cache, our own step), "graph" (static, replayed as a CUDA graph) or "auto"
+    (graph on CUDA when the model allows it, else dynamic).
+    """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
+    if decode not in DECODE_PATHS:
+        raise ValueError(f"decode must be one of {DECODE_PATHS}")
+    if decode == "auto":
+        decode = "graph" if embeds_device(batch).type == "cuda" and supports_static(model.lm) else "dynamic"
     lm = model.lm
     embeds, mask = batch.embeds, batch.attention_mask
     prompt_lengths = mask.sum(dim=1, keepdim=True)  # (B, 1)
@@ -76,6 +88,11 @@ def generate(model: FromageModel, batch: PaddedBatch, max_new_tokens: int, *, te
     # Only the last position's logits are needed; the uncached path keeps the original's full computation.
     out = forward_with_cache(lm, None, logits_to_keep=1, **first) if use_cache else lm(use_cache=False, **first)
     cache = returned_cache(out) if use_cache else None
+    fixed = None
+    if use_cache and decode in ("static", "graph"):
+        fixed = static_decoder(lm, embeds.shape[0], embeds.shape[1] + max_new_tokens + 1, use_graph=decode == "graph")
+        fixed.load_prefix(cache_layers(cache), mask)
+        cache = None
     tokens, ret_embeddings = [], []
     for step in range(max_new_tokens):
         token = choose_next_token(out.logits[:, -1], step, model.retrieval_token_idx, temperature=temperature, top_p=top_p,
@@ -88,7 +105,10 @@ def generate(model: FromageModel, batch: PaddedBatch, max_new_tokens: int, *, te
         # and its logits choose the following token.
         token_embeds = model.embed_tokens(token[:, None])
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        if use_cache:
+        if fixed is not None:
+            logits, hidden = fixed.step(token_embeds, next_position, column=mask.shape[1] - 1)
+            out = _StepOutput(logits[:, None], hidden)
+        elif use_cache:
             out = forward_with_cache(lm, cache, inputs_embeds=token_embeds, attention_mask=mask,
                                      position_ids=next_position, output_hidden_states=True)
             cache = returned_cache(out)
@@ -104,3 +124,14 @@ def generate(model: FromageModel, batch: PaddedBatch, max_new_tokens: int, *, te
             break
     return GenerationOutput(torch.stack(tokens, dim=1), torch.stack(ret_embeddings, dim=1),
                             lengths.clamp(max=len(tokens)) if stop_at_newline else torch.full_like(lengths, len(tokens)))
+
+
+def embeds_device(batch: PaddedBatch) -> torch.device:
+    return batch.embeds.device
+
+
+@dataclass
+class _StepOutput:
+    """The two fields of a model output that the decoding loop reads."""
+    logits: torch.Tensor
+    hidden_states: tuple

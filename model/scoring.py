@@ -42,6 +42,24 @@ def log_likelihood(model: FromageModel, prompt: Prompt) -> float:
     return float(target_logprobs(logits[:-1], targets).sum() / scored)
 
 
+def tokenize_continuations(model: FromageModel, continuations: Sequence[str], with_bos: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """All continuations in one tokenizer call: a right-padded (N, T) id matrix (CPU) and the lengths.
+    (Per-option tokenisation and embedding lookups cost more than the LM itself for a 7-token option.)"""
+    rows = model.tokenizer(list(continuations), add_special_tokens=True).input_ids
+    bos = model.tokenizer.bos_token_id
+    if not with_bos:
+        rows = [r[1:] if r and r[0] == bos else r for r in rows]
+    for text, r in zip(continuations, rows):
+        if not r:
+            raise ValueError(f"continuation {text!r} has no tokens")
+    lengths = torch.tensor([len(r) for r in rows])
+    ids = torch.full((len(rows), int(lengths.max())), model.tokenizer.pad_token_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+    return ids, lengths
+
+
 def embed_continuations(model: FromageModel, continuations: Sequence[str], with_bos: bool) -> list[EmbeddedPrompt]:
     out = []
     for text in continuations:
@@ -69,21 +87,24 @@ def score_continuations(model: FromageModel, context: Prompt | EmbeddedPrompt, c
     ctx_cache = cache_layers(returned_cache(out))
     ctx_last_logits = out.logits[0, -1]
 
-    conts = embed_continuations(model, continuations, continuation_bos)
-    batch_size = batch_size or len(conts)
+    ids, lengths = tokenize_continuations(model, continuations, continuation_bos)
+    batch_size = batch_size or len(continuations)
     sums, counts = [], []
-    for start in range(0, len(conts), batch_size):
-        chunk = pad_batch(conts[start:start + batch_size], side="right")
-        n = chunk.embeds.shape[0]
+    for start in range(0, len(continuations), batch_size):
+        chunk_ids, chunk_len = ids[start:start + batch_size], lengths[start:start + batch_size]
+        n, width = chunk_ids.shape[0], int(chunk_len.max())
+        chunk_ids = chunk_ids[:, :width].to(model.device, non_blocking=True)
+        real = (torch.arange(width)[None, :] < chunk_len[:, None]).to(model.device, non_blocking=True)
+        labels = chunk_ids.masked_fill(~real, IGNORE_INDEX)
+        mask = torch.cat([real.new_ones(n, ctx_len), real], dim=1).long()
+        positions = positions_from_mask(real.long(), offset=ctx_len)
         cache = broadcast_cache(ctx_cache, n, model.lm.config)
-        mask = torch.cat([chunk.attention_mask.new_ones(n, ctx_len), chunk.attention_mask], dim=1)
-        positions = positions_from_mask(chunk.attention_mask, offset=ctx_len)
-        logits = forward_with_cache(model.lm, cache, inputs_embeds=chunk.embeds, attention_mask=mask,
+        logits = forward_with_cache(model.lm, cache, inputs_embeds=model.embed_tokens(chunk_ids), attention_mask=mask,
                                     position_ids=positions).logits
         if shift:
             logits = torch.cat([ctx_last_logits.expand(n, 1, -1), logits[:, :-1]], dim=1)
-        sums.append(target_logprobs(logits, chunk.labels).sum(dim=1))
-        counts.append((chunk.labels != IGNORE_INDEX).sum(dim=1))
+        sums.append(target_logprobs(logits, labels).sum(dim=1))
+        counts.append(real.sum(dim=1))
     return ContinuationScores(torch.cat(sums).cpu(), torch.cat(counts).cpu())
 
 

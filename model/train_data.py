@@ -129,7 +129,11 @@ class Batch:
     skipped: int                # unreadable images passed over while building this batch
 
     def to(self, device: torch.device) -> "Batch":
-        return Batch(self.pixel_values.to(device), self.input_ids.to(device), self.lengths.to(device), self.skipped)
+        return Batch(self.pixel_values.to(device, non_blocking=True), self.input_ids.to(device, non_blocking=True),
+                     self.lengths.to(device, non_blocking=True), self.skipped)
+
+    def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True)
+        return Batch(self.pixel_values.pin_memory(), self.input_ids.pin_memory(), self.lengths.pin_memory(), self.skipped)
 
 
 class Collate:

@@ -31,7 +31,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -375,7 +375,8 @@ def find_checkpoint(path: Path) -> Path:
         found = sorted(folder.glob("step_*.pt")) if folder.is_dir() else []
         if found:
             return found[-1]
-    raise FromageInputError(path, "no training checkpoint found", f"expected a file or a directory with {CHECKPOINT_DIR}/step_*.pt")
+    raise FromageInputError(path, "no training checkpoint found",
+                            f"expected a file or a directory with {CHECKPOINT_DIR}/step_*.pt")
 
 
 def load_checkpoint(path: Path, params: dict[str, nn.Parameter], optimizer, scaler, cfg: TrainConfig,
@@ -411,6 +412,26 @@ def load_checkpoint(path: Path, params: dict[str, nn.Parameter], optimizer, scal
 
 
 # -- logging ----------------------------------------------------------------------------------------------
+def metrics_row(step: int, shares: torch.Tensor, skipped: int, lr: float, grad_norm: float, seconds: float,
+                cfg: TrainConfig) -> dict:
+    """One metrics.csv row: the processes' loss shares add up to the losses of the global batch."""
+    totals = sum_over_processes(torch.cat([shares, torch.tensor([float(skipped)], dtype=torch.float64)]))
+    caption, retrieval, ret_lm, all_skipped = totals.tolist()
+    loss = cfg.caption_weight * caption + cfg.retrieval_weight * retrieval + cfg.ret_lm_weight * ret_lm
+    return {"step": step, "loss": loss, "caption_loss": caption, "retrieval_loss": retrieval, "lr": lr,
+            "grad_norm": grad_norm, "seconds": seconds, "ret_lm_loss": ret_lm, "skipped_images": int(all_skipped)}
+
+
+def sum_over_processes(value: torch.Tensor) -> torch.Tensor:
+    """Sum over processes of a small CPU float64 tensor (on the collective's device for NCCL)."""
+    if not distributed():
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    value = value.to(device)
+    dist.all_reduce(value)
+    return value.cpu()
+
+
 class MetricsLog:
     """metrics.csv (and TensorBoard if asked for and installed), written by the main process only.
     On resume the rows after the checkpoint's step are dropped, so the file reads as one run."""
@@ -537,17 +558,14 @@ def _train(cfg: TrainConfig, procs: Processes) -> TrainResult:
             batch = next(batches)
             skipped += batch.skipped
             concat = concat_this_batch(cfg.seed, (step - 1) * cfg.grad_accum + micro, cfg.concat_prob)
-            shares += micro_step(model, ret_row, batch.to(procs.device), concat, cfg, procs, scaler).cpu() / cfg.grad_accum
+            shares += micro_step(model, ret_row, batch.to(procs.device), concat, cfg, procs, scaler).cpu()
         grad_norm = optimizer_step(optimizer, scaler, params, ret_row, cfg, ret_norm)
-        caption, retrieval, ret_lm, total_skipped = sum_over_processes(torch.cat([shares, torch.tensor([float(skipped)], dtype=torch.float64)])).tolist()
-        row = {"step": step, "loss": cfg.caption_weight * caption + cfg.retrieval_weight * retrieval + cfg.ret_lm_weight * ret_lm,
-               "caption_loss": caption, "retrieval_loss": retrieval, "lr": lr, "grad_norm": grad_norm,
-               "seconds": time.time() - began, "ret_lm_loss": ret_lm, "skipped_images": int(total_skipped)}
+        row = metrics_row(step, shares / cfg.grad_accum, skipped, lr, grad_norm, time.time() - began, cfg)
         history.append(row)
         if metrics is not None:
             metrics.write(row)
         bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", cap=f"{caption:.3f}", ret=f"{retrieval:.3f}")
+        bar.set_postfix(loss=f"{row['loss']:.4f}", cap=f"{row['caption_loss']:.3f}", ret=f"{row['retrieval_loss']:.3f}")
         if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
             last_checkpoint = checkpoint_path(cfg.out, step)
             save_checkpoint(last_checkpoint, step, params, optimizer, scaler, cfg, procs, skipped)
@@ -558,6 +576,8 @@ def _train(cfg: TrainConfig, procs: Processes) -> TrainResult:
     install_ret_row(model, ret_row)
     model.eval().requires_grad_(False)
     fromage.fingerprint = trained_fingerprint(fromage, params)
+    if fromage.retrieval_set is not None:  # embedded with the initial visual_fc: no longer this model's
+        fromage.retrieval_set = fromage.path_array = fromage.emb_matrix = None
     release = export_release(model, cfg.model_dir, cfg.out / RELEASE_DIR) if procs.is_main else None
     total_skipped = int(sum_over_processes(torch.tensor(skipped, dtype=torch.float64)))
     if distributed():
@@ -566,12 +586,3 @@ def _train(cfg: TrainConfig, procs: Processes) -> TrainResult:
         log.warning("%d unreadable image(s) were skipped (replaced by the next readable row)", total_skipped)
     return TrainResult(fromage, history, release, last_checkpoint, total_skipped)
 
-
-def sum_over_processes(value: torch.Tensor) -> torch.Tensor:
-    """Sum over processes of a small CPU float64 tensor (on the collective's device for NCCL)."""
-    if not distributed():
-        return value
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    value = value.to(device)
-    dist.all_reduce(value)
-    return value.cpu()

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The prepared device run (one call of the workplace's GPU machine; see docs/reference-runs/README.md):
-# CUDA tests on the tiny model, then the paper-scale profile (OPT-6.7B + CLIP ViT-L/14, random init) at
-# bf16 (with the naive reference paths, for the speed-ups) and at fp16 and int8. Every step writes under
-# $OUT as it goes, so a step that fails or runs out of time still leaves the others' results.
+# CUDA tests on the tiny model, then the paper-scale profile (OPT-6.7B + CLIP ViT-L/14, random init).
+# Usage: scripts/gpu_reference_run.sh [PRECISIONS_WITH_NAIVE] [OTHER_PRECISIONS]   (default: bf16 "fp16,int8")
+# Every step writes under $OUT as it goes, so a step that fails or times out still leaves the others' results.
 set -u
 OUT=${OUT:-/tmp/fromage-gpu-run}
+WITH_NAIVE=${1:-bf16}
+OTHERS=${2:-fp16,int8}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then  # that machine has no bitsandbytes and no registry: carried wheel
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -20,9 +22,11 @@ echo "cuda tests exit $?" >> "$OUT/cuda-tests.log"
 
 PAPER="--random-init --opt-version facebook/opt-6.7b --visual-model openai/clip-vit-large-patch14"
 SIZES="--image-batch-sizes 1,32 --context-lengths 128,512 --decode-batch-sizes 1,8 --new-tokens 32 --pool-sizes 100000"
-timeout 200 python3 -m fromage_bench profile $PAPER $SIZES --precisions bf16 --naive --warmup 1 --repeats 3 \
-    --out "$OUT/profile-bf16" > "$OUT/profile-bf16.log" 2>&1
-echo "exit $?" >> "$OUT/profile-bf16.log"
-timeout 220 python3 -m fromage_bench profile $PAPER $SIZES --precisions fp16,int8 --warmup 1 --repeats 3 \
-    --out "$OUT/profile-fp16-int8" > "$OUT/profile-fp16-int8.log" 2>&1
-echo "exit $?" >> "$OUT/profile-fp16-int8.log"
+timeout 200 python3 -m fromage_bench profile $PAPER $SIZES --precisions "$WITH_NAIVE" --naive --warmup 1 --repeats 3 \
+    --out "$OUT/profile-naive" > "$OUT/profile-naive.log" 2>&1
+echo "exit $?" >> "$OUT/profile-naive.log"
+if [ -n "$OTHERS" ]; then
+    timeout 220 python3 -m fromage_bench profile $PAPER $SIZES --precisions "$OTHERS" --warmup 1 --repeats 3 \
+        --out "$OUT/profile" > "$OUT/profile.log" 2>&1
+    echo "exit $?" >> "$OUT/profile.log"
+fi

@@ -59,3 +59,17 @@ def test_runner_records_gpu_memory(tiny_dir, tmp_path):
     for r in read_results(out)["records"]:
         assert r["status"] == "ok"
         assert r["cost"]["memory"]["cuda_max_allocated_bytes"] > 0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_graph_decode_equals_dynamic(tiny_dir, images, precision):
+    m = load_fromage(tiny_dir, device="cuda", precision=precision)
+    for prompt in ([images[0], "A red"], ["Q: what colour is it?\nA:"]):
+        for _ in range(2):  # the second call replays the graph captured by the first
+            dynamic = m.generate([prompt], 16, decode="dynamic")
+            graph = m.generate([prompt], 16, decode="graph")
+            static = m.generate([prompt], 16, decode="static")
+            assert torch.equal(graph.token_ids, static.token_ids)
+            if precision == "fp32":
+                assert torch.equal(graph.token_ids, dynamic.token_ids)
+                torch.testing.assert_close(graph.ret_embeddings, dynamic.ret_embeddings, atol=1e-4, rtol=1e-3)

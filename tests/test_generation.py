@@ -77,3 +77,24 @@ def test_generate_for_images_and_texts_truncates_at_newline(tiny, images, monkey
     monkeypatch.setattr("model.generation.choose_next_token", scripted)
     out = tiny.generate_for_images_and_texts([images[0], "A"], num_words=6)
     assert out == [" red red"]
+
+
+@pytest.mark.parametrize("make_prompt", PROMPTS)
+def test_static_cache_decoder_equals_dynamic_cache(tiny, images, make_prompt):
+    """The fixed-size-cache step (what the CUDA graph replays) against Hugging Face's forward."""
+    prompt = make_prompt(images)
+    dynamic = tiny.generate([prompt], 20, decode="dynamic")
+    static = tiny.generate([prompt], 20, decode="static")
+    assert torch.equal(dynamic.token_ids, static.token_ids)
+    torch.testing.assert_close(dynamic.ret_embeddings, static.ret_embeddings, atol=1e-5, rtol=1e-4)
+
+
+def test_static_decoder_with_left_padding_and_4_visual_tokens(tiny_vis4_dir, images):
+    from model import load_fromage
+
+    m = load_fromage(tiny_vis4_dir, device="cpu")
+    prompts = [p(images) for p in PROMPTS]
+    dynamic = m.generate(prompts, 12, decode="dynamic")
+    static = m.generate(prompts, 12, decode="static")
+    assert torch.equal(dynamic.token_ids, static.token_ids)
+    torch.testing.assert_close(dynamic.ret_embeddings, static.ret_embeddings, atol=1e-5, rtol=1e-4)

@@ -1,0 +1,467 @@
+"""Stand-in backbones pretrained offline on a miniworld (see `fromage_bench.miniworld`), in the places and
+formats of the real ones, so that FROMAGe can be trained and evaluated on top of them without downloads:
+
+    OUT/opt/    OPTForCausalLM + GPT-2-style byte-level BPE tokenizer (vocab.json, merges.txt,
+                tokenizer_config.json), trained here on the miniworld's text (causal LM)
+    OUT/clip/   CLIPVisionModel + preprocessor_config.json (its size = the tower's image_size), trained here
+                contrastively against a small text tower (discarded) on the CC3M-style training pairs
+    OUT/standins.json   their quality: LM held-out perplexity vs a unigram model, vision R@1 vs chance
+    OUT/model_args.json + OUT/pretrained_ckpt.pth.tar   (unless disabled) an untrained FROMAGe over them,
+                the starting point for `fromage-bench train --model-dir OUT`
+
+The tokenizer has OPT's special tokens at ids 0..3 (`<s>`, `<pad>`, `</s>`, `<unk>`) and, like real OPT,
+the LM has more embedding rows than tokens (+2 added by FROMAGe, rounded up), so loading shrinks the matrix.
+Everything runs on CPU with `threads` threads (default 2).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import miniworld
+
+log = logging.getLogger(__name__)
+
+STANDINS_FILE = "standins.json"
+
+
+@dataclass
+class LMSettings:
+    hidden: int = 192
+    layers: int = 3
+    heads: int = 4
+    vocab: int = 1000          # target BPE vocabulary (the miniworld needs far fewer: whole words)
+    max_len: int = 256         # documents are cut to this many tokens
+    steps: int = 600
+    batch_size: int = 24
+    lr: float = 2e-3
+    warmup: int = 40
+
+
+@dataclass
+class VisionSettings:
+    hidden: int = 192
+    layers: int = 3
+    heads: int = 4
+    image_size: int = 96       # = the miniworld's canvas: patch 32 gives one token per grid cell
+    patch: int = 32
+    embed_dim: int = 128       # contrastive space (the projection heads are discarded)
+    text_hidden: int = 128
+    text_layers: int = 2
+    steps: int = 500
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup: int = 30
+    extra_pairs: int = 0       # fresh miniworld pairs rendered on the fly, added to the training pairs
+
+
+PRESETS = {
+    "tiny": (LMSettings(hidden=64, layers=2, heads=2, steps=30, batch_size=8, max_len=128, warmup=5),
+             VisionSettings(hidden=64, layers=1, heads=2, text_hidden=64, text_layers=1, embed_dim=64, steps=30,
+                            batch_size=32, warmup=5)),
+    "small": (LMSettings(), VisionSettings()),
+    "medium": (LMSettings(hidden=256, layers=4, heads=4, steps=3000, batch_size=32),
+               VisionSettings(hidden=256, layers=4, heads=4, steps=3000, batch_size=192)),
+}
+
+
+# -- text -----------------------------------------------------------------------------------------------
+def train_tokenizer(texts: Sequence[str], out_dir: Path, vocab_size: int) -> None:
+    """Byte-level BPE (GPT-2 pre-tokenisation) with OPT's special tokens at ids 0..3, saved as
+    vocab.json + merges.txt + tokenizer_config.json (read back by GPT2Tokenizer)."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    from model.tiny import OPT_SPECIAL_TOKENS, TOKENIZER_CONFIG
+
+    tokenizer = ByteLevelBPETokenizer()
+    tokenizer.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=2,
+                                  special_tokens=OPT_SPECIAL_TOKENS, show_progress=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_model(str(out_dir))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2))
+
+
+def encode_doc(tokenizer, doc: dict, max_len: int) -> list[int]:
+    """A miniworld document's token ids: each segment tokenised on its own (as the tasks do), BOS before the
+    first segment or before every segment."""
+    bos = tokenizer.bos_token_id
+    ids: list[int] = []
+    for i, segment in enumerate(doc["segments"]):
+        if i == 0 or doc.get("bos") == "each":
+            ids.append(bos)
+        ids += tokenizer(segment, add_special_tokens=False).input_ids
+    return ids[:max_len]
+
+
+def _batches(n: int, batch_size: int, steps: int, rng: random.Random):
+    """`steps` batches of indices: shuffled epochs, cut into batches (a short last batch is dropped)."""
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            fresh = list(range(n))
+            rng.shuffle(fresh)
+            order = order + fresh
+        yield order[:batch_size]
+        order = order[batch_size:]
+
+
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def _schedule(step: int, steps: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _lm_nll(lm, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int = 32) -> tuple[float, int]:
+    """Summed next-token NLL and the number of predicted tokens."""
+    total, count = 0.0, 0
+    lm.eval()
+    with torch.no_grad():
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        for start in range(0, len(order), batch_size):
+            chunk = [seqs[i] for i in order[start:start + batch_size]]
+            ids, mask = _pad(chunk, pad_id)
+            logits = lm(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                                     reduction="sum").item()
+            count += int((labels != -100).sum())
+    return total, count
+
+
+def unigram_nll(train: Sequence[Sequence[int]], heldout: Sequence[Sequence[int]], vocab: int) -> tuple[float, int]:
+    """Held-out NLL of an add-one unigram model of the training tokens (the tokens the LM predicts)."""
+    counts = torch.ones(vocab, dtype=torch.float64)
+    for s in train:
+        counts += torch.bincount(torch.tensor(s[1:], dtype=torch.long), minlength=vocab).double()[:vocab]
+    logp = (counts / counts.sum()).log()
+    tokens = torch.tensor([t for s in heldout for t in s[1:]], dtype=torch.long)
+    return float(-logp[tokens].sum()), int(tokens.numel())
+
+
+def pretrain_lm(train_docs: Sequence[dict], heldout_docs: Sequence[dict], out_dir: Path, settings: LMSettings,
+                seed: int = 0, progress: Callable[[str], None] | None = None) -> dict:
+    """Train the tokenizer and the OPT LM; save both to `out_dir`; return the quality numbers."""
+    from transformers import GPT2Tokenizer, OPTConfig, OPTForCausalLM
+
+    from model.tiny import padded_vocab_size
+
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    texts = [t for d in train_docs for t in d["segments"]]
+    train_tokenizer(texts, out_dir, settings.vocab)
+    tokenizer = GPT2Tokenizer.from_pretrained(str(out_dir))
+    base_tokens = len(tokenizer)
+    train = [encode_doc(tokenizer, d, settings.max_len) for d in train_docs]
+    heldout = [encode_doc(tokenizer, d, settings.max_len) for d in heldout_docs]
+
+    torch.manual_seed(seed)
+    rows = padded_vocab_size(base_tokens)
+    config = OPTConfig(vocab_size=rows, hidden_size=settings.hidden, ffn_dim=4 * settings.hidden,
+                       num_hidden_layers=settings.layers, num_attention_heads=settings.heads,
+                       max_position_embeddings=512, word_embed_proj_dim=settings.hidden, dropout=0.0,
+                       attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0, init_std=0.02,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    lm = OPTForCausalLM(config)
+    optimiser = torch.optim.AdamW(lm.parameters(), lr=settings.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    rng = random.Random(seed)
+    pad = tokenizer.pad_token_id
+    curve = []
+    lm.train()
+    for step, batch in enumerate(_batches(len(train), settings.batch_size, settings.steps, rng)):
+        for group in optimiser.param_groups:
+            group["lr"] = settings.lr * _schedule(step, settings.steps, settings.warmup)
+        ids, mask = _pad([train[i] for i in batch], pad)
+        labels = ids.masked_fill(mask == 0, -100)
+        loss = lm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        optimiser.step()
+        curve.append(loss.item())
+        if progress and (step % 50 == 0 or step == settings.steps - 1):
+            progress(f"lm step {step + 1}/{settings.steps}: loss {loss.item():.3f}")
+    lm.eval()
+    lm.save_pretrained(str(out_dir))
+
+    nll, n = _lm_nll(lm, heldout, pad)
+    uni, n_uni = unigram_nll(train, heldout, base_tokens)
+    seconds = time.perf_counter() - start
+    return {"seconds": round(seconds, 1), "parameters": sum(p.numel() for p in lm.parameters()),
+            "config": asdict(settings), "tokenizer_size": base_tokens, "embedding_rows": rows,
+            "train_docs": len(train), "train_tokens": sum(len(s) for s in train), "heldout_docs": len(heldout),
+            "heldout_tokens": n, "first_loss": round(_mean(curve[:10]), 4), "final_loss": round(_mean(curve[-20:]), 4),
+            "heldout_perplexity": round(math.exp(nll / n), 3), "unigram_perplexity": round(math.exp(uni / n_uni), 3)}
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / max(1, len(values))
+
+
+# -- vision ---------------------------------------------------------------------------------------------
+class TextTower(nn.Module):
+    """A small transformer over BPE tokens, mean-pooled: the text side of the contrastive pretraining only."""
+
+    def __init__(self, vocab: int, hidden: int, layers: int, out_dim: int, max_len: int = 64):
+        super().__init__()
+        self.max_len = max_len
+        self.tokens = nn.Embedding(vocab, hidden)
+        self.positions = nn.Parameter(torch.randn(max_len, hidden) * 0.02)
+        layer = nn.TransformerEncoderLayer(hidden, nhead=4 if hidden % 4 == 0 else 1, dim_feedforward=2 * hidden,
+                                           dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(hidden)
+        self.proj = nn.Linear(hidden, out_dim)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ids, mask = ids[:, :self.max_len], mask[:, :self.max_len]
+        x = self.tokens(ids) + self.positions[: ids.shape[1]]
+        x = self.encoder(x, src_key_padding_mask=mask == 0)
+        x = self.norm(x)
+        pooled = (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        return self.proj(pooled)
+
+
+def image_processor(image_size: int):
+    """CLIP's processor (PIL backend, as `model.backbones.load_image_processor`) at the tower's size."""
+    try:
+        from transformers import CLIPImageProcessorPil as Processor
+    except ImportError:  # transformers releases before the split into backends
+        from transformers import CLIPImageProcessor as Processor
+    return Processor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+
+
+def encode_images(processor, images: Sequence, batch_size: int = 256) -> torch.Tensor:
+    """Pixel values exactly as FROMAGe feeds CLIP (squash to 224x224, then the processor)."""
+    from model.images import pixel_values
+
+    return torch.cat([pixel_values(processor, images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def _contrastive(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    logits = logit_scale.exp().clamp(max=100) * F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T
+    targets = torch.arange(len(logits))
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def recall_at_1(image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict:
+    sims = F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T
+    targets = torch.arange(len(sims))
+    i2t = float((sims.argmax(1) == targets).float().mean()) * 100
+    t2i = float((sims.argmax(0) == targets).float().mean()) * 100
+    return {"i2t_R@1": round(i2t, 2), "t2i_R@1": round(t2i, 2), "chance_R@1": round(100 / len(sims), 2),
+            "n": len(sims)}
+
+
+def pretrain_vision(train_pairs: Sequence[tuple[object, str]], heldout_pairs: Sequence[tuple[object, str]],
+                    tokenizer, out_dir: Path, settings: VisionSettings, seed: int = 0,
+                    progress: Callable[[str], None] | None = None) -> dict:
+    """Train a CLIP vision tower (and a throw-away text tower) with InfoNCE both ways on (image, caption)
+    pairs (PIL images or paths); save the tower and its processor to `out_dir`; return the quality numbers."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from model.images import load_image
+
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    processor = image_processor(settings.image_size)
+
+    def pixels_and_ids(pairs):
+        images = [p if not isinstance(p, (str, Path)) else load_image(p) for p, _ in pairs]
+        ids = [tokenizer(c, add_special_tokens=True).input_ids for _, c in pairs]
+        return encode_images(processor, images), ids
+
+    train_pixels, train_ids = pixels_and_ids(train_pairs)
+    held_pixels, held_ids = pixels_and_ids(heldout_pairs)
+    prep_seconds = time.perf_counter() - start
+
+    config = CLIPVisionConfig(hidden_size=settings.hidden, intermediate_size=4 * settings.hidden,
+                              num_hidden_layers=settings.layers, num_attention_heads=settings.heads,
+                              image_size=settings.image_size, patch_size=settings.patch, projection_dim=settings.embed_dim)
+    vision = CLIPVisionModel(config)
+    vision_head = nn.Linear(settings.hidden, settings.embed_dim, bias=False)
+    text = TextTower(len(tokenizer), settings.text_hidden, settings.text_layers, settings.embed_dim)
+    logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    params = list(vision.parameters()) + list(vision_head.parameters()) + list(text.parameters()) + [logit_scale]
+    optimiser = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, 0.98), weight_decay=0.05)
+    rng = random.Random(seed)
+    pad = tokenizer.pad_token_id
+    curve = []
+    vision.train()
+    text.train()
+    for step, batch in enumerate(_batches(len(train_ids), settings.batch_size, settings.steps, rng)):
+        for group in optimiser.param_groups:
+            group["lr"] = settings.lr * _schedule(step, settings.steps, settings.warmup)
+        ids, mask = _pad([train_ids[i] for i in batch], pad)
+        image_emb = vision_head(vision(pixel_values=train_pixels[batch]).pooler_output)
+        loss = _contrastive(image_emb, text(ids, mask), logit_scale)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimiser.step()
+        curve.append(loss.item())
+        if progress and (step % 50 == 0 or step == settings.steps - 1):
+            progress(f"vision step {step + 1}/{settings.steps}: loss {loss.item():.3f}")
+    vision.eval()
+    text.eval()
+    with torch.no_grad():
+        held_image = torch.cat([vision_head(vision(pixel_values=held_pixels[i:i + 256]).pooler_output)
+                                for i in range(0, len(held_pixels), 256)])
+        ids, mask = _pad(held_ids, pad)
+        held_text = text(ids, mask)
+        train_probe = min(len(train_ids), len(held_ids))
+        tr_image = vision_head(vision(pixel_values=train_pixels[:train_probe]).pooler_output)
+        ids, mask = _pad(train_ids[:train_probe], pad)
+        tr_text = text(ids, mask)
+    vision.save_pretrained(str(out_dir))
+    processor.save_pretrained(str(out_dir))
+    return {"seconds": round(time.perf_counter() - start, 1), "preprocess_seconds": round(prep_seconds, 1),
+            "parameters": sum(p.numel() for p in vision.parameters()), "config": asdict(settings),
+            "train_pairs": len(train_ids), "first_loss": round(_mean(curve[:10]), 4),
+            "final_loss": round(_mean(curve[-20:]), 4), "heldout": recall_at_1(held_image, held_text),
+            "train_subset": recall_at_1(tr_image, tr_text)}
+
+
+# -- data -----------------------------------------------------------------------------------------------
+def read_pairs(tsv: Path, image_dir: Path, limit: int | None = None) -> list[tuple[Path, str]]:
+    """(image file, caption) rows of a CC3M-style TSV (image names tried as given, .png, .jpg)."""
+    pairs = []
+    with open(tsv, encoding="utf-8", newline="") as fh:
+        rows = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+    header = [h.strip() for h in rows[0]]
+    c, i = header.index("caption"), header.index("image")
+    for row in rows[1:]:
+        if not row:
+            continue
+        name = row[i].strip()
+        path = next((image_dir / (name + ext) for ext in ("", ".png", ".jpg") if (image_dir / (name + ext)).is_file()),
+                    None)
+        if path is not None:
+            pairs.append((path, row[c].strip()))
+        if limit is not None and len(pairs) >= limit:
+            break
+    return pairs
+
+
+def _extra_pairs(n: int, seed: int) -> list[tuple[object, str]]:
+    rng = random.Random(f"standins-extra:{seed}")
+    out = []
+    for _ in range(n):
+        scene = miniworld.random_scene(rng)
+        out.append((miniworld.render(scene), miniworld.caption(scene, rng)))
+    return out
+
+
+def _lm_docs(data: Path) -> tuple[list[dict], list[dict]]:
+    train_file, held_file = data / miniworld.LM_TRAIN, data / miniworld.LM_HELDOUT
+    if train_file.is_file():
+        train = miniworld.read_lm_docs(train_file)
+    else:  # any CC3M-style data root: its training captions
+        train = [miniworld.caption_doc(c) for _, c in read_pairs(data / miniworld.CC3M_TRAIN_TSV,
+                                                                  data / miniworld.CC3M_TRAIN_IMAGES)]
+    if held_file.is_file():
+        held = miniworld.read_lm_docs(held_file)
+    else:
+        held = [miniworld.caption_doc(c) for _, c in read_pairs(data / miniworld.CC3M_VAL_TSV,
+                                                                 data / miniworld.CC3M_VAL_IMAGES)]
+    return train, held
+
+
+def make_standins(data: str | Path, out: str | Path, *, seed: int = 0, preset: str = "small",
+                  lm_steps: int | None = None, vision_steps: int | None = None, extra_pairs: int | None = None,
+                  threads: int | None = 2, fromage: bool = True, progress: Callable[[str], None] | None = None) -> dict:
+    """Pretrain both stand-ins on the data root `data` (written by `fromage-bench data synth`) into `out`;
+    returns (and writes to OUT/standins.json) their quality numbers."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    data, out = Path(data), Path(out)
+    lm_settings, vision_settings = PRESETS[preset]
+    lm_settings = replace(lm_settings, **({"steps": lm_steps} if lm_steps is not None else {}))
+    vision_settings = replace(vision_settings, **({"steps": vision_steps} if vision_steps is not None else {}),
+                              **({"extra_pairs": extra_pairs} if extra_pairs is not None else {}))
+    for required in (miniworld.CC3M_TRAIN_TSV, miniworld.CC3M_VAL_TSV):
+        if not (data / required).is_file():
+            from model.errors import FromageInputError
+
+            raise FromageInputError(data / required, "missing", "write the data first: fromage-bench data synth --out DIR")
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        train_docs, held_docs = _lm_docs(data)
+        lm_report = pretrain_lm(train_docs, held_docs, out / "opt", lm_settings, seed, progress)
+
+        from transformers import GPT2Tokenizer
+
+        tokenizer = GPT2Tokenizer.from_pretrained(str(out / "opt"))
+        train_pairs: list = read_pairs(data / miniworld.CC3M_TRAIN_TSV, data / miniworld.CC3M_TRAIN_IMAGES)
+        train_pairs += _extra_pairs(vision_settings.extra_pairs, seed)
+        held_pairs = read_pairs(data / miniworld.CC3M_VAL_TSV, data / miniworld.CC3M_VAL_IMAGES)
+        vision_report = pretrain_vision(train_pairs, held_pairs, tokenizer, out / "clip", vision_settings, seed, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+    report = {"data": str(data), "seed": seed, "preset": preset, "threads": threads, "lm": lm_report,
+              "vision": vision_report}
+    manifest = data / miniworld.MANIFEST
+    if manifest.is_file():
+        meta = json.loads(manifest.read_text(encoding="utf-8"))
+        report["data_manifest"] = {k: meta.get(k) for k in ("generator", "version", "seed", "scale", "counts")}
+    if fromage:
+        write_untrained_fromage(out, out, seed)
+        report["fromage"] = {"model_dir": str(out), "trained": False}
+    (out / STANDINS_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+# -- an untrained FROMAGe over the stand-ins ------------------------------------------------------------
+def write_untrained_fromage(out_dir: str | Path, standins_dir: str | Path, seed: int = 0, *, n_visual_tokens: int = 1,
+                            shared_emb_dim: int = 128, input_prompt: str | None = None) -> Path:
+    """`model_args.json` naming the stand-ins (by a path relative to `out_dir`) and a freshly initialised
+    `pretrained_ckpt.pth.tar` (seeded), like `make_tiny`: `load_fromage(out_dir)` then loads them."""
+    from transformers import CLIPVisionModel, OPTForCausalLM
+
+    from model.args import ModelArgs
+    from model.backbones import load_image_processor, load_tokenizer
+    from model.checkpoint import save_release
+    from model.fromage import FromageModel
+
+    out_dir, standins_dir = Path(out_dir), Path(standins_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    opt_dir, clip_dir = standins_dir / "opt", standins_dir / "clip"
+    torch.manual_seed(seed)
+    tokenizer = load_tokenizer(opt_dir)
+    lm = OPTForCausalLM.from_pretrained(str(opt_dir)).eval()
+    lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    vision = CLIPVisionModel.from_pretrained(str(clip_dir)).eval()
+    processor = load_image_processor(clip_dir)
+    extra = {"input_prompt": input_prompt} if input_prompt else {}
+    args = ModelArgs(opt_version=os.path.relpath(opt_dir, out_dir), visual_encoder=os.path.relpath(clip_dir, out_dir),
+                     n_visual_tokens=n_visual_tokens, shared_emb_dim=shared_emb_dim, extra=extra)
+    model = FromageModel(args, tokenizer, lm, vision, processor, torch.float32)
+    save_release(model, out_dir, args)
+    return out_dir
