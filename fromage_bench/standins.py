@@ -45,7 +45,7 @@ class LMSettings:
     vocab: int = 1000          # target BPE vocabulary (the miniworld needs far fewer: whole words)
     max_len: int = 256         # documents are cut to this many tokens
     steps: int = 600
-    batch_size: int = 24
+    batch_tokens: int = 3072   # a batch holds documents of similar length, padded width x count <= this
     lr: float = 2e-3
     warmup: int = 40
 
@@ -68,11 +68,11 @@ class VisionSettings:
 
 
 PRESETS = {
-    "tiny": (LMSettings(hidden=64, layers=2, heads=2, steps=30, batch_size=8, max_len=128, warmup=5),
+    "tiny": (LMSettings(hidden=64, layers=2, heads=2, steps=30, batch_tokens=512, max_len=128, warmup=5),
              VisionSettings(hidden=64, layers=1, heads=2, text_hidden=64, text_layers=1, embed_dim=64, steps=30,
                             batch_size=32, warmup=5)),
     "small": (LMSettings(), VisionSettings()),
-    "medium": (LMSettings(hidden=256, layers=4, heads=4, steps=3000, batch_size=32),
+    "medium": (LMSettings(hidden=256, layers=4, heads=4, steps=2000, batch_tokens=4096),
                VisionSettings(hidden=256, layers=4, heads=4, steps=3000, batch_size=192)),
 }
 
@@ -115,6 +115,28 @@ def _batches(n: int, batch_size: int, steps: int, rng: random.Random):
             order = order + fresh
         yield order[:batch_size]
         order = order[batch_size:]
+
+
+def _length_batches(lengths: Sequence[int], budget: int, steps: int, rng: random.Random):
+    """`steps` batches of indices of similar lengths (padded width x count <= `budget`): each epoch is
+    shuffled, cut into chunks that are sorted by length and split, and the batches are shuffled."""
+    pending: list[list[int]] = []
+    for _ in range(steps):
+        if not pending:
+            order = list(range(len(lengths)))
+            rng.shuffle(order)
+            chunk_size = max(1, 64 * budget // max(1, max(lengths)))
+            for start in range(0, len(order), chunk_size):
+                chunk = sorted(order[start:start + chunk_size], key=lambda i: lengths[i])
+                batch: list[int] = []
+                for i in chunk:  # sorted: the new document is the widest so far
+                    if batch and (len(batch) + 1) * lengths[i] > budget:
+                        pending.append(batch)
+                        batch = []
+                    batch.append(i)
+                pending.append(batch)
+            rng.shuffle(pending)
+        yield pending.pop()
 
 
 def _pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,11 +213,13 @@ def pretrain_lm(train_docs: Sequence[dict], heldout_docs: Sequence[dict], out_di
     pad = tokenizer.pad_token_id
     curve = []
     lm.train()
-    for step, batch in enumerate(_batches(len(train), settings.batch_size, settings.steps, rng)):
+    lengths = [len(s) for s in train]
+    for step, batch in enumerate(_length_batches(lengths, settings.batch_tokens, settings.steps, rng)):
         for group in optimiser.param_groups:
             group["lr"] = settings.lr * _schedule(step, settings.steps, settings.warmup)
         ids, mask = _pad([train[i] for i in batch], pad)
         labels = ids.masked_fill(mask == 0, -100)
+        # mean over the batch's tokens: batches of short documents count as much per token as long ones
         loss = lm(input_ids=ids, attention_mask=mask, labels=labels).loss
         optimiser.zero_grad(set_to_none=True)
         loss.backward()

@@ -93,6 +93,9 @@ def generate(model: FromageModel, batch: PaddedBatch, max_new_tokens: int, *, te
         fixed = static_decoder(lm, embeds.shape[0], embeds.shape[1] + max_new_tokens + 1, use_graph=decode == "graph")
         fixed.load_prefix(cache_layers(cache), mask)
         cache = None
+    if fixed is not None and temperature == 0.0:
+        return _greedy_on_device(model, fixed, out.logits[:, -1], next_position, mask.shape[1], max_new_tokens,
+                                 ret_scale_factor, min_word_tokens, top_p, stop_at_newline, newline)
     tokens, ret_embeddings = [], []
     for step in range(max_new_tokens):
         token = choose_next_token(out.logits[:, -1], step, model.retrieval_token_idx, temperature=temperature, top_p=top_p,
@@ -124,6 +127,29 @@ def generate(model: FromageModel, batch: PaddedBatch, max_new_tokens: int, *, te
             break
     return GenerationOutput(torch.stack(tokens, dim=1), torch.stack(ret_embeddings, dim=1),
                             lengths.clamp(max=len(tokens)) if stop_at_newline else torch.full_like(lengths, len(tokens)))
+
+
+def _greedy_on_device(model: FromageModel, fixed, last_logits, next_position, column: int, max_new_tokens: int,
+                      ret_scale_factor: float, min_word_tokens: int, top_p: float, stop_at_newline: bool,
+                      newline: int) -> GenerationOutput:
+    """Greedy decoding with the loop body (embedding, decoder step, [RET] rule, argmax) on the device."""
+    ret = model.retrieval_token_idx
+    first = choose_next_token(last_logits, 0, ret, top_p=top_p, min_word_tokens=min_word_tokens,
+                              ret_scale_factor=ret_scale_factor)
+    steps = torch.arange(max_new_tokens + 1)
+    forbidden = steps < min_word_tokens
+    mult = torch.where(forbidden, torch.zeros(()), torch.full((), float(ret_scale_factor)))
+    add = torch.where(forbidden, torch.full((), -float("inf")), torch.zeros(()))
+    project = lambda hidden: F.normalize(model.retrieval_space(hidden)[:, -1].float(), dim=-1)  # noqa: E731
+    tokens, embeddings = fixed.greedy(first, next_position, column, max_new_tokens, embed=model.input_embeddings,
+                                      project=project, ret_token=ret, ret_mult=mult, ret_add=add,
+                                      shared_dim=model.args.shared_emb_dim)
+    lengths = torch.full((tokens.shape[0],), max_new_tokens, dtype=torch.long, device=tokens.device)
+    if stop_at_newline:
+        is_newline = tokens == newline
+        first_newline = torch.where(is_newline.any(dim=1), is_newline.float().argmax(dim=1), lengths)
+        lengths = first_newline
+    return GenerationOutput(tokens, embeddings, lengths)
 
 
 def embeds_device(batch: PaddedBatch) -> torch.device:

@@ -42,6 +42,11 @@ class StaticDecoder:
         self.use_graph = use_graph and self.device.type == "cuda"
         self.graph = None
         self.outputs = None
+        # greedy decoding entirely on the device (see `greedy`)
+        self.token = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self.step_index = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.greedy_graph = None
+        self.greedy_key = None
 
     def load_prefix(self, layers: list[tuple[torch.Tensor, torch.Tensor]], prompt_mask: torch.Tensor) -> None:
         """Copy a prefill's keys/values (B, heads, T, head_dim) per layer and its padding mask in."""
@@ -116,6 +121,85 @@ class StaticDecoder:
                 self.outputs = self._step()
         self.graph.replay()
         return self.outputs
+
+
+    # -- greedy decoding with the whole loop body on the device -------------------------------------------
+    def _greedy_step(self, embed, project, ret_token: int, ret_mult: torch.Tensor, ret_add: torch.Tensor,
+                     tokens: torch.Tensor, embeddings: torch.Tensor):
+        """Feed `self.token`, record its [RET] embedding, choose the next token by the original's rules and
+        advance every counter: replaying this step N times decodes N tokens with no host round trip."""
+        self.valid.index_fill_(1, self.col, True)
+        self.x.copy_(embed(self.token)[:, None])
+        logits, hidden = self._step()
+        embeddings.index_copy_(1, self.step_index, project(hidden)[:, None].to(embeddings.dtype))
+        logits = logits.float()
+        following = self.step_index + 1
+        ret_logit = logits[:, ret_token] * ret_mult.index_select(0, following) + ret_add.index_select(0, following)
+        logits = logits.index_copy(1, torch.full_like(self.step_index, ret_token), ret_logit[:, None])
+        chosen = logits.argmax(dim=-1)
+        tokens.index_copy_(1, following, chosen[:, None])
+        self.token.copy_(chosen)
+        self.pos.add_(1)
+        self.col.add_(1)
+        self.step_index.add_(1)
+
+    def greedy(self, first_token: torch.Tensor, positions: torch.Tensor, column: int, n_tokens: int, *, embed, project,
+               ret_token: int, ret_mult: torch.Tensor, ret_add: torch.Tensor, shared_dim: int):
+        """Greedy decoding after a prefill whose chosen first token is `first_token` (B,): returns token ids
+        (B, n_tokens) and their [RET] embeddings (B, n_tokens, shared_dim). `ret_mult`/`ret_add` (n_tokens + 1,)
+        hold, per step, the factor and offset applied to the [RET] logit (ret_scale_factor, min_word_tokens)."""
+        if column + n_tokens > self.max_len:
+            raise ValueError("static KV cache is full")
+        b = first_token.shape[0]
+        if self.use_graph and self.greedy_key != (n_tokens, ret_token, shared_dim, b):
+            # the graph reads and writes fixed tensors: one set of buffers per captured graph
+            self._greedy_buffers = self._new_greedy_buffers(b, n_tokens, shared_dim, ret_mult, ret_add)
+            tokens, embeddings, mult, add = self._greedy_buffers
+            tokens[:, 0] = first_token
+            self._capture_greedy((embed, project, ret_token, mult, add, tokens, embeddings), first_token, positions, column)
+            self.greedy_key = (n_tokens, ret_token, shared_dim, b)
+        buffers = self._greedy_buffers if self.use_graph else self._new_greedy_buffers(b, n_tokens, shared_dim, ret_mult,
+                                                                                       ret_add)
+        tokens, embeddings, mult, add = buffers
+        mult.copy_(ret_mult)
+        add.copy_(ret_add)
+        tokens.zero_()
+        tokens[:, 0] = first_token
+        self._greedy_reset(first_token, positions, column)
+        for _ in range(n_tokens):
+            if self.use_graph:
+                self.greedy_graph.replay()
+            else:
+                self._greedy_step(embed, project, ret_token, mult, add, tokens, embeddings)
+        return tokens[:, :n_tokens].clone(), embeddings[:, :n_tokens].clone()
+
+    def _new_greedy_buffers(self, b, n_tokens, shared_dim, ret_mult, ret_add):
+        return (torch.zeros(b, n_tokens + 1, dtype=torch.long, device=self.device),
+                torch.zeros(b, n_tokens + 1, shared_dim, dtype=torch.float32, device=self.device),
+                ret_mult.to(self.device, torch.float32).clone(), ret_add.to(self.device, torch.float32).clone())
+
+    def _greedy_reset(self, first_token, positions, column):
+        self.token.copy_(first_token)
+        self.pos.copy_(positions)
+        self.col.fill_(column)
+        self.step_index.zero_()
+
+    def _capture_greedy(self, args, first_token, positions, column):
+        keys, values, valid = self.keys.clone(), self.values.clone(), self.valid.clone()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._greedy_reset(first_token, positions, column)
+                self._greedy_step(*args)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self._greedy_reset(first_token, positions, column)
+        self.greedy_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.greedy_graph):
+            self._greedy_step(*args)
+        self.keys.copy_(keys)  # undo the warm-up's writes
+        self.values.copy_(values)
+        self.valid.copy_(valid)
 
 
 def static_decoder(lm, batch_size: int, max_len: int, use_graph: bool) -> StaticDecoder:

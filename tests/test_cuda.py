@@ -73,3 +73,14 @@ def test_cuda_graph_decode_equals_dynamic(tiny_dir, images, precision):
             if precision == "fp32":
                 assert torch.equal(graph.token_ids, dynamic.token_ids)
                 torch.testing.assert_close(graph.ret_embeddings, dynamic.ret_embeddings, atol=1e-4, rtol=1e-3)
+
+
+def test_cuda_graph_sampling_and_ret_rules(tiny_dir, images):
+    m = load_fromage(tiny_dir, device="cuda", precision="fp32")
+    prompt = [images[1], "There are two"]
+    kw = {"ret_scale_factor": -20.0, "min_word_tokens": 2}
+    assert torch.equal(m.generate([prompt], 12, decode="graph", **kw).token_ids,
+                       m.generate([prompt], 12, decode="dynamic", **kw).token_ids)
+    sample = lambda d: m.generate([prompt], 12, decode=d, temperature=1.0, top_p=0.9,  # noqa: E731
+                                  generator=torch.Generator(device="cpu").manual_seed(5)).token_ids
+    assert torch.equal(sample("graph"), sample("dynamic"))

@@ -98,3 +98,19 @@ def test_static_decoder_with_left_padding_and_4_visual_tokens(tiny_vis4_dir, ima
     static = m.generate(prompts, 12, decode="static")
     assert torch.equal(dynamic.token_ids, static.token_ids)
     torch.testing.assert_close(dynamic.ret_embeddings, static.ret_embeddings, atol=1e-5, rtol=1e-4)
+
+
+def test_on_device_greedy_applies_the_ret_rules_like_the_host_loop(tiny, images):
+    prompt = [images[1], "There are two"]
+    ret = tiny.model.retrieval_token_idx
+    # a factor that makes this model emit [RET] (its [RET] logits are negative, so a negative factor does)
+    factor = next(f for f in (3.0, -20.0) if ret in tiny.generate([prompt], 10, decode="dynamic",
+                                                                  ret_scale_factor=f).token_ids)
+    for kwargs in ({"ret_scale_factor": factor}, {"ret_scale_factor": factor, "min_word_tokens": 4},
+                   {"ret_scale_factor": factor, "min_word_tokens": 10}):
+        dynamic = tiny.generate([prompt], 10, decode="dynamic", **kwargs)
+        static = tiny.generate([prompt], 10, decode="static", **kwargs)
+        assert torch.equal(dynamic.token_ids, static.token_ids)
+        torch.testing.assert_close(dynamic.ret_embeddings, static.ret_embeddings, atol=1e-5, rtol=1e-4)
+    assert ret in tiny.generate([prompt], 10, decode="static", ret_scale_factor=factor).token_ids
+    assert ret not in tiny.generate([prompt], 10, decode="static", ret_scale_factor=factor, min_word_tokens=10).token_ids
