@@ -57,6 +57,9 @@ def choose_next_token(logits: torch.Tensor, step: int, ret_token: int, *, temper
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         logits = logits.masked_fill(drop, filter_value)
     probs = F.softmax(logits, dim=-1)
+    if generator is not None and generator.device != probs.device:
+        # draw where the generator lives: a CPU generator gives the same tokens on any device
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(1).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 

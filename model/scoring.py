@@ -75,11 +75,15 @@ def score_continuations(model: FromageModel, context: Prompt | EmbeddedPrompt, c
                         continuation_bos: bool = False, shift: bool = True, batch_size: int | None = None) -> ContinuationScores:
     """Log-likelihood of each continuation after one shared interleaved `context`.
 
-    The context goes through the LM once; its KV cache is broadcast to each batch of continuations
-    (right-padded). `shift=True` is the correct next-token scoring: a continuation's first token is
-    predicted by the context's last position. `shift=False` reproduces the original VisDial script,
-    which compared each position's logits with the token AT that position. `continuation_bos` keeps
-    each continuation's own BOS token (the original tokenised options with special tokens).
+    The context goes through the LM once. The continuations are then packed end to end into ONE sequence
+    that continues the context's KV cache, with an attention mask that lets each continuation see the
+    context and its own earlier tokens only, and positions that restart after the context for each one: the
+    context's keys/values are never copied per continuation (replicating them cost more than the LM
+    itself). `shift=True` is the correct next-token scoring: a continuation's first token is predicted by
+    the context's last position. `shift=False` reproduces the original VisDial script, which compared each
+    position's logits with the token AT that position. `continuation_bos` keeps each continuation's own BOS
+    token (the original tokenised options with special tokens). `batch_size` continuations are packed per
+    forward pass (default: all).
     """
     ctx = context if isinstance(context, EmbeddedPrompt) else embed_prompt(model, context)
     ctx_len = len(ctx)
@@ -92,20 +96,44 @@ def score_continuations(model: FromageModel, context: Prompt | EmbeddedPrompt, c
     sums, counts = [], []
     for start in range(0, len(continuations), batch_size):
         chunk_ids, chunk_len = ids[start:start + batch_size], lengths[start:start + batch_size]
-        n, width = chunk_ids.shape[0], int(chunk_len.max())
-        chunk_ids = chunk_ids[:, :width].to(model.device, non_blocking=True)
-        real = (torch.arange(width)[None, :] < chunk_len[:, None]).to(model.device, non_blocking=True)
-        labels = chunk_ids.masked_fill(~real, IGNORE_INDEX)
-        mask = torch.cat([real.new_ones(n, ctx_len), real], dim=1).long()
-        positions = positions_from_mask(real.long(), offset=ctx_len)
-        cache = broadcast_cache(ctx_cache, n, model.lm.config)
-        logits = forward_with_cache(model.lm, cache, inputs_embeds=model.embed_tokens(chunk_ids), attention_mask=mask,
-                                    position_ids=positions).logits
-        if shift:
-            logits = torch.cat([ctx_last_logits.expand(n, 1, -1), logits[:, :-1]], dim=1)
-        sums.append(target_logprobs(logits, labels).sum(dim=1))
-        counts.append(real.sum(dim=1))
+        sums.append(_score_packed(model, ctx_cache, ctx_len, ctx_last_logits, chunk_ids, chunk_len, shift))
+        counts.append(chunk_len)
     return ContinuationScores(torch.cat(sums).cpu(), torch.cat(counts).cpu())
+
+
+def _score_packed(model: FromageModel, ctx_cache, ctx_len: int, ctx_last_logits: torch.Tensor, ids: torch.Tensor,
+                  lengths: torch.Tensor, shift: bool) -> torch.Tensor:
+    """Summed log-probabilities of right-padded continuations `ids` (n, T), packed into one sequence."""
+    n = ids.shape[0]
+    real = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
+    packed = ids[real]                                                # (P,) tokens, continuation after continuation
+    segment = torch.repeat_interleave(torch.arange(n), lengths)       # (P,) which continuation each token is in
+    offset = torch.cat([torch.arange(int(k)) for k in lengths])       # (P,) index within its continuation
+    # query i sees the whole context, and key j of the packed part iff same continuation and j <= i
+    own = (segment[:, None] == segment[None, :]) & (offset[None, :] <= offset[:, None])
+    allowed = torch.cat([torch.ones(len(packed), ctx_len, dtype=torch.bool), own], dim=1)
+    device = model.device
+    mask = _attention_mask_4d(model.lm, allowed.to(device), model.lm_dtype)
+    positions = (ctx_len + offset).to(device)[None]
+    cache = broadcast_cache(ctx_cache, 1, model.lm.config)  # a fresh cache holding the context (views, no copy)
+    packed = packed.to(device)
+    logits = forward_with_cache(model.lm, cache, inputs_embeds=model.embed_tokens(packed)[None], attention_mask=mask,
+                                position_ids=positions).logits[0]
+    if shift:  # token t is predicted by the previous token of its continuation, the first one by the context
+        previous = torch.arange(len(offset)) - 1
+        first = (offset == 0).to(device)
+        logits = torch.where(first[:, None], ctx_last_logits[None].to(logits.dtype), logits[previous.clamp(min=0)])
+    token_logp = target_logprobs(logits, packed)
+    return torch.zeros(n, device=device).index_add_(0, segment.to(device), token_logp)
+
+
+def _attention_mask_4d(lm, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(1, 1, q, kv) mask in the form the model's attention implementation takes: boolean for SDPA
+    (True = attend), additive float for the eager implementation."""
+    if lm.config._attn_implementation == "sdpa":
+        return allowed[None, None]
+    blocked = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return blocked.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
 
 
 @torch.inference_mode()

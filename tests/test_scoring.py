@@ -64,3 +64,15 @@ def test_token_id_items_are_used_verbatim(tiny, images):
     assert as_ids.labels.tolist() == [-100] * n_vis + first + second  # the second BOS is kept
     as_text = embed_prompt(tiny.model, [images[0], "A red circle.", " Then blue."])
     torch.testing.assert_close(as_ids.embeds[: n_vis + len(first)], as_text.embeds[: n_vis + len(first)])
+
+
+def test_packed_scoring_with_eager_attention(tiny_dir, images):
+    """The packed continuations' mask in the eager implementation's additive form gives the same scores."""
+    from model import load_fromage
+
+    m = load_fromage(tiny_dir, device="cpu")
+    m.model.lm.config._attn_implementation = "eager"
+    context = [images[2], "Q: how many?\nA: "]
+    fast = m.score_continuations(context, OPTIONS, continuation_bos=True)
+    naive = m.score_continuations(context, OPTIONS, continuation_bos=True, naive=True)
+    torch.testing.assert_close(fast.sum_logprob, naive.sum_logprob, atol=1e-4, rtol=1e-5)
