@@ -141,10 +141,35 @@ def eval_config_from_args(args):
     return EvalConfig(**values)
 
 
+def _relaunch_with_torchrun(args) -> int:
+    """`--nproc N`: the same command under `torchrun --nproc-per-node N` (one process per GPU, or gloo on CPU)."""
+    import os
+    import socket
+    import subprocess
+
+    argv = list(args.argv)
+    i = argv.index("--nproc")
+    del argv[i:i + 2]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
+               "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "fromage_bench", *argv]
+    return subprocess.call(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+
+
 def cmd_eval(args) -> int:
+    import os
+
     from .runner import run_eval
 
-    path = run_eval(eval_config_from_args(args))
+    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _relaunch_with_torchrun(args)
+    config = eval_config_from_args(args)
+    config.keep_journal = args.keep_journal
+    path = run_eval(config)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     print(f"wrote {path}")
     _write_report(path.parent)
     return 0
@@ -262,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, help="image feature cache (default ~/.cache/fromage-bench/features)")
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--nproc", type=int, help="run under torchrun with N processes (examples sharded, same results)")
+    p.add_argument("--keep-journal", action="store_true", help="keep OUT/.journal (per-batch results) after success")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", help="compare two runs; exit 1 if NEW regressed beyond tolerance, else 0")
@@ -301,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path)
     p.set_defaults(func=cmd_results_csv)
 
+    from .train_cli import add_train_parser
+
+    add_train_parser(sub)
+
     p = sub.add_parser("info", help="load a model and print its size, precision and weight bytes")
     _add_model_arguments(p)
     p.set_defaults(func=cmd_info)
@@ -319,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     from model.errors import FromageInputError
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars: noise between our own progress and errors

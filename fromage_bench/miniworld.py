@@ -424,11 +424,11 @@ def questions_for(scene: Scene) -> list[QA]:
 
 
 def random_dialogue(rng: random.Random, scene: Scene, n_rounds: int = N_ROUNDS) -> list[QA]:
-    """`n_rounds` distinct questions: object questions first in weight, a few yes/no and counts."""
+    """`n_rounds` distinct questions about the scene; two of ten ask about an absent object."""
     candidates = questions_for(scene)
     absent = [qa for qa in candidates if qa.answer == "no, there is not"]
     present = [qa for qa in candidates if qa not in absent]
-    picked = rng.sample(present, min(len(present), n_rounds - 2))
+    picked = rng.sample(present, min(len(present), n_rounds - (2 if n_rounds >= 4 else 0)))
     picked += rng.sample(absent, min(len(absent), n_rounds - len(picked)))
     rng.shuffle(picked)
     return picked
@@ -501,12 +501,33 @@ def _rng(seed: int, name: str) -> random.Random:
     return random.Random(f"miniworld:{seed}:{name}")  # str seeds are hashed with SHA-512: stable across runs
 
 
-def _cc3m(w: _Writer, rng: random.Random, n: int, tsv: str, image_dir: str, scenes: list[Scene]) -> list[str]:
+def training_pair(rng: random.Random) -> tuple[Scene, str]:
+    """A CC3M-style training pair. Like web alt-text, the texts vary in style: mostly captions of the whole
+    scene (60 %), but also a story sentence told about the picture (25 %: "we saw a small red star on the
+    left .", or a step such as "then the star turned blue ." that names only what changed) and one to three
+    question/answer rounds about it (15 %: "Q: what colour is the star? A: it is red.")."""
+    style = rng.choices(("caption", "story", "dialogue"), weights=(12, 5, 3))[0]
+    if style == "story":
+        story = random_story(rng)
+        k = rng.randrange(len(story.scenes))
+        return story.scenes[k], story.sentences[k]
+    scene = random_scene(rng)
+    if style == "dialogue":
+        qas = random_dialogue(rng, scene, rng.choice((1, 2, 2, 3)))
+        return scene, " ".join(f"Q: {qa.question}? A: {qa.answer}." for qa in qas)
+    return scene, caption(scene, rng)
+
+
+def _cc3m(w: _Writer, rng: random.Random, n: int, tsv: str, image_dir: str,
+          pairs: Sequence[Scene | tuple[Scene, str]]) -> list[str]:
+    """Images + a `caption<TAB>image` TSV (names without extension, as the released val TSV); a scene without
+    a text gets a caption."""
     rows, captions = [], []
-    for i, scene in enumerate(scenes[:n]):
+    for i, item in enumerate(pairs[:n]):
+        scene, text = item if isinstance(item[-1], str) else (item, None)
         name = f"{i}_{rng.randrange(10 ** 9, 10 ** 10)}"
         w.image(f"{image_dir}/{name}.png", scene)
-        text = caption(scene, rng)
+        text = caption(scene, rng) if text is None else text
         rows.append(f"{text}\t{name}\n")
         captions.append(text)
     w.text(tsv, "caption\timage\n" + "".join(rows))
@@ -618,8 +639,8 @@ def write_miniworld(out: str | Path, seed: int = 0, scale: str = "small", *, cle
     val_rng = _rng(seed, "cc3m_val")
     val_captions = _cc3m(w, val_rng, counts["val"], CC3M_VAL_TSV, CC3M_VAL_IMAGES, unique_scenes(val_rng, counts["val"]))
     train_rng = _rng(seed, "cc3m_train")
-    train_scenes = [random_scene(train_rng) for _ in range(counts["train"])]
-    train_captions = _cc3m(w, train_rng, counts["train"], CC3M_TRAIN_TSV, CC3M_TRAIN_IMAGES, train_scenes)
+    train_pairs = [training_pair(train_rng) for _ in range(counts["train"])]
+    train_captions = _cc3m(w, train_rng, counts["train"], CC3M_TRAIN_TSV, CC3M_TRAIN_IMAGES, train_pairs)
     _coco(w, _rng(seed, "coco"), counts["coco"], counts["coco_other"])
     stories = _vist(w, _rng(seed, "vist"), counts["stories"])
     dialogues = _visdial(w, _rng(seed, "visdial"), counts["dialogues"])

@@ -18,6 +18,7 @@ from model import PRECISIONS, FromageInputError, load_fromage, resolve_placement
 from tasks import REGISTRY, parse_protocols, parse_task_spec
 from tasks.base import RunContext, TaskResult
 from tasks.cache import FeatureCache
+from tasks.journal import ProcessGroupInfo
 
 from .environment import describe_environment
 from .results import atomic_write_text, write_results
@@ -44,6 +45,7 @@ class EvalConfig:
     retrieval_set: Path | None = None
     cache_dir: Path | None = None
     progress: bool = True
+    keep_journal: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
@@ -83,26 +85,65 @@ def validate(config: EvalConfig) -> list:
 
 
 def run_eval(config: EvalConfig) -> Path:
+    """Run the matrix. Under torchrun every rank runs this: examples are sharded inside the tasks
+    (tasks/journal.py) and rank 0 alone writes the results."""
+    group = init_distributed(config.device)
+    if group.world_size > 1 and config.device is None:
+        config = dataclasses.replace(config, device=default_rank_device(group))
     cells = validate(config)
     placement_default = resolve_placement(config.device, None)  # bad --device fails here, before anything runs
     precisions = config.precisions or [placement_default.precision]
-    staging = config.out / ".staging"
+    staging = config.out / f".staging-rank{group.rank}"
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "predictions").mkdir(parents=True)
+    journal = config.out / ".journal"
     records: list[dict] = []
+    path = config.out / "results.json"
     try:
         for precision in precisions:
-            records += _run_precision(config, cells, precision, staging)
-        _add_drift(records)
-        final_predictions = config.out / "predictions"
-        shutil.rmtree(final_predictions, ignore_errors=True)
-        (staging / "predictions").rename(final_predictions)
-        path = write_results(config.out, {
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "config": config.to_json(), "environment": describe_environment(), "records": records})
+            records += _run_precision(config, cells, precision, staging, journal, group)
+        if group.rank == 0:
+            _add_drift(records)
+            final_predictions = config.out / "predictions"
+            shutil.rmtree(final_predictions, ignore_errors=True)
+            (staging / "predictions").rename(final_predictions)
+            path = write_results(config.out, {
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "config": config.to_json(), "environment": {**describe_environment(), "processes": group.world_size},
+                "records": records})
+            if not config.keep_journal:
+                shutil.rmtree(journal, ignore_errors=True)  # a finished run needs no resume point
+        barrier(group)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def init_distributed(device: str | None) -> ProcessGroupInfo:
+    """Join the torchrun process group if launched by torchrun (gloo on CPU, NCCL on GPU)."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        use_nccl = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+        if use_nccl:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if use_nccl else "gloo")
+    return ProcessGroupInfo.current()
+
+
+def default_rank_device(group: ProcessGroupInfo) -> str:
+    import os
+
+    return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+
+
+def barrier(group: ProcessGroupInfo) -> None:
+    if group.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def _skipped_records(cells, precision: str, reason: str) -> list[dict]:
@@ -110,7 +151,8 @@ def _skipped_records(cells, precision: str, reason: str) -> list[dict]:
              "status": "skipped", "reason": reason} for task, setting in cells]
 
 
-def _run_precision(config: EvalConfig, cells, precision: str, staging: Path) -> list[dict]:
+def _run_precision(config: EvalConfig, cells, precision: str, staging: Path, journal: Path,
+                   group: ProcessGroupInfo) -> list[dict]:
     try:
         placement = resolve_placement(config.device, precision)
     except FromageInputError as err:
@@ -130,13 +172,16 @@ def _run_precision(config: EvalConfig, cells, precision: str, staging: Path) -> 
         torch.manual_seed(config.seed)
         protocols = parse_protocols(config.protocols, task)
         ctx = RunContext(model=model, data_root=config.data_root, limit=config.limit, cache=cache,
-                         progress=config.progress, batch_size=config.batch_size, latencies=[])
+                         progress=config.progress and group.rank == 0, batch_size=config.batch_size, latencies=[],
+                         journal_dir=journal, task_key=f"{task.name}:{setting}:{config.limit}:{config.batch_size}",
+                         work={})
         model.counters.clear()
         with Stopwatch() as clock, MemoryTracker(placement.device) as memory:
             results = task.run(ctx, setting, protocols)
         cost = {**load_cost, "wall_seconds": clock.seconds, "memory": memory.summary(),
                 "latency_ms": percentiles_ms(ctx.latencies), "throughput": throughput(model.counters, clock.seconds),
-                "work": dict(model.counters)}
+                "work": {**dict(model.counters), **ctx.work}}
+        cost = _gather_cost(cost, group)
         for result in results:
             records.append(_record(result, precision, cost, staging))
     del model
@@ -144,6 +189,23 @@ def _run_precision(config: EvalConfig, cells, precision: str, staging: Path) -> 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return records
+
+
+def _gather_cost(cost: dict, group: ProcessGroupInfo) -> dict:
+    """Per-rank costs side by side (rank 0's at the top level), throughput summed over ranks."""
+    if group.world_size == 1:
+        return cost
+    import torch.distributed as dist
+
+    per_rank: list = [None] * group.world_size
+    dist.all_gather_object(per_rank, cost)
+    total = {}
+    for c in per_rank:
+        for name, rate in c["throughput"].items():
+            total[name] = total.get(name, 0.0) + rate
+    return {**cost, "processes": group.world_size, "throughput_all_ranks": total,
+            "per_rank": [{k: c[k] for k in ("wall_seconds", "memory", "throughput", "work", "latency_ms")}
+                         for c in per_rank]}
 
 
 def _record(result: TaskResult, precision: str, cost: dict, staging: Path) -> dict:

@@ -53,6 +53,15 @@ class RunContext:
     progress: bool = True
     batch_size: int = 16
     latencies: list[float] | None = None  # seconds per example, filled by `track`
+    journal_dir: Path | None = None       # where per-batch results are journalled (resume); None: no journal
+    task_key: str = ""                    # task/setting, part of the journal keys
+    work: dict | None = None              # counters of batches computed / resumed, reported in the results
+
+    def map_batches(self, step: str, examples, key, compute, batch_size: int | None = None, desc: str | None = None):
+        """Per-example results, resumable and sharded across processes: see tasks/journal.py."""
+        from .journal import map_batches
+
+        return map_batches(self, step, examples, key, compute, batch_size or self.batch_size, desc)
 
     def track(self, iterable: Iterable, desc: str | None = None, total: int | None = None,
               size: Callable[[Any], int] | None = None) -> Iterator:

@@ -49,7 +49,6 @@ import shutil
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from model.errors import FromageInputError
 from model.inference import truncate_caption
@@ -199,14 +198,18 @@ def run(ctx: RunContext, setting: str, protocols: tuple[str, ...] = ("standard",
 
     prefix = caption_prefix(model.model.args)
     prefix_ids = prompt_prefix_ids(model.model.tokenizer, prefix)
-    raw, generated = [], []
-    for start in tqdm(range(0, len(items), ctx.batch_size), desc=f"{TASK.name}:{setting}", disable=not ctx.progress):
-        visual = model.project_images(features[start:start + ctx.batch_size], "captioning")
+
+    def caption(rows: list[int]) -> list[str]:
+        """The decoded (untruncated) generations of a batch of consecutive items."""
+        visual = model.project_images(features[rows[0]:rows[-1] + 1], "captioning")
         prompts = [[v] + ([prefix_ids] if prefix_ids is not None else []) for v in visual]
         out = model.generate(prompts, MAX_NEW_TOKENS, stop_at_newline=True, min_word_tokens=MAX_NEW_TOKENS)
-        texts = model.decode(out)
-        raw += texts
-        generated += [clean_caption(t) for t in texts]
+        return list(model.decode(out))
+
+    raw = ctx.map_batches("captions", list(range(len(items))),
+                          key=lambda i: f"{i}:{items[i].image_id}:{items[i].name}", compute=caption,
+                          batch_size=max(1, ctx.batch_size), desc=f"{TASK.name}:{setting}")
+    generated = [clean_caption(t) for t in raw]
 
     keys = [str(i) for i in range(len(items))]  # image ids need not be unique across a file: index them
     metrics, per_key, extra = caption_metrics(dict(zip(keys, generated)), {k: it.captions for k, it in zip(keys, items)})

@@ -24,7 +24,6 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from model.errors import FromageInputError
 
@@ -144,13 +143,22 @@ def run(ctx: RunContext, setting: str, protocols: tuple[str, ...] = ("standard",
     ret_id = model.model.retrieval_token_idx
     queries = [retrieval_query_ids(tokenizer, c, ret_id, prefix) for c, _ in captions]
     order = sorted(range(len(queries)), key=lambda q: len(queries[q]))  # similar lengths batch together
-    text_emb = torch.empty(len(queries), image_emb.shape[1], device=image_emb.device)
-    for start in tqdm(range(0, len(order), ctx.batch_size), desc=f"{TASK.name}:{setting} text",
-                      disable=not ctx.progress):
-        rows = order[start:start + ctx.batch_size]
+    size = max(1, ctx.batch_size)
+
+    def embed(rows: list[int]) -> list[list[float]]:
         prompts = [[torch.tensor(queries[q], dtype=torch.long)] for q in rows]
-        text_emb[torch.tensor(rows, device=text_emb.device)] = model.retrieval_embeddings(
-            prompts, batch_size=ctx.batch_size).to(text_emb)
+        return model.retrieval_embeddings(prompts, batch_size=size).float().cpu().tolist()
+
+    def key(q: int) -> str:
+        caption, i = captions[q]
+        return f"{q}:{items[i].image_id}:{caption}"
+
+    # batches follow the length order, which depends on the captions alone; float32 round-trips through JSON
+    values = ctx.map_batches("query_embeddings", order, key=key, compute=embed, batch_size=size,
+                             desc=f"{TASK.name}:{setting} text")
+    text_emb = torch.empty(len(queries), image_emb.shape[1], device=image_emb.device)
+    if order:
+        text_emb[torch.tensor(order, device=text_emb.device)] = torch.tensor(values, dtype=torch.float32).to(text_emb)
 
     t2i, t2i_top = text_to_image_ranks(text_emb, image_emb, caption_image)
     i2t, i2t_best, i2t_top = image_to_text_ranks(image_emb, text_emb, caption_image)

@@ -290,6 +290,11 @@ def top_k(scores: torch.Tensor, k: int = 5) -> list[int]:
 
 
 # -- visdial_retrieval ----------------------------------------------------------------------------------
+def _dialogue_key(d: Dialogue) -> str:
+    """A dialogue's journal id: its position in the file and its image."""
+    return f"{d.index}:{d.image_id}"
+
+
 def run_retrieval(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> list[TaskResult]:
     model = ctx.model
     dialogues = limited(load_dialogues(RETRIEVAL.path(ctx, "dialogs", setting)), ctx.limit)
@@ -298,11 +303,16 @@ def run_retrieval(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> 
         kept = [dialogues[i] for i in sorted(features)]
         image_embs = model.project_images(torch.stack([features[d.index] for d in kept]), "retrieval")[:, 0]
         image_embs = image_embs.float().cpu()
-        prompts = [[retrieval_text(d)] for d in kept]
         size = max(1, ctx.batch_size)
-        chunks = [prompts[i:i + size] for i in range(0, len(prompts), size)]
-        text_embs = torch.cat([model.retrieval_embeddings(c, batch_size=size).float().cpu()
-                               for c in ctx.track(chunks, desc="visdial_retrieval", size=len)])
+
+        def embed(batch: list[Dialogue]) -> list[list[float]]:
+            prompts = [[retrieval_text(d)] for d in batch]
+            return model.retrieval_embeddings(prompts, batch_size=size).float().cpu().tolist()
+
+        # one normalised [RET] embedding per dialogue; float32 -> float -> JSON round-trips exactly
+        values = ctx.map_batches("query_embeddings", kept, key=_dialogue_key, compute=embed, batch_size=size,
+                                 desc="visdial_retrieval")
+        text_embs = torch.tensor(values, dtype=torch.float32)
 
     ids = [d.image_id for d in kept]
     results = []
@@ -337,16 +347,30 @@ def run_ranking(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> li
     annotations = annotations[:len(dialogues)]
     batch_size = ctx.batch_size or N_OPTIONS
 
-    scores: dict[str, dict[tuple[int, int], torch.Tensor]] = {p: {} for p in protocols}
     with torch.inference_mode():
         features, skipped = _readable(ctx, RANKING.path(ctx, "images", setting), dialogues)
         kept = [dialogues[i] for i in sorted(features)]
-        for d in ctx.track(kept, desc="visdial_ranking", size=lambda d: len(d.rounds)):
-            visual = model.project_images(features[d.index][None], "captioning")[0]
-            for r, rnd in enumerate(d.rounds):
-                context = [visual, ranking_context_text(d, r)]
-                for protocol in protocols:
-                    scores[protocol][(d.index, r)] = _score_options(model, context, rnd.options, protocol, batch_size)
+
+        def score(batch: list[Dialogue]) -> list[list[dict[str, list[float]]]]:
+            """Per dialogue, per round, per protocol: the 100 option scores (float32 as Python floats)."""
+            out = []
+            for d in batch:
+                visual = model.project_images(features[d.index][None], "captioning")[0]
+                rounds = []
+                for r, rnd in enumerate(d.rounds):
+                    context = [visual, ranking_context_text(d, r)]
+                    rounds.append({protocol: _score_options(model, context, rnd.options, protocol, batch_size).tolist()
+                                   for protocol in protocols})
+                out.append(rounds)
+            return out
+
+        # one dialogue per batch: its 10 rounds x 100 options x protocols are plenty of work per journal line
+        per_dialogue = ctx.map_batches(f"option_scores:{','.join(protocols)}", kept, key=_dialogue_key,
+                                       compute=score, batch_size=1, desc="visdial_ranking")
+    scores: dict[str, dict[tuple[int, int], torch.Tensor]] = {
+        protocol: {(d.index, r): torch.tensor(values[protocol], dtype=torch.float32)
+                   for d, rounds in zip(kept, per_dialogue) for r, values in enumerate(rounds)}
+        for protocol in protocols}
 
     gt = {(d.index, r): rnd.gt_index for d in kept for r, rnd in enumerate(d.rounds)}
     round_counts = [len(d.rounds) for d in dialogues]

@@ -302,14 +302,27 @@ def run(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> list[TaskR
         if queries:
             pool_embeddings = model.project_images(torch.stack([features[pid] for pid in pool]), "retrieval")[:, 0]
             pool_matrix = scaled_pool(pool_embeddings, model.model.logit_scale.detach().float())
-            chunks = [queries[i:i + ctx.batch_size] for i in range(0, len(queries), ctx.batch_size)]
-            for chunk in ctx.track(chunks, desc=f"vist {setting}", total=len(chunks), size=len):
+            size = max(1, ctx.batch_size)
+
+            def embed(chunk: list[Story]) -> list[dict[str, list[float]]]:
+                """Per story, per protocol: the normalised query embedding (float32 as Python floats)."""
                 context = context_projections(model, chunk, setting, features)
+                by_protocol = {protocol: query_embeddings(model, chunk, setting, protocol, features, ctx.batch_size,
+                                                          context).float().cpu().tolist()
+                               for protocol in protocols}
+                return [{protocol: by_protocol[protocol][i] for protocol in protocols} for i in range(len(chunk))]
+
+            embedded = ctx.map_batches(f"query_embeddings:{','.join(protocols)}", queries,
+                                       key=lambda story: story.story_id, compute=embed, batch_size=size,
+                                       desc=f"vist {setting}")
+            for start in range(0, len(queries), size):  # scored in the same chunks as they were embedded
+                chunk = queries[start:start + size]
                 targets = torch.tensor([column[s.target] for s in chunk])
                 context_columns = [[column[pid] for pid in s.context] for s in chunk]
                 for protocol in protocols:
-                    q = query_embeddings(model, chunk, setting, protocol, features, ctx.batch_size, context)
-                    scores = mask_context((q.float() @ pool_matrix.T).cpu(), context_columns)
+                    q = torch.tensor([e[protocol] for e in embedded[start:start + size]], dtype=torch.float32,
+                                     device=pool_matrix.device)
+                    scores = mask_context((q @ pool_matrix.T).cpu(), context_columns)
                     chunk_ranks = ranks_from_scores(scores, targets)
                     best = top_k(scores, TOP_K)
                     ranks[protocol].append(chunk_ranks)
