@@ -21,10 +21,26 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", *session.posargs)
 
 
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Fast paths against the original scripts' way of working, same model and inputs (pytest-benchmark)."""
+    install(session)
+    session.run("pytest", "benchmarks", "--benchmark-only", "--benchmark-json=runs/bench/benchmarks.json",
+                 "-p", "no:cacheprovider", *session.posargs)
+
+
 @nox.session(name="eval")
 def eval_(session: nox.Session) -> None:
+    """The embedded default: miniworld data, stand-in backbones, a trained FROMAGe, every task x precision."""
     install(session)
-    # Until the evaluation tasks land, the main job shows what the model stack does on a tiny model.
-    session.run("fromage-bench", "make-tiny", "--out", "runs/tiny-model")
-    for precision in ("fp32", "bf16", "fp16", "int8"):
-        session.run("fromage-bench", "info", "--model-dir", "runs/tiny-model", "--precision", precision)
+    session.run("fromage-bench", "embedded", *session.posargs)
+
+
+@nox.session
+def regression(session: nox.Session) -> None:
+    """A fresh embedded-default run compared against the baseline committed in baselines/embedded/.
+    Speed and memory tolerances are loose: shared CI machines are noisy; metrics must match within 0.5."""
+    install(session)
+    session.run("fromage-bench", "embedded", "--out", "runs/regression", "--no-progress")
+    session.run("fromage-bench", "compare", "baselines/embedded/results.json", "runs/regression",
+                "--metric-tol", "0.5", "--speed-tol", "60%", "--memory-tol", "25%")

@@ -198,6 +198,15 @@ def cmd_tasks(args) -> int:
     return 0
 
 
+def cmd_embedded(args) -> int:
+    from . import embedded
+
+    embedded.run_embedded(args.work or embedded.DEFAULT_WORK, args.out or embedded.DEFAULT_OUT,
+                          args.precisions or embedded.PRECISIONS,
+                          extra_eval=["--no-progress"] if args.no_progress else None)
+    return 0
+
+
 def cmd_compare(args) -> int:
     from .compare import run_compare
 
@@ -328,9 +337,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path)
     p.set_defaults(func=cmd_results_csv)
 
+    from .data_cli import add_data_parser
     from .train_cli import add_train_parser
 
     add_train_parser(sub)
+    add_data_parser(sub)
+
+    p = sub.add_parser("embedded", help="the offline default benchmark: miniworld data, stand-in backbones, "
+                                        "a trained FROMAGe, every task at every precision (stages cached)")
+    p.add_argument("--work", type=Path, default=None, help="cache of the built stages (default runs/embedded-cache)")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default runs/embedded)")
+    p.add_argument("--precisions", default=None, help="default fp32,bf16,fp16,int8")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_embedded)
 
     p = sub.add_parser("info", help="load a model and print its size, precision and weight bytes")
     _add_model_arguments(p)

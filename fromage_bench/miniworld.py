@@ -621,13 +621,20 @@ def _jsonl(docs: Iterable[dict]) -> str:
     return "".join(json.dumps(d) + "\n" for d in docs)
 
 
-def write_miniworld(out: str | Path, seed: int = 0, scale: str = "small", *, clean: bool = True) -> dict:
+def write_miniworld(out: str | Path, seed: int = 0, scale: str = "small", *, clean: bool = True,
+                    **counts_override: int) -> dict:
     """Write every dataset under `out` (see the module docstring); returns the manifest (counts, paths).
 
-    `clean` removes the directories this function writes first, so that a rerun leaves no stale files."""
+    `clean` removes the directories this function writes first, so that a rerun leaves no stale files;
+    keyword arguments override the scale's counts (train, val, coco, coco_other, stories, dialogues,
+    lm_stories, lm_dialogues). Each dataset has its own random stream: changing one count leaves the
+    other datasets as they were."""
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
-    counts = SCALES[scale]
+    unknown = set(counts_override) - set(SCALES[scale])
+    if unknown:
+        raise ValueError(f"unknown count(s) {', '.join(sorted(unknown))}; known: {', '.join(SCALES[scale])}")
+    counts = {**SCALES[scale], **counts_override}
     root = Path(out)
     if clean:
         for top in ("cc3m", "coco", "vist", "visdial", "miniworld"):

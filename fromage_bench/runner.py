@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -60,7 +61,7 @@ def default_cache_dir() -> Path:
 def _check_output_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-probe"
+        probe = out / f".write-probe-{os.getpid()}"  # one per process: torchrun ranks check at once
         probe.write_text("")
         probe.unlink()
     except OSError as err:

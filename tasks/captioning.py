@@ -200,8 +200,8 @@ def run(ctx: RunContext, setting: str, protocols: tuple[str, ...] = ("standard",
     prefix_ids = prompt_prefix_ids(model.model.tokenizer, prefix)
 
     def caption(rows: list[int]) -> list[str]:
-        """The decoded (untruncated) generations of a batch of consecutive items."""
-        visual = model.project_images(features[rows[0]:rows[-1] + 1], "captioning")
+        """The decoded (untruncated) generations of a batch of items (indices into `items`)."""
+        visual = model.project_images(features[torch.tensor(rows, dtype=torch.long)], "captioning")
         prompts = [[v] + ([prefix_ids] if prefix_ids is not None else []) for v in visual]
         out = model.generate(prompts, MAX_NEW_TOKENS, stop_at_newline=True, min_word_tokens=MAX_NEW_TOKENS)
         return list(model.decode(out))

@@ -57,8 +57,14 @@ class Journal:
         return done
 
     def append(self, key: str, value: Any) -> None:
-        with open(self.file, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"key": key, "value": value}) + "\n")
+        line = (json.dumps({"key": key, "value": value}) + "\n").encode("utf-8")
+        with open(self.file, "a+b") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # a line torn by a kill: start on a fresh line
+                    line = b"\n" + line
+            f.write(line)
             f.flush()
             os.fsync(f.fileno())
         self.computed += 1
@@ -93,6 +99,8 @@ def map_batches(ctx, step: str, examples: Sequence, key: Callable[[Any], str],
     group = ProcessGroupInfo.current()
     journal = Journal(ctx.journal_dir, namespace, group.rank) if ctx.journal_dir else None
     done = journal.load() if journal else {}
+    if group.world_size > 1:
+        dist.barrier()  # every rank has read the journal before any rank appends: all agree on what is missing
     todo = [i for i, k in enumerate(keys) if k not in done]
     mine = todo[group.rank::group.world_size]
     fresh: dict[str, Any] = {}
