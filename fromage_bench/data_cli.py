@@ -36,7 +36,7 @@ def cmd_make_standins(args) -> int:
 
     progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     report = make_standins(args.data, args.out, seed=args.seed, preset=args.preset, lm_steps=args.lm_steps,
-                           vision_steps=args.vision_steps, extra_pairs=args.extra_pairs, threads=args.threads,
+                           vision_steps=args.vision_steps, hard_negatives=args.hard_negatives, threads=args.threads,
                            fromage=not args.no_fromage, progress=progress)
     lm, vision = report["lm"], report["vision"]
     held = vision["heldout"]
@@ -71,8 +71,9 @@ def add_data_parser(subparsers) -> None:
                    help="model sizes and step counts (default small: a few minutes on 2 CPU cores)")
     p.add_argument("--lm-steps", type=int, help="override the preset's LM training steps")
     p.add_argument("--vision-steps", type=int, help="override the preset's vision training steps")
-    p.add_argument("--extra-pairs", type=int,
-                   help="freshly rendered miniworld pairs added to the vision training pairs (default: preset's)")
+    p.add_argument("--hard-negatives", type=int,
+                   help="groups of two fresh scenes differing only in places / colour binding, half of every "
+                        "vision batch (default: the preset's, 1500 for small; 0 disables)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--no-fromage", action="store_true",
                    help="do not write model_args.json + an untrained pretrained_ckpt.pth.tar next to the stand-ins")

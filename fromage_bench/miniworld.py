@@ -151,6 +151,36 @@ def unique_scenes(rng: random.Random, n: int, seen: set | None = None) -> list[S
     return out
 
 
+def variant(scene: Scene, rng: random.Random) -> Scene:
+    """A scene that differs from `scene` only in where things are or in which object has which colour
+    (a hard negative for contrastive training): a single object moves; in a larger scene the objects
+    swap places, two objects swap colours, or one object moves to an empty cell."""
+    objects = list(scene)
+    empty = [p for p in POSITIONS if all(o.position != p for o in objects)]
+    choices = ["move"]
+    if len(objects) > 1 and len({o.look for o in objects}) > 1:
+        choices.append("swap_places")
+    if len({o.colour for o in objects}) > 1:
+        choices.append("swap_colours")
+    kind = rng.choice(choices)
+    if kind == "move":
+        i = rng.randrange(len(objects))
+        objects[i] = _jitter(rng, replace(objects[i], position=rng.choice(empty)))
+    elif kind == "swap_places":
+        i, j = rng.sample([k for k in range(len(objects))], 2)
+        while objects[i].look == objects[j].look:
+            i, j = rng.sample(range(len(objects)), 2)
+        objects[i], objects[j] = (replace(objects[i], position=objects[j].position),
+                                  replace(objects[j], position=objects[i].position))
+    else:
+        i, j = rng.sample(range(len(objects)), 2)
+        while objects[i].colour == objects[j].colour:
+            i, j = rng.sample(range(len(objects)), 2)
+        objects[i], objects[j] = (replace(objects[i], colour=objects[j].colour),
+                                  replace(objects[j], colour=objects[i].colour))
+    return _sorted(objects)
+
+
 # -- drawing --------------------------------------------------------------------------------------------
 def centre(obj: Obj) -> tuple[int, int]:
     gx, gy = GRID[obj.position]

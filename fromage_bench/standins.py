@@ -64,16 +64,16 @@ class VisionSettings:
     batch_size: int = 128
     lr: float = 1e-3
     warmup: int = 30
-    extra_pairs: int = 0       # fresh miniworld pairs rendered on the fly, added to the training pairs
+    hard_negatives: int = 1500  # pairs of miniworld scenes that differ only in places / colour binding
 
 
 PRESETS = {
     "tiny": (LMSettings(hidden=64, layers=2, heads=2, steps=30, batch_tokens=512, max_len=128, warmup=5),
              VisionSettings(hidden=64, layers=1, heads=2, text_hidden=64, text_layers=1, embed_dim=64, steps=30,
-                            batch_size=32, warmup=5)),
+                            batch_size=32, warmup=5, hard_negatives=32)),
     "small": (LMSettings(), VisionSettings()),
     "medium": (LMSettings(hidden=256, layers=4, heads=4, steps=2000, batch_tokens=4096),
-               VisionSettings(hidden=256, layers=4, heads=4, steps=3000, batch_size=192)),
+               VisionSettings(hidden=256, layers=4, heads=4, steps=3000, batch_size=192, hard_negatives=6000)),
 }
 
 
@@ -302,9 +302,13 @@ def recall_at_1(image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict:
 
 def pretrain_vision(train_pairs: Sequence[tuple[object, str]], heldout_pairs: Sequence[tuple[object, str]],
                     tokenizer, out_dir: Path, settings: VisionSettings, seed: int = 0,
-                    progress: Callable[[str], None] | None = None) -> dict:
+                    progress: Callable[[str], None] | None = None,
+                    hard_pairs: Sequence[tuple[object, str]] = ()) -> dict:
     """Train a CLIP vision tower (and a throw-away text tower) with InfoNCE both ways on (image, caption)
-    pairs (PIL images or paths); save the tower and its processor to `out_dir`; return the quality numbers."""
+    pairs (PIL images or paths); save the tower and its processor to `out_dir`; return the quality numbers.
+
+    `hard_pairs` (consecutive groups of two, see `hard_negative_pairs`) fill half of every batch, each group
+    kept together; the other half are `train_pairs`."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     from model.images import load_image
@@ -317,10 +321,14 @@ def pretrain_vision(train_pairs: Sequence[tuple[object, str]], heldout_pairs: Se
     def pixels_and_ids(pairs):
         images = [p if not isinstance(p, (str, Path)) else load_image(p) for p, _ in pairs]
         ids = [tokenizer(c, add_special_tokens=True).input_ids for _, c in pairs]
-        return encode_images(processor, images), ids
+        # float16 in memory (halves it); every batch is cast back to float32
+        return encode_images(processor, images).half() if images else torch.zeros(0), ids
 
     train_pixels, train_ids = pixels_and_ids(train_pairs)
     held_pixels, held_ids = pixels_and_ids(heldout_pairs)
+    n_hard_groups = len(hard_pairs) // 2
+    probe_groups = min(200, n_hard_groups // 5)  # held out: never trained on
+    hard_pixels, hard_ids = pixels_and_ids(hard_pairs[:2 * n_hard_groups])
     prep_seconds = time.perf_counter() - start
 
     config = CLIPVisionConfig(hidden_size=settings.hidden, intermediate_size=4 * settings.hidden,
@@ -334,15 +342,25 @@ def pretrain_vision(train_pairs: Sequence[tuple[object, str]], heldout_pairs: Se
     optimiser = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, 0.98), weight_decay=0.05)
     rng = random.Random(seed)
     pad = tokenizer.pad_token_id
+    trained_groups = n_hard_groups - probe_groups
+    n_hard = settings.batch_size // 4 if trained_groups > 0 else 0  # groups per batch: half the batch
+    plain = _batches(len(train_ids), settings.batch_size - 2 * n_hard, settings.steps, rng)
+    groups = _batches(trained_groups, n_hard, settings.steps, rng) if n_hard else iter(lambda: [], None)
+
+    def embed_images(pixels):
+        return vision_head(vision(pixel_values=pixels.float()).pooler_output)
+
     curve = []
     vision.train()
     text.train()
-    for step, batch in enumerate(_batches(len(train_ids), settings.batch_size, settings.steps, rng)):
+    for step in range(settings.steps):
         for group in optimiser.param_groups:
             group["lr"] = settings.lr * _schedule(step, settings.steps, settings.warmup)
-        ids, mask = _pad([train_ids[i] for i in batch], pad)
-        image_emb = vision_head(vision(pixel_values=train_pixels[batch]).pooler_output)
-        loss = _contrastive(image_emb, text(ids, mask), logit_scale)
+        batch = next(plain)
+        hard = [probe_groups * 2 + 2 * g + k for g in next(groups) for k in (0, 1)]
+        pixels = torch.cat([train_pixels[batch]] + ([hard_pixels[hard]] if hard else []))
+        ids, mask = _pad([train_ids[i] for i in batch] + [hard_ids[i] for i in hard], pad)
+        loss = _contrastive(embed_images(pixels), text(ids, mask), logit_scale)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -352,22 +370,32 @@ def pretrain_vision(train_pairs: Sequence[tuple[object, str]], heldout_pairs: Se
             progress(f"vision step {step + 1}/{settings.steps}: loss {loss.item():.3f}")
     vision.eval()
     text.eval()
-    with torch.no_grad():
-        held_image = torch.cat([vision_head(vision(pixel_values=held_pixels[i:i + 256]).pooler_output)
-                                for i in range(0, len(held_pixels), 256)])
-        ids, mask = _pad(held_ids, pad)
-        held_text = text(ids, mask)
-        train_probe = min(len(train_ids), len(held_ids))
-        tr_image = vision_head(vision(pixel_values=train_pixels[:train_probe]).pooler_output)
-        ids, mask = _pad(train_ids[:train_probe], pad)
-        tr_text = text(ids, mask)
+
+    def embed_all(pixels, ids_list):
+        with torch.no_grad():
+            images = torch.cat([embed_images(pixels[i:i + 256]) for i in range(0, len(pixels), 256)])
+            ids, mask = _pad(ids_list, pad)
+            return images, text(ids, mask)
+
+    report = {"seconds": None, "preprocess_seconds": round(prep_seconds, 1),
+              "parameters": sum(p.numel() for p in vision.parameters()), "config": asdict(settings),
+              "train_pairs": len(train_ids), "hard_negative_groups": trained_groups,
+              "first_loss": round(_mean(curve[:10]), 4), "final_loss": round(_mean(curve[-20:]), 4),
+              "heldout": recall_at_1(*embed_all(held_pixels, held_ids))}
+    n_probe = min(len(train_ids), len(held_ids))
+    report["train_subset"] = recall_at_1(*embed_all(train_pixels[:n_probe], train_ids[:n_probe]))
+    if probe_groups:
+        # held-out hard negatives: does an image match its own caption better than its variant's? (chance 50 %)
+        images, texts = embed_all(hard_pixels[:2 * probe_groups], hard_ids[:2 * probe_groups])
+        sims = F.normalize(images, dim=-1) @ F.normalize(texts, dim=-1).T
+        own = sims.diagonal()
+        swapped = torch.stack([sims[i, i ^ 1] for i in range(len(own))])
+        report["heldout_hard_negatives"] = {"accuracy": round(float((own > swapped).float().mean()) * 100, 2),
+                                            "chance": 50.0, "n": len(own)}
     vision.save_pretrained(str(out_dir))
     processor.save_pretrained(str(out_dir))
-    return {"seconds": round(time.perf_counter() - start, 1), "preprocess_seconds": round(prep_seconds, 1),
-            "parameters": sum(p.numel() for p in vision.parameters()), "config": asdict(settings),
-            "train_pairs": len(train_ids), "first_loss": round(_mean(curve[:10]), 4),
-            "final_loss": round(_mean(curve[-20:]), 4), "heldout": recall_at_1(held_image, held_text),
-            "train_subset": recall_at_1(tr_image, tr_text)}
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    return report
 
 
 # -- data -----------------------------------------------------------------------------------------------
@@ -391,12 +419,20 @@ def read_pairs(tsv: Path, image_dir: Path, limit: int | None = None) -> list[tup
     return pairs
 
 
-def _extra_pairs(n: int, seed: int) -> list[tuple[object, str]]:
-    rng = random.Random(f"standins-extra:{seed}")
-    out = []
-    for _ in range(n):
+def hard_negative_pairs(n: int, seed: int) -> list[tuple[object, str]]:
+    """`n` groups of two (image, caption) pairs, consecutive in the list: a fresh miniworld scene and a
+    `miniworld.variant` of it (objects moved or colours swapped), captioned with the same template, which
+    names every position. In one batch they force the tower to encode where things are and which colour
+    goes with which shape, which plain in-batch negatives rarely demand."""
+    rng = random.Random(f"standins-hard:{seed}")
+    out: list[tuple[object, str]] = []
+    while len(out) < 2 * n:
         scene = miniworld.random_scene(rng)
-        out.append((miniworld.render(scene), miniworld.caption(scene, rng)))
+        other = miniworld.variant(scene, rng)
+        template = rng.choice((0, 1, 2))
+        a, b = miniworld.caption(scene, rng, template), miniworld.caption(other, rng, template)
+        if a != b:  # (three-object captions leave out sizes: a swap of two sizes only is invisible)
+            out += [(miniworld.render(scene), a), (miniworld.render(other), b)]
     return out
 
 
@@ -416,7 +452,7 @@ def _lm_docs(data: Path) -> tuple[list[dict], list[dict]]:
 
 
 def make_standins(data: str | Path, out: str | Path, *, seed: int = 0, preset: str = "small",
-                  lm_steps: int | None = None, vision_steps: int | None = None, extra_pairs: int | None = None,
+                  lm_steps: int | None = None, vision_steps: int | None = None, hard_negatives: int | None = None,
                   threads: int | None = 2, fromage: bool = True, progress: Callable[[str], None] | None = None) -> dict:
     """Pretrain both stand-ins on the data root `data` (written by `fromage-bench data synth`) into `out`;
     returns (and writes to OUT/standins.json) their quality numbers."""
@@ -426,7 +462,7 @@ def make_standins(data: str | Path, out: str | Path, *, seed: int = 0, preset: s
     lm_settings, vision_settings = PRESETS[preset]
     lm_settings = replace(lm_settings, **({"steps": lm_steps} if lm_steps is not None else {}))
     vision_settings = replace(vision_settings, **({"steps": vision_steps} if vision_steps is not None else {}),
-                              **({"extra_pairs": extra_pairs} if extra_pairs is not None else {}))
+                              **({"hard_negatives": hard_negatives} if hard_negatives is not None else {}))
     for required in (miniworld.CC3M_TRAIN_TSV, miniworld.CC3M_VAL_TSV):
         if not (data / required).is_file():
             from model.errors import FromageInputError
@@ -444,9 +480,10 @@ def make_standins(data: str | Path, out: str | Path, *, seed: int = 0, preset: s
 
         tokenizer = GPT2Tokenizer.from_pretrained(str(out / "opt"))
         train_pairs: list = read_pairs(data / miniworld.CC3M_TRAIN_TSV, data / miniworld.CC3M_TRAIN_IMAGES)
-        train_pairs += _extra_pairs(vision_settings.extra_pairs, seed)
+        hard = hard_negative_pairs(vision_settings.hard_negatives, seed)
         held_pairs = read_pairs(data / miniworld.CC3M_VAL_TSV, data / miniworld.CC3M_VAL_IMAGES)
-        vision_report = pretrain_vision(train_pairs, held_pairs, tokenizer, out / "clip", vision_settings, seed, progress)
+        vision_report = pretrain_vision(train_pairs, held_pairs, tokenizer, out / "clip", vision_settings, seed, progress,
+                                        hard_pairs=hard)
     finally:
         torch.set_num_threads(previous_threads)
     report = {"data": str(data), "seed": seed, "preset": preset, "threads": threads, "lm": lm_report,

@@ -251,7 +251,7 @@ def test_untrained_fromage_over_the_standins_loads(standins, tmp_path):
     assert torch.isfinite(torch.as_tensor(scores)).all()
 
 
-@pytest.mark.slow
+@pytest.mark.embedded
 def test_small_standins_are_far_above_chance(tmp_path):
     """The `small` scale and preset end to end (a few minutes on 2 cores)."""
     from fromage_bench.standins import make_standins
