@@ -253,7 +253,9 @@ class TextTower(nn.Module):
         super().__init__()
         self.max_len = max_len
         self.tokens = nn.Embedding(vocab, hidden)
-        self.positions = nn.Parameter(torch.randn(max_len, hidden) * 0.02)
+        # positions as large as the token embeddings (N(0, 1)): word order must count ("a red circle and a
+        # blue star" vs "a blue circle and a red star")
+        self.positions = nn.Parameter(torch.randn(max_len, hidden))
         layer = nn.TransformerEncoderLayer(hidden, nhead=4 if hidden % 4 == 0 else 1, dim_feedforward=2 * hidden,
                                            dropout=0.0, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
@@ -335,6 +337,10 @@ def pretrain_vision(train_pairs: Sequence[tuple[object, str]], heldout_pairs: Se
                               num_hidden_layers=settings.layers, num_attention_heads=settings.heads,
                               image_size=settings.image_size, patch_size=settings.patch, projection_dim=settings.embed_dim)
     vision = CLIPVisionModel(config)
+    with torch.no_grad():
+        # CLIP initialises position embeddings about 100x smaller than a patch's embedding: the tower then
+        # learns where things are only very slowly. At unit scale it learns places from the start.
+        vision.embeddings.position_embedding.weight.normal_(0.0, 1.0)
     vision_head = nn.Linear(settings.hidden, settings.embed_dim, bias=False)
     text = TextTower(len(tokenizer), settings.text_hidden, settings.text_layers, settings.embed_dim)
     logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
