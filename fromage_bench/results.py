@@ -51,17 +51,12 @@ def _jsonable(value):
 
 
 def read_results(path: str | Path) -> dict[str, Any]:
-    from model.errors import FromageInputError
+    from model.errors import FromageInputError, read_json
 
     path = Path(path)
     if path.is_dir():
         path = path / RESULTS_FILE
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FromageInputError(path, "results file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise FromageInputError(path, f"malformed JSON: {err}") from None
+    document = read_json(path, "results file not found")
     if not isinstance(document, dict) or document.get("schema") != SCHEMA:
         raise FromageInputError(path, "not a fromage-bench results file")
     if document.get("schema_version") != SCHEMA_VERSION:

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import FromageInputError
+from .errors import FromageInputError, read_json
 
 MODEL_ARGS_FILE = "model_args.json"
 
@@ -62,12 +61,7 @@ class ModelArgs:
 
 def read_model_args(model_dir: str | Path) -> ModelArgs:
     path = Path(model_dir) / MODEL_ARGS_FILE
-    if not path.is_file():
-        raise FromageInputError(path, "missing", "a FROMAGe model directory holds model_args.json and pretrained_ckpt.pth.tar")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise FromageInputError(path, f"malformed JSON: {err}") from None
+    raw = read_json(path, hint="a FROMAGe model directory holds model_args.json and pretrained_ckpt.pth.tar")
     if not isinstance(raw, dict):
         raise FromageInputError(path, "expected a JSON object of model arguments")
     return ModelArgs.from_dict(raw, source=str(path))

@@ -1,7 +1,9 @@
 """One error type for bad user input, so the CLI can print one line and exit with status 2."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 
 class FromageInputError(ValueError):
@@ -18,3 +20,19 @@ class FromageInputError(ValueError):
         if hint:
             message += f" ({hint})"
         super().__init__(message)
+
+
+def read_json(path: str | Path, missing: str = "missing", hint: str | None = None) -> Any:
+    """The parsed contents of a JSON file. A missing file raises `FromageInputError(path, missing, hint)`;
+    unreadable or malformed JSON raises one naming the file and the parser's complaint."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise FromageInputError(path, missing, hint) from None
+    except UnicodeDecodeError as err:
+        raise FromageInputError(path, f"malformed JSON: not UTF-8 ({err.reason} at byte {err.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise FromageInputError(path, f"malformed JSON: {err}") from None

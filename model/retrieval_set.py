@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import FromageInputError
+from .errors import FromageInputError, read_json
 
 EMBEDDINGS_FILE = "retrieval_embeddings.safetensors"
 PATHS_FILE = "retrieval_paths.json"
@@ -60,10 +60,7 @@ class RetrievalSet:
         for required in (emb_path, paths_path):
             if not required.is_file():
                 raise FromageInputError(required, "missing", "a retrieval set is a directory written by convert-embeddings")
-        try:
-            meta = json.loads(paths_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise FromageInputError(paths_path, f"malformed JSON: {err}") from None
+        meta = read_json(paths_path)
         if isinstance(meta, list):
             meta = {"paths": meta}
         if not isinstance(meta, dict) or not isinstance(meta.get("paths"), list):

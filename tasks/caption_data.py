@@ -21,11 +21,10 @@ files are not errors here: the image keeps a path that does not open, and the ta
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.errors import FromageInputError
+from model.errors import FromageInputError, read_json
 
 from .images import ImageDir
 
@@ -126,12 +125,7 @@ def load_cc3m(tsv: Path, image_dir: Path, limit: int | None = None) -> list[Capt
 def read_karpathy(json_path: Path) -> list[dict]:
     """The `images` list of a Karpathy-split JSON, checked for the fields the tasks use."""
     json_path = Path(json_path)
-    if not json_path.is_file():
-        raise FromageInputError(json_path, "Karpathy split JSON not found", "expected dataset_coco.json")
-    try:
-        data = json.loads(json_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise FromageInputError(json_path, f"not valid JSON: {err}") from None
+    data = read_json(json_path, "Karpathy split JSON not found", "expected dataset_coco.json")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise FromageInputError(json_path, "expected an object with an `images` list (Karpathy split format)")
     for i, entry in enumerate(data["images"]):

@@ -23,7 +23,6 @@ Protocols (both computed in one invocation; the expensive work is shared):
 from __future__ import annotations
 
 import copy
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from model.errors import FromageInputError
+from model.errors import FromageInputError, read_json
 
 from .base import RunContext, Skipped, Task, TaskResult, limited, register
 from .cache import load_features
@@ -75,13 +74,7 @@ class DenseAnnotation:
 
 
 def _read_json(path: Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise FromageInputError(path, "missing", "see `fromage-bench tasks` for the expected layout under --data-root")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise FromageInputError(path, f"malformed JSON ({err})") from None
+    return read_json(path, hint="see `fromage-bench tasks` for the expected layout under --data-root")
 
 
 def _is_int(x: Any) -> bool:

@@ -34,7 +34,6 @@ Protocols: the only difference is the per-caption BOS.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -42,7 +41,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from model.errors import FromageInputError
+from model.errors import FromageInputError, read_json
 
 from .base import RunContext, Skipped, Task, TaskResult, register
 from .cache import load_features
@@ -89,12 +88,7 @@ class Story:
 def load_stories(path: Path) -> tuple[list[Story], list[str]]:
     """The stories of a SIS file (in order of first appearance) and the photo ids of its `images` list."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FromageInputError(path, "VIST story file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise FromageInputError(path, f"malformed JSON: {err}") from None
+    data = read_json(path, "VIST story file not found")
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise FromageInputError(path, "not a VIST story-in-sequence file: no 'annotations' list",
                                 "expected the SIS val.story-in-sequence.json")

@@ -175,7 +175,7 @@ def test_bad_tsv_is_an_input_error_naming_the_file_and_line(tmp_path, content, m
 
 
 @pytest.mark.parametrize("content, match", [
-    ("{not json", "not valid JSON"),
+    ("{not json", "malformed JSON"),
     ('{"annotations": []}', "`images` list"),
     ('{"images": [{"filename": "a.jpg", "sentences": []}]}', r"images\[0\]: missing or non-string `split`"),
     ('{"images": [{"filename": "a.jpg", "split": "test", "sentences": [{"tokens": []}]}]}', r"sentences\[0\]"),
