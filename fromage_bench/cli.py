@@ -250,7 +250,7 @@ def cmd_profile(args) -> int:
 def cmd_report(args) -> int:
     from reports import main_report
 
-    path = main_report(args.run_dir, args.images)
+    path = main_report(args.run_dir, args.images, args.benchmarks)
     print(f"wrote {path}")
     return 0
 
@@ -330,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--images", action="append", metavar="TASK=DIR",
                    help="image directory for a task's thumbnails (default: from the run's data root)")
+    p.add_argument("--benchmarks", type=Path, metavar="FILE",
+                   help="pytest-benchmark JSON for the speed-up table (`nox -s bench` writes runs/bench/benchmarks.json; "
+                        "default: RUN_DIR/benchmarks.json if present)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("results-csv", help="export a run's results.json as CSV (one row per record)")

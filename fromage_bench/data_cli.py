@@ -58,8 +58,8 @@ def add_data_parser(subparsers) -> None:
     s.add_argument("--out", type=Path, required=True, help="data root (use as eval --data-root)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--scale", choices=("tiny", "small", "medium"), default="small",
-                   help="small: 2000 training pairs, 200 val captions, 60 stories, 30 dialogues (default); "
-                        "medium: 5x; tiny: for tests")
+                   help="small: 5000 training pairs, 200 val captions, 60 stories, 30 dialogues (default); "
+                        "medium: 4-7x; tiny: for tests")
     s.set_defaults(func=cmd_data_synth)
 
     p = subparsers.add_parser("make-standins",
@@ -73,7 +73,7 @@ def add_data_parser(subparsers) -> None:
     p.add_argument("--vision-steps", type=int, help="override the preset's vision training steps")
     p.add_argument("--hard-negatives", type=int,
                    help="groups of two fresh scenes differing only in places / colour binding, half of every "
-                        "vision batch (default: the preset's, 1500 for small; 0 disables)")
+                        "vision batch (default 0: they lowered VIST retrieval, see docs/miniworld.md)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--no-fromage", action="store_true",
                    help="do not write model_args.json + an untrained pretrained_ckpt.pth.tar next to the stand-ins")

@@ -64,9 +64,9 @@ NUMBER_WORDS = ("none", "one", "two", "three", "four", "five")
 
 SCALES = {  # counts of each dataset; `tiny` is for tests
     "tiny": dict(train=120, val=24, coco=12, coco_other=3, stories=8, dialogues=6, lm_stories=60, lm_dialogues=60),
-    "small": dict(train=2000, val=200, coco=100, coco_other=10, stories=60, dialogues=30, lm_stories=800,
+    "small": dict(train=5000, val=200, coco=100, coco_other=10, stories=60, dialogues=30, lm_stories=800,
                   lm_dialogues=800),
-    "medium": dict(train=10000, val=1000, coco=500, coco_other=50, stories=300, dialogues=200, lm_stories=4000,
+    "medium": dict(train=20000, val=1000, coco=500, coco_other=50, stories=300, dialogues=200, lm_stories=4000,
                    lm_dialogues=4000),
 }
 
@@ -533,14 +533,15 @@ def _rng(seed: int, name: str) -> random.Random:
 
 def training_pair(rng: random.Random) -> tuple[Scene, str]:
     """A CC3M-style training pair. Like web alt-text, the texts vary in style: mostly captions of the whole
-    scene (60 %), but also a story sentence told about the picture (25 %: "we saw a small red star on the
-    left .", or a step such as "then the star turned blue ." that names only what changed) and one to three
-    question/answer rounds about it (15 %: "Q: what colour is the star? A: it is red.")."""
+    scene (60 %), but also a story told up to the picture (25 %: "we saw a small red star on the left .",
+    possibly followed by steps such as "then the star turned blue ." that name only what changed, so only the
+    whole text pins the picture down) and one to three question/answer rounds about it (15 %: "Q: what
+    colour is the star? A: it is red.")."""
     style = rng.choices(("caption", "story", "dialogue"), weights=(12, 5, 3))[0]
     if style == "story":
         story = random_story(rng)
         k = rng.randrange(len(story.scenes))
-        return story.scenes[k], story.sentences[k]
+        return story.scenes[k], " ".join(story.sentences[:k + 1])
     scene = random_scene(rng)
     if style == "dialogue":
         qas = random_dialogue(rng, scene, rng.choice((1, 2, 2, 3)))

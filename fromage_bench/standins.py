@@ -64,7 +64,7 @@ class VisionSettings:
     batch_size: int = 128
     lr: float = 1e-3
     warmup: int = 30
-    hard_negatives: int = 1500  # pairs of miniworld scenes that differ only in places / colour binding
+    hard_negatives: int = 0    # groups of two scenes that differ only in places / colour binding (off: see docs)
 
 
 PRESETS = {
@@ -73,7 +73,7 @@ PRESETS = {
                             batch_size=32, warmup=5, hard_negatives=32)),
     "small": (LMSettings(), VisionSettings()),
     "medium": (LMSettings(hidden=256, layers=4, heads=4, steps=2000, batch_tokens=4096),
-               VisionSettings(hidden=256, layers=4, heads=4, steps=3000, batch_size=192, hard_negatives=6000)),
+               VisionSettings(hidden=256, layers=4, heads=4, steps=3000, batch_size=192)),
 }
 
 
@@ -253,9 +253,7 @@ class TextTower(nn.Module):
         super().__init__()
         self.max_len = max_len
         self.tokens = nn.Embedding(vocab, hidden)
-        # positions as large as the token embeddings (N(0, 1)): word order must count ("a red circle and a
-        # blue star" vs "a blue circle and a red star")
-        self.positions = nn.Parameter(torch.randn(max_len, hidden))
+        self.positions = nn.Parameter(torch.randn(max_len, hidden) * 0.02)
         layer = nn.TransformerEncoderLayer(hidden, nhead=4 if hidden % 4 == 0 else 1, dim_feedforward=2 * hidden,
                                            dropout=0.0, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
@@ -337,10 +335,6 @@ def pretrain_vision(train_pairs: Sequence[tuple[object, str]], heldout_pairs: Se
                               num_hidden_layers=settings.layers, num_attention_heads=settings.heads,
                               image_size=settings.image_size, patch_size=settings.patch, projection_dim=settings.embed_dim)
     vision = CLIPVisionModel(config)
-    with torch.no_grad():
-        # CLIP initialises position embeddings about 100x smaller than a patch's embedding: the tower then
-        # learns where things are only very slowly. At unit scale it learns places from the start.
-        vision.embeddings.position_embedding.weight.normal_(0.0, 1.0)
     vision_head = nn.Linear(settings.hidden, settings.embed_dim, bias=False)
     text = TextTower(len(tokenizer), settings.text_hidden, settings.text_layers, settings.embed_dim)
     logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))

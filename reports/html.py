@@ -756,13 +756,55 @@ def _environment(run: Run) -> str:
                     f"<h3>Environment</h3><pre>{dump(env)}</pre><h3>Configuration</h3><pre>{dump(config)}</pre>")
 
 
+# ---------------------------------------------------------------------------------------------- speed-ups
+
+BENCHMARKS_FILE = "benchmarks.json"  # pytest-benchmark's --benchmark-json output (`nox -s bench`)
+
+
+def read_benchmarks(path: Path) -> dict:
+    """A pytest-benchmark JSON file (`nox -s bench` writes runs/bench/benchmarks.json)."""
+    from model.errors import FromageInputError, read_json
+
+    document = read_json(path, "benchmarks file not found", "`nox -s bench` writes runs/bench/benchmarks.json")
+    if not isinstance(document, dict) or not isinstance(document.get("benchmarks"), list):
+        raise FromageInputError(path, "not a pytest-benchmark JSON file (no `benchmarks` list)")
+    return document
+
+
+def _speedups(benchmarks: dict | None) -> str:
+    """The fast paths against the original scripts' way of working (issue targets and whether they were met)."""
+    if not benchmarks:
+        return ""
+    rows = []
+    for b in benchmarks["benchmarks"]:
+        if not isinstance(b, dict):
+            continue
+        extra = b.get("extra_info") if isinstance(b.get("extra_info"), dict) else {}
+        fast, naive = _get(b, "stats", "min"), extra.get("naive_seconds")
+        speedup, target = extra.get("speedup"), extra.get("target")
+        met = "&#8212;"
+        if _is_num(speedup) and _is_num(target):
+            met = '<span class="pos">met</span>' if speedup >= target else '<span class="neg">missed</span>'
+        rows.append(f"<tr><td>{esc(b.get('name'))}</td><td class=num>{fmt_num(fast, 3)}</td>"
+                    f"<td class=num>{fmt_num(naive, 3)}</td><td class=num>{fmt_num(speedup, 1)}x</td>"
+                    f"<td class=num>{fmt_num(target, 0)}x</td><td>{met}</td></tr>")
+    cpu = _get(benchmarks, "machine_info", "cpu", "brand_raw") or _get(benchmarks, "machine_info", "processor")
+    note = _note(f"pytest-benchmark run of {benchmarks.get('datetime', '?')} on {cpu or 'an unknown CPU'}: the "
+                 "fastest round of each fast path against the reference path written the way the original "
+                 "scripts work, on the same model and inputs (outputs asserted identical).")
+    headers = ["Benchmark", "Fast path s", "Original-style s", "Speed-up", "Target", ""]
+    return _section("speedups", "Speed-ups", _table(headers, rows, "speedup-table") + note)
+
+
 # ---------------------------------------------------------------------------------------------- assembly
 
-def render_report(document: dict, run_dir: Path, image_roots: dict[str, Path] | None = None) -> str:
+def render_report(document: dict, run_dir: Path, image_roots: dict[str, Path] | None = None,
+                  benchmarks: dict | None = None) -> str:
     run = Run(document, Path(run_dir))
     thumbs = Thumbnails(image_roots)
     sections = [("summary", "Summary", _summary(run)), ("accuracy", "Accuracy", _accuracy(run)),
-                ("cost", "Cost", _cost(run)), ("profile", "Profile", _profile(run)), ("plots", "Plots", _plots(run)),
+                ("cost", "Cost", _cost(run)), ("profile", "Profile", _profile(run)),
+                ("speedups", "Speed-ups", _speedups(benchmarks)), ("plots", "Plots", _plots(run)),
                 ("examples", "Examples", _qualitative(run, thumbs)), ("skipped", "Skipped data", _skipped_data(run)),
                 ("environment", "Environment", _environment(run))]
     nav = "".join(f'<a href="#{a}">{esc(t)}</a>' for a, t, body in sections if body)
@@ -794,13 +836,16 @@ def _default_image_roots(document: dict) -> dict[str, Path]:
     return roots
 
 
-def write_report(run_dir: Path, *, image_roots: dict[str, Path] | None = None) -> Path:
-    """Write `run_dir/report.html` (atomically) from `run_dir/results.json` and return its path."""
+def write_report(run_dir: Path, *, image_roots: dict[str, Path] | None = None, benchmarks: Path | None = None) -> Path:
+    """Write `run_dir/report.html` (atomically) from `run_dir/results.json` and return its path. The speed-up
+    table comes from `benchmarks` (a pytest-benchmark JSON), else from `run_dir/benchmarks.json` if present."""
     run_dir = Path(run_dir)
     document = read_results(run_dir)
     if image_roots is None:
         image_roots = _default_image_roots(document)
-    text = render_report(document, run_dir, image_roots)
+    if benchmarks is None and (run_dir / BENCHMARKS_FILE).is_file():
+        benchmarks = run_dir / BENCHMARKS_FILE
+    text = render_report(document, run_dir, image_roots, read_benchmarks(benchmarks) if benchmarks else None)
     path = run_dir / REPORT_FILE
     atomic_write_text(path, text)
     return path
@@ -823,6 +868,8 @@ def parse_image_roots(values: Iterable[str] | dict | None) -> dict[str, Path] | 
     return out
 
 
-def main_report(run_dir: str | Path, image_roots: Iterable[str] | dict | None = None) -> Path:
-    """CLI hook for `fromage-bench report RUN_DIR [--images TASK=DIR ...]`."""
-    return write_report(Path(run_dir), image_roots=parse_image_roots(image_roots))
+def main_report(run_dir: str | Path, image_roots: Iterable[str] | dict | None = None,
+                benchmarks: str | Path | None = None) -> Path:
+    """CLI hook for `fromage-bench report RUN_DIR [--images TASK=DIR ...] [--benchmarks FILE]`."""
+    return write_report(Path(run_dir), image_roots=parse_image_roots(image_roots),
+                        benchmarks=Path(benchmarks) if benchmarks else None)

@@ -195,6 +195,26 @@ def test_pretraining_text_matches_the_task_prompts(world):
         line.split("\t")[0] for line in (world / mw.CC3M_TRAIN_TSV).read_text().splitlines()[1:]}
 
 
+def test_variants_are_hard_negatives():
+    import random
+
+    from fromage_bench.standins import hard_negative_pairs
+
+    rng = random.Random(0)
+    for _ in range(300):
+        scene = mw.random_scene(rng)
+        other = mw.variant(scene, rng)
+        assert mw.scene_key(other) != mw.scene_key(scene) and len(other) == len(scene)
+        assert sorted(o.shape for o in other) == sorted(o.shape for o in scene)
+        assert sorted(o.colour for o in other) == sorted(o.colour for o in scene)
+        assert len({o.position for o in other}) == len(other)
+    pairs = hard_negative_pairs(20, seed=0)
+    assert len(pairs) == 40
+    for (image_a, text_a), (image_b, text_b) in zip(pairs[::2], pairs[1::2]):
+        assert text_a != text_b and list(image_a.getdata()) != list(image_b.getdata())
+        assert sorted(re.findall(r"[a-z]+", text_a)) != sorted(re.findall(r"[a-z]+", text_b)) or "and" in text_a
+
+
 # -- stand-ins ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def standins(world, tmp_path_factory):
@@ -213,6 +233,7 @@ def test_standin_pretraining_lowers_both_losses(standins):
     saved = json.loads((out / "standins.json").read_text())
     assert saved["lm"]["heldout_perplexity"] == report["lm"]["heldout_perplexity"]
     assert saved["vision"]["heldout"]["chance_R@1"] > 0
+    assert saved["vision"]["heldout_hard_negatives"]["chance"] == 50.0
 
 
 def test_standins_have_the_real_backbones_layout(standins):

@@ -346,3 +346,44 @@ def test_odd_records_render(tmp_path):
     assert "image not found: a/../../etc/passwd" in text   # never read outside the image root
     for attrs in parse(text).imgs:
         decode_data_uri(attrs["src"])
+
+
+def _pytest_benchmark_json(path: Path) -> Path:
+    """The shape pytest-benchmark's --benchmark-json writes (only the fields the report reads)."""
+    path.write_text(json.dumps({
+        "machine_info": {"cpu": {"brand_raw": "Test CPU <b>"}}, "datetime": "2026-11-28T00:00:00",
+        "benchmarks": [
+            {"name": "test_answer_ranking<script>", "stats": {"min": 0.25, "mean": 0.3},
+             "extra_info": {"naive_seconds": 3.0, "speedup": 12.0, "target": 10.0}},
+            {"name": "test_generation", "stats": {"min": 0.5, "mean": 0.6},
+             "extra_info": {"naive_seconds": 2.0, "speedup": 4.0, "target": 5.0}}]}))
+    return path
+
+
+def test_speedup_table_from_pytest_benchmark_json(tmp_path):
+    run_dir, _ = make_fake_run(tmp_path / "run")
+    text = main_report(run_dir).read_text()
+    assert 'id="speedup-table"' not in text                       # no benchmarks: no section
+    _pytest_benchmark_json(run_dir / "benchmarks.json")          # found next to results.json by default
+    doc = _Doc()
+    doc.feed(main_report(run_dir).read_text())
+    rows = [[t for _, t in row] for row in doc.tables["speedup-table"]]
+    assert rows[0][:5] == ["Benchmark", "Fast path s", "Original-style s", "Speed-up", "Target"]
+    assert rows[1:] == [["test_answer_ranking<script>", "0.250", "3.000", "12.0x", "10x", "met"],
+                    ["test_generation", "0.500", "2.000", "4.0x", "5x", "missed"]]
+    assert "<script>" not in main_report(run_dir).read_text().split('id="speedup-table"')[1]
+
+
+def test_bad_benchmarks_file_is_one_clear_error(tmp_path, capsys):
+    from fromage_bench.cli import main
+
+    run_dir, _ = make_fake_run(tmp_path / "run")
+    bad = tmp_path / "bench.json"
+    bad.write_text('{"machine_info": {}}')
+    before = (run_dir / "report.html").read_text() if (run_dir / "report.html").exists() else None
+    assert main(["report", str(run_dir), "--benchmarks", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0] and "pytest-benchmark" in err[0]
+    assert ((run_dir / "report.html").read_text() if (run_dir / "report.html").exists() else None) == before
+    assert main(["report", str(run_dir), "--benchmarks", str(tmp_path / "none.json")]) == 2
+    assert "benchmarks file not found" in capsys.readouterr().err
