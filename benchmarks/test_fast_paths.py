@@ -3,6 +3,7 @@
 Each benchmark asserts identical outputs, records the reference time and the speed-up in the JSON
 (`extra_info`), and asserts the issue's target ratio. Run with `nox -s bench`.
 """
+import pytest
 import torch
 from PIL import Image
 
@@ -44,12 +45,22 @@ def test_answer_ranking_kv_cache_vs_per_option(benchmark, bench_model):
     assert speedup >= RANKING_TARGET, f"answer ranking only {speedup:.1f}x faster than per-option scoring"
 
 
-def test_greedy_generation_kv_cache_vs_no_cache(benchmark, bench_model):
-    prompt = [Image.new("RGB", (120, 120), (20, 90, 200)), "A picture of a dog running in a park with a ball. It"]
+@pytest.mark.parametrize("prompt_kind", ["dialogue", "caption"])
+def test_greedy_generation_kv_cache_vs_no_cache(benchmark, bench_model, prompt_kind):
+    """`dialogue` is the issue's reference (an image and a 10-round dialogue, ~200 tokens; target 5x). `caption`
+    (an image and one sentence, ~30 tokens) has no target: with so short a prompt re-encoding is cheap, and
+    each cached step is bound by reading the weights (the 50272 x 512 LM head alone is 103 MB in fp32)."""
+    if prompt_kind == "dialogue":
+        prompt, target = _dialogue_context(bench_model), GENERATION_TARGET
+    else:
+        prompt, target = [Image.new("RGB", (120, 120), (20, 90, 200)), "A picture of a dog running in a park. It"], None
     fast = benchmark.pedantic(lambda: bench_model.generate([prompt], 32), rounds=3, warmup_rounds=1)
     slow = bench_model.generate([prompt], 32, use_cache=False)
     assert torch.equal(fast.token_ids, slow.token_ids)
     naive_seconds = best_of(lambda: bench_model.generate([prompt], 32, use_cache=False), repeats=1)
     speedup = naive_seconds / benchmark.stats.stats.min
-    benchmark.extra_info.update(naive_seconds=naive_seconds, speedup=speedup, target=GENERATION_TARGET, new_tokens=32)
-    assert speedup >= GENERATION_TARGET, f"generation only {speedup:.1f}x faster than no-cache decoding"
+    prompt_tokens = len(bench_model.model.tokenizer(prompt[1]).input_ids) + bench_model.model.args.n_visual_tokens
+    benchmark.extra_info.update(naive_seconds=naive_seconds, speedup=speedup, target=target, new_tokens=32,
+                                prompt_tokens=prompt_tokens)
+    if target is not None:
+        assert speedup >= target, f"generation only {speedup:.1f}x faster than no-cache decoding"

@@ -96,5 +96,13 @@ class FromageModel(nn.Module):
         mapped = [fc(hidden_states[layer].to(self.dtype)) for layer, fc in zip(self.args.text_emb_layers, self.text_hidden_fcs)]
         return torch.stack(mapped, dim=-1).sum(dim=-1)
 
+    def text_hidden_states(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                           position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """The LM's hidden states (embeddings, then each layer) for input embeddings, without the LM head:
+        retrieval reads hidden states only, and the head's (T, vocabulary) logits cost as much as the layers."""
+        out = self.lm.model.decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                    use_cache=False, output_hidden_states=True)
+        return out.hidden_states
+
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.input_embeddings(token_ids.to(self.device))

@@ -89,8 +89,8 @@ class Fromage(nn.Module):
             raise ValueError("num_words must be >= 0")
         embedded = embed_prompt(self.model, prompts)
         if num_words == 0:
-            out = self.model.lm(inputs_embeds=embedded.embeds[None], use_cache=False, output_hidden_states=True)
-            per_position = F.normalize(self.model.retrieval_space(out.hidden_states)[0].float(), dim=-1)
+            hidden = self.model.text_hidden_states(embedded.embeds[None])
+            per_position = F.normalize(self.model.retrieval_space(hidden)[0].float(), dim=-1)
             token_ids = embedded.text_ids
             ret_positions = (embedded.labels == self.model.retrieval_token_idx).nonzero().flatten().tolist()
             text_positions = (token_ids == self.model.retrieval_token_idx).nonzero().flatten().tolist()
@@ -187,9 +187,8 @@ class Fromage(nn.Module):
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             batch = pad_batch([embedded[i] for i in rows], side="right")
-            out = self.model.lm(inputs_embeds=batch.embeds, attention_mask=batch.attention_mask,
-                                position_ids=batch.position_ids, use_cache=False, output_hidden_states=True)
-            mapped = self.model.retrieval_space(out.hidden_states)
+            hidden = self.model.text_hidden_states(batch.embeds, batch.attention_mask, batch.position_ids)
+            mapped = self.model.retrieval_space(hidden)
             picks = torch.tensor([ret_at[i] for i in rows], device=mapped.device)
             chosen = mapped[torch.arange(len(rows), device=mapped.device), picks]
             result[torch.tensor(rows, device=result.device)] = F.normalize(chosen.float(), dim=-1)
