@@ -18,6 +18,7 @@ PNG. Every text is generated from the scene it goes with, so text and pixels agr
     cc3m/cc3m_val.tsv, cc3m/validation/*.png            image_text_retrieval / captioning (cc3m)
     coco/dataset_coco.json, coco/val2014/*.png          Karpathy-style test split (coco)
     vist/sis/val.story-in-sequence.json, vist/images/val/*.png            vist_retrieval
+    vist/sis/train.story-in-sequence.json, vist/images/train/*.png        training stories (train --stories)
     visdial/visdial_1.0_val.json, visdial/visdial_1.0_val_dense_annotations.json,
     visdial/VisualDialog_val2018/*.png                                    visdial_retrieval / visdial_ranking
     miniworld/manifest.json        seed, scale, counts and the scene of every image written
@@ -63,11 +64,12 @@ TO_PLACE = {"left": "to the left", "middle": "to the middle", "right": "to the r
 NUMBER_WORDS = ("none", "one", "two", "three", "four", "five")
 
 SCALES = {  # counts of each dataset; `tiny` is for tests
-    "tiny": dict(train=120, val=24, coco=12, coco_other=3, stories=8, dialogues=6, lm_stories=60, lm_dialogues=60),
+    "tiny": dict(train=120, val=24, coco=12, coco_other=3, stories=8, dialogues=6, lm_stories=60, lm_dialogues=60,
+                 train_stories=16),
     "small": dict(train=5000, val=200, coco=100, coco_other=10, stories=60, dialogues=30, lm_stories=800,
-                  lm_dialogues=800),
+                  lm_dialogues=800, train_stories=1000),
     "medium": dict(train=20000, val=1000, coco=500, coco_other=50, stories=300, dialogues=200, lm_stories=4000,
-                   lm_dialogues=4000),
+                   lm_dialogues=4000, train_stories=4000),
 }
 
 # file layout (relative to the data root), as the tasks and the training code read it
@@ -78,6 +80,8 @@ CC3M_VAL_IMAGES = "cc3m/validation"
 COCO_JSON = "coco/dataset_coco.json"
 VIST_JSON = "vist/sis/val.story-in-sequence.json"
 VIST_IMAGES = "vist/images/val"
+VIST_TRAIN_JSON = "vist/sis/train.story-in-sequence.json"  # training stories (`fromage-bench train --stories`)
+VIST_TRAIN_IMAGES = "vist/images/train"
 VISDIAL_JSON = "visdial/visdial_1.0_val.json"
 VISDIAL_DENSE = "visdial/visdial_1.0_val_dense_annotations.json"
 VISDIAL_IMAGES = "visdial/VisualDialog_val2018"
@@ -587,7 +591,8 @@ def _coco(w: _Writer, rng: random.Random, n: int, n_other: int) -> None:
     w.text(COCO_JSON, json.dumps({"images": entries, "dataset": "coco"}))
 
 
-def _vist(w: _Writer, rng: random.Random, n: int) -> list[Story]:
+def _vist(w: _Writer, rng: random.Random, n: int, json_path: str = VIST_JSON, image_dir: str = VIST_IMAGES,
+          split: str = "val") -> list[Story]:
     stories = [random_story(rng) for _ in range(n)]
     photo_ids = [str(i) for i in rng.sample(range(1_000_000_000, 9_999_999_999), 5 * n)]
     album_ids = [str(72157600000000000 + rng.randrange(10 ** 10)) for _ in range(n)]
@@ -596,7 +601,7 @@ def _vist(w: _Writer, rng: random.Random, n: int) -> list[Story]:
     for s, story in enumerate(stories):
         photos = photo_ids[5 * s:5 * s + 5]
         for k, (pid, scene) in enumerate(zip(photos, story.scenes)):
-            w.image(f"{VIST_IMAGES}/{pid}.png", scene)
+            w.image(f"{image_dir}/{pid}.png", scene)
             images_json.append({"datetaken": f"2015-0{1 + s % 9}-1{k} 12:00:00", "license": "5",
                                 "title": " ".join(o.shape for o in scene), "text": "", "album_id": album_ids[s],
                                 "longitude": "0", "latitude": "0",
@@ -612,9 +617,9 @@ def _vist(w: _Writer, rng: random.Random, n: int) -> list[Story]:
                             "date_update": "1400000000", "primary": photos[0], "server": "1",
                             "date_create": "1400000000", "photos": "5", "secret": f"{rng.randrange(16 ** 10):010x}",
                             "owner": "00000000@N00", "vist_label": "shapes", "id": album_ids[s]})
-    document = {"info": {"description": "miniworld VIST SIS val set (fromage-bench)", "version": "1"},
+    document = {"info": {"description": f"miniworld VIST SIS {split} set (fromage-bench)", "version": "1"},
                 "type": "story_in_sequence", "albums": albums_json, "images": images_json, "annotations": annotations}
-    w.text(VIST_JSON, json.dumps(document, indent=1))
+    w.text(json_path, json.dumps(document, indent=1))
     return stories
 
 
@@ -681,6 +686,7 @@ def write_miniworld(out: str | Path, seed: int = 0, scale: str = "small", *, cle
     train_captions = _cc3m(w, train_rng, counts["train"], CC3M_TRAIN_TSV, CC3M_TRAIN_IMAGES, train_pairs)
     _coco(w, _rng(seed, "coco"), counts["coco"], counts["coco_other"])
     stories = _vist(w, _rng(seed, "vist"), counts["stories"])
+    _vist(w, _rng(seed, "vist_train"), counts["train_stories"], VIST_TRAIN_JSON, VIST_TRAIN_IMAGES, "train")
     dialogues = _visdial(w, _rng(seed, "visdial"), counts["dialogues"])
 
     # LM text: training documents (fresh stories and dialogues, never the benchmark's), held-out = benchmark text

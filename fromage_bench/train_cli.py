@@ -30,6 +30,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retrieval-weight", type=float, default=1.0, help="weight of the contrastive retrieval loss")
     p.add_argument("--ret-lm-weight", type=float, default=1.0,
                    help="weight of the LM loss of the text-only retrieval pass (caption + [RET]); 0 drops it")
+    p.add_argument("--stories", type=Path,
+                   help="VIST story-in-sequence file: also train on interleaved story queries (sentences and earlier "
+                        "photos, then [RET], against the next photo); an addition to the paper's recipe")
+    p.add_argument("--story-images", type=Path, help="the photo directory of --stories ({photo_flickr_id}.jpg|.png)")
+    p.add_argument("--story-batch", type=int, default=32, help="story queries per process and micro-batch (default 32)")
+    p.add_argument("--story-weight", type=float, default=1.0, help="weight of the story queries' contrastive loss")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (<= 0: no clipping)")
     p.add_argument("--max-len", type=int, default=24, help="caption tokens incl. BOS and [RET] (default 24)")
@@ -61,6 +67,8 @@ def config_from_args(args):
                        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                        grad_accum=args.grad_accum, concat_prob=args.concat_prob, caption_weight=args.caption_weight,
                        retrieval_weight=args.retrieval_weight, ret_lm_weight=args.ret_lm_weight,
+                       stories=args.stories, story_images=args.story_images, story_batch=args.story_batch,
+                       story_weight=args.story_weight,
                        weight_decay=args.weight_decay, grad_clip=args.grad_clip, max_len=args.max_len,
                        renorm_ret=not args.no_ret_renorm, save_every=args.save_every, resume=args.resume,
                        seed=args.seed, device=args.device, precision=args.precision, log=list(args.log),

@@ -49,6 +49,7 @@ from .loading import load_fromage
 from .losses import IGNORE_INDEX, contrastive_loss_share, distributed, token_loss_share
 from .precision import resolve_placement
 from .train_data import MAX_LEN, Batch, CaptionDataset, Collate, ShardedBatches
+from .train_stories import StoryQueries, StorySource, story_sequences
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ CHECKPOINT_DIR = "checkpoints"
 RELEASE_DIR = "release"
 METRICS_FILE = "metrics.csv"
 METRICS_FIELDS = ["step", "loss", "caption_loss", "retrieval_loss", "lr", "grad_norm", "seconds",
-                  "ret_lm_loss", "skipped_images"]
+                  "ret_lm_loss", "skipped_images", "story_loss"]
 CHECKPOINT_FORMAT = "fromage-bench-train-1"
 
 
@@ -78,6 +79,10 @@ class TrainConfig:
     caption_weight: float = 1.0     # captioning cross-entropy (image, caption)
     retrieval_weight: float = 1.0   # contrastive loss (text <-> image)
     ret_lm_weight: float = 1.0      # LM cross-entropy of the text-only retrieval pass (caption, [RET])
+    stories: Path | None = None     # VIST SIS file: interleaved story queries (an addition, see train_stories)
+    story_images: Path | None = None
+    story_batch: int = 32           # story queries per process and micro-batch
+    story_weight: float = 1.0       # contrastive loss of the story queries
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0          # <= 0: no clipping
@@ -106,6 +111,9 @@ class TrainConfig:
             (self.seed >= 0, "--seed", "must be >= 0"),
             (self.max_len >= 2, "--max-len", "must be >= 2"),
             (self.workers >= 0, "--workers", "must be >= 0"),
+            (self.story_batch >= 2, "--story-batch", "must be >= 2"),
+            ((self.stories is None) == (self.story_images is None), "--stories",
+             "needs --story-images (and the other way round)"),
             (set(self.log) <= {"tensorboard"}, "--log", "the only extra logger is tensorboard"),
         ]
         for ok, flag, problem in checks:
@@ -254,9 +262,9 @@ def concat_this_batch(seed: int, micro_batch: int, prob: float) -> bool:
 
 
 def micro_step(model: FromageModel, ret_row: nn.Parameter, batch: Batch, concat: bool, cfg: TrainConfig,
-               procs: Processes, scaler) -> torch.Tensor:
+               procs: Processes, scaler, stories: StoryQueries | None = None) -> torch.Tensor:
     """Forward and backward of one micro-batch. Returns this process's detached loss shares
-    (caption, retrieval, ret_lm). Each pass is back-propagated at once, so only one LM graph is alive."""
+    (caption, retrieval, ret_lm, story). Each pass is back-propagated at once, so only one LM graph is alive."""
     scale = 1.0 / cfg.grad_accum
     with torch.no_grad(), procs.autocast():
         features = model.vision_features(batch.pixel_values)  # frozen CLIP: no graph needed
@@ -280,7 +288,23 @@ def micro_step(model: FromageModel, ret_row: nn.Parameter, batch: Batch, concat:
     retrieval = contrastive_loss_share(F.normalize(at_ret.float(), dim=-1), F.normalize(image.float(), dim=-1),
                                        model.logit_scale.float())
     scaler.scale((cfg.retrieval_weight * retrieval + cfg.ret_lm_weight * ret_lm) * scale).backward()
-    return torch.stack([caption, retrieval, ret_lm]).detach().double()
+    story = torch.zeros((), device=caption.device)
+    if stories is not None:
+        story = story_step(model, ret_row, stories, procs)
+        scaler.scale(cfg.story_weight * scale * story).backward()
+    return torch.stack([caption, retrieval, ret_lm, story]).detach().double()
+
+
+def story_step(model: FromageModel, ret_row: nn.Parameter, stories: StoryQueries, procs: Processes) -> torch.Tensor:
+    """Interleaved story queries (sentences and earlier photos, then [RET]) against their next photo."""
+    with procs.autocast():
+        embeds, at = story_sequences(model, lambda ids: embed_text(model, ret_row, ids), stories)
+        hidden = model.text_hidden_states(embeds)
+        query = model.retrieval_space(hidden)[torch.arange(len(at), device=at.device), at]
+        features = stories.features.to(model.device)[torch.arange(len(at)), torch.tensor(stories.targets)]
+        target = model.project_visual(features, "retrieval")[:, 0]
+    return contrastive_loss_share(F.normalize(query.float(), dim=-1), F.normalize(target.float(), dim=-1),
+                                  model.logit_scale.float())
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -351,6 +375,7 @@ def save_checkpoint(path: Path, step: int, params: dict[str, nn.Parameter], opti
         "format": CHECKPOINT_FORMAT, "step": step, "data_position": step * cfg.grad_accum,
         "world_size": procs.world_size, "global_batch": cfg.batch_size * procs.world_size,
         "grad_accum": cfg.grad_accum, "seed": cfg.seed, "max_len": cfg.max_len,
+        "global_story_batch": global_story_batch(cfg, procs),
         "trainable": {name: p.detach().cpu().clone() for name, p in params.items()},
         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
         "lr_schedule": {"lr": cfg.lr, "warmup": cfg.warmup},  # the schedule is a function of the step
@@ -360,6 +385,10 @@ def save_checkpoint(path: Path, step: int, params: dict[str, nn.Parameter], opti
     tmp = path.with_name(path.name + ".tmp")
     torch.save(checkpoint, tmp)
     os.replace(tmp, path)
+
+
+def global_story_batch(cfg: TrainConfig, procs: Processes) -> int:
+    return cfg.story_batch * procs.world_size if cfg.stories is not None else 0
 
 
 def checkpoint_path(out: Path, step: int) -> Path:
@@ -389,11 +418,11 @@ def load_checkpoint(path: Path, params: dict[str, nn.Parameter], optimizer, scal
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise FromageInputError(path, "not a fromage-bench training checkpoint")
     expected = {"global_batch": cfg.batch_size * procs.world_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
-                "max_len": cfg.max_len}
-    differ = [f"{k} {ckpt[k]} (now {v})" for k, v in expected.items() if ckpt[k] != v]
+                "max_len": cfg.max_len, "global_story_batch": global_story_batch(cfg, procs)}
+    differ = [f"{k} {ckpt.get(k, 0)} (now {v})" for k, v in expected.items() if ckpt.get(k, 0) != v]
     if differ:
         raise FromageInputError(path, f"was written with {', '.join(differ)}: the data order would not continue",
-                                "resume with the same global batch, --grad-accum, --seed and --max-len")
+                                "resume with the same global batch, --grad-accum, --seed, --max-len and stories")
     if list(ckpt["trainable"]) != list(params):
         raise FromageInputError(path, "holds other trained tensors than this model has", "same --model-dir as the run?")
     with torch.no_grad():
@@ -416,10 +445,12 @@ def metrics_row(step: int, shares: torch.Tensor, skipped: int, lr: float, grad_n
                 cfg: TrainConfig) -> dict:
     """One metrics.csv row: the processes' loss shares add up to the losses of the global batch."""
     totals = sum_over_processes(torch.cat([shares, torch.tensor([float(skipped)], dtype=torch.float64)]))
-    caption, retrieval, ret_lm, all_skipped = totals.tolist()
-    loss = cfg.caption_weight * caption + cfg.retrieval_weight * retrieval + cfg.ret_lm_weight * ret_lm
+    caption, retrieval, ret_lm, story, all_skipped = totals.tolist()
+    loss = (cfg.caption_weight * caption + cfg.retrieval_weight * retrieval + cfg.ret_lm_weight * ret_lm
+            + cfg.story_weight * story)
     return {"step": step, "loss": loss, "caption_loss": caption, "retrieval_loss": retrieval, "lr": lr,
-            "grad_norm": grad_norm, "seconds": seconds, "ret_lm_loss": ret_lm, "skipped_images": int(all_skipped)}
+            "grad_norm": grad_norm, "seconds": seconds, "ret_lm_loss": ret_lm, "skipped_images": int(all_skipped),
+            "story_loss": story if cfg.stories is not None else ""}
 
 
 def sum_over_processes(value: torch.Tensor) -> torch.Tensor:
@@ -525,6 +556,10 @@ def _train(cfg: TrainConfig, procs: Processes) -> TrainResult:
     if len(dataset) < global_batch:
         raise FromageInputError(cfg.train_tsv, f"has {len(dataset)} rows, fewer than one global batch ({global_batch})")
 
+    stories = None
+    if cfg.stories is not None:
+        stories = StorySource(cfg.stories, cfg.story_images, model, cfg.story_batch, procs.world_size, procs.rank,
+                              cfg.seed)
     seed_everything(cfg.seed + procs.rank)
     ret_row, params = make_trainable(model)
     optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=cfg.betas, eps=1e-8,
@@ -553,12 +588,14 @@ def _train(cfg: TrainConfig, procs: Processes) -> TrainResult:
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        shares = torch.zeros(3, dtype=torch.float64)
+        shares = torch.zeros(4, dtype=torch.float64)
         for micro in range(cfg.grad_accum):
             batch = next(batches)
             skipped += batch.skipped
-            concat = concat_this_batch(cfg.seed, (step - 1) * cfg.grad_accum + micro, cfg.concat_prob)
-            shares += micro_step(model, ret_row, batch.to(procs.device), concat, cfg, procs, scaler).cpu()
+            index = (step - 1) * cfg.grad_accum + micro
+            concat = concat_this_batch(cfg.seed, index, cfg.concat_prob)
+            queries = stories.queries(index) if stories is not None else None
+            shares += micro_step(model, ret_row, batch.to(procs.device), concat, cfg, procs, scaler, queries).cpu()
         grad_norm = optimizer_step(optimizer, scaler, params, ret_row, cfg, ret_norm)
         row = metrics_row(step, shares / cfg.grad_accum, skipped, lr, grad_norm, time.time() - began, cfg)
         history.append(row)

@@ -91,6 +91,11 @@ def test_the_task_loaders_read_every_dataset(world):
         for option, rel in zip(rnd.options, a["gt_relevance"]):  # equivalent phrasings: 0.5, others 0
             same = mw.MEANING_OF[option] == mw.MEANING_OF[rnd.answer]
             assert rel == (1.0 if option == rnd.answer else 0.5 if same else 0.0)
+    train_stories, _ = load_stories(world / mw.VIST_TRAIN_JSON)  # the training stories: other photos, other stories
+    assert len(train_stories) == counts["train_stories"]
+    assert all((world / mw.VIST_TRAIN_IMAGES / f"{pid}.png").is_file() for s in train_stories for pid in s.photo_ids)
+    assert not {s.captions for s in train_stories} & {s.captions for s in stories}
+    assert not {p for s in train_stories for p in s.photo_ids} & {p for s in stories for p in s.photo_ids}
     train = (world / mw.CC3M_TRAIN_TSV).read_text().splitlines()
     assert train[0] == "caption\timage" and len(train) == counts["train"] + 1
     assert all((world / mw.CC3M_TRAIN_IMAGES / (line.split("\t")[1] + ".png")).is_file() for line in train[1:])
@@ -169,9 +174,10 @@ def test_dialogue_answers_agree_with_the_pixels(world):
 def test_stories_follow_their_sentences(world):
     from tasks.vist import load_stories
 
-    stories, _ = load_stories(world / mw.VIST_JSON)
-    for story in stories:
-        images = [Image.open(world / mw.VIST_IMAGES / f"{pid}.png").convert("RGB") for pid in story.photo_ids]
+    stories = [(s, mw.VIST_IMAGES) for s in load_stories(world / mw.VIST_JSON)[0]]
+    stories += [(s, mw.VIST_TRAIN_IMAGES) for s in load_stories(world / mw.VIST_TRAIN_JSON)[0]]
+    for story, image_dir in stories:
+        images = [Image.open(world / image_dir / f"{pid}.png").convert("RGB") for pid in story.photo_ids]
         assert all(list(a.getdata()) != list(b.getdata()) for a, b in zip(images, images[1:]))
         for text, image in zip(story.captions, images):
             colour = re.search(r"turned (\w+)", text)

@@ -78,7 +78,7 @@ def short_run(base_config):
 
 def read_metrics(path: Path) -> list[dict]:
     with path.open(newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
 def mean(rows, key):
