@@ -26,7 +26,8 @@ def cmd_data_synth(args) -> int:
     counts = manifest["counts"]
     print(f"wrote the miniworld ({args.scale}, seed {args.seed}) to {args.out} in {seconds:.1f} s: "
           f"{counts['cc3m_train']} training pairs, {counts['cc3m_val']} val captions, {counts['coco_test']} coco test "
-          f"images, {counts['vist_stories']} stories, {counts['visdial_dialogues']} dialogues, "
+          f"images, {counts['vist_stories']} stories (+ {counts['vist_train_stories']} for training), "
+          f"{counts['visdial_dialogues']} dialogues, "
           f"{counts['images']} images")
     return 0
 

@@ -43,7 +43,7 @@ from typing import Iterable, Sequence
 
 from PIL import Image, ImageDraw
 
-VERSION = 1
+VERSION = 2  # 2: a VIST train split (vist/sis/train.story-in-sequence.json)
 IMAGE_SIZE = 96
 CELL = IMAGE_SIZE // 3
 BACKGROUND = (150, 150, 150)
@@ -713,7 +713,8 @@ def write_miniworld(out: str | Path, seed: int = 0, scale: str = "small", *, cle
 
     manifest = {"generator": "fromage-bench miniworld", "version": VERSION, "seed": seed, "scale": scale,
                 "counts": {"cc3m_train": counts["train"], "cc3m_val": counts["val"], "coco_test": counts["coco"],
-                           "vist_stories": counts["stories"], "visdial_dialogues": counts["dialogues"],
+                           "vist_stories": counts["stories"], "vist_train_stories": counts["train_stories"],
+                           "visdial_dialogues": counts["dialogues"],
                            "lm_train_docs": len(train_docs), "lm_heldout_docs": len(heldout_docs),
                            "images": len(w.scenes)},
                 "image_size": IMAGE_SIZE, "background": BACKGROUND_NAME, "colours": COLOURS, "shapes": list(SHAPES),

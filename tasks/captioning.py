@@ -218,10 +218,8 @@ def run(ctx: RunContext, setting: str, protocols: tuple[str, ...] = ("standard",
                     "tokenized": tokenized[k], "references": list(it.captions), "scores": per_key[k]}
                    for i, (k, it) in enumerate(zip(keys, items))]
     extra.update({"prompt_prefix": prefix, "max_new_tokens": MAX_NEW_TOKENS, "n_references": sum(len(it.captions) for it in items)})
-    return [TaskResult(task=TASK.name, setting=setting, protocol=protocol, metrics=dict(metrics),
-                       n_examples=len(items), skipped=skipped, paper=TASK.paper.get((setting, protocol)),
-                       predictions=predictions, extra=dict(extra))
-            for protocol in protocols]
+    return TASK.results(setting, protocols, metrics=metrics, n_examples=len(items), skipped=skipped,
+                        predictions=predictions, extra=extra)
 
 
 TASK = register(Task(

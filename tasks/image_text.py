@@ -173,10 +173,8 @@ def run(ctx: RunContext, setting: str, protocols: tuple[str, ...] = ("standard",
                             "best_own_caption": int(i2t_best[i]), "top": i2t_top[i].tolist()})
     extra = {"n_images": len(items), "n_captions": len(captions), "query_prefix": prefix,
              "query_max_len": ORIGINAL_MAX_LEN}
-    return [TaskResult(task=TASK.name, setting=setting, protocol=protocol, metrics=dict(metrics),
-                       n_examples=len(items), skipped=skipped, paper=TASK.paper.get((setting, protocol)),
-                       predictions=predictions, extra=dict(extra))
-            for protocol in protocols]
+    return TASK.results(setting, protocols, metrics=metrics, n_examples=len(items), skipped=skipped,
+                        predictions=predictions, extra=extra)
 
 
 TASK = register(Task(
