@@ -97,7 +97,8 @@ class StorySource:
         features, sentences = [], []
         for story, k, each_bos in self.draws(micro_batch):
             features.append(self.features(story))
-            ids = [tokenize(self.model, text, keep_bos=each_bos or i == 0) for i, text in enumerate(self.texts[story][:k])]
+            texts = self.texts[story][:k]
+            ids = [tokenize(self.model, text, keep_bos=each_bos or i == 0) for i, text in enumerate(texts)]
             ids[-1] = torch.cat([ids[-1], ids[-1].new_tensor([ret_id])])
             sentences.append(ids)
         return StoryQueries(torch.stack(features), sentences)
