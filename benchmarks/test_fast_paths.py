@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from benchmarks.conftest import best_of
+from model.prompts import embed_prompt
 
 RANKING_TARGET = 10.0
 GENERATION_TARGET = 5.0
@@ -30,7 +31,7 @@ def _options():
 
 def test_answer_ranking_kv_cache_vs_per_option(benchmark, bench_model):
     context, options = _dialogue_context(bench_model), _options()
-    n_context = len(bench_model.model.tokenizer(context[1]).input_ids) + bench_model.model.args.n_visual_tokens
+    n_context = len(embed_prompt(bench_model.model, context))
     fast = benchmark.pedantic(lambda: bench_model.score_continuations(context, options, continuation_bos=True),
                               rounds=3, warmup_rounds=1)
     naive = bench_model.score_continuations(context, options, continuation_bos=True, naive=True)
@@ -59,7 +60,7 @@ def test_greedy_generation_kv_cache_vs_no_cache(benchmark, bench_model, prompt_k
     assert torch.equal(fast.token_ids, slow.token_ids)
     naive_seconds = best_of(lambda: bench_model.generate([prompt], 32, use_cache=False), repeats=1)
     speedup = naive_seconds / benchmark.stats.stats.min
-    prompt_tokens = len(bench_model.model.tokenizer(prompt[1]).input_ids) + bench_model.model.args.n_visual_tokens
+    prompt_tokens = len(embed_prompt(bench_model.model, prompt))
     benchmark.extra_info.update(naive_seconds=naive_seconds, speedup=speedup, target=target, new_tokens=32,
                                 prompt_tokens=prompt_tokens)
     if target is not None:

@@ -57,9 +57,10 @@ def _original_way(model, root):
 def assert_same_ranks(fast_ranks: torch.Tensor, scores: torch.Tensor, targets: list[int]) -> None:
     """Each fast rank must equal the reference rank, except for reordering among pool photos whose reference
     score is within SCORE_TOLERANCE of the target's: rank in [1 + #clearly better, 1 + #better or tied]."""
-    target_scores = scores[torch.arange(len(targets)), torch.tensor(targets)][:, None]
+    target_cells = (torch.arange(len(targets)), torch.tensor(targets))
+    target_scores = scores[target_cells][:, None]
     others = torch.ones_like(scores, dtype=torch.bool)
-    others[torch.arange(len(targets)), torch.tensor(targets)] = False
+    others[target_cells] = False
     lowest = 1 + ((scores > target_scores + SCORE_TOLERANCE) & others).sum(dim=1)
     highest = 1 + ((scores >= target_scores - SCORE_TOLERANCE) & others).sum(dim=1)
     outside = ((fast_ranks < lowest) | (fast_ranks > highest)).nonzero().flatten().tolist()

@@ -171,7 +171,7 @@ def variant(scene: Scene, rng: random.Random) -> Scene:
         i = rng.randrange(len(objects))
         objects[i] = _jitter(rng, replace(objects[i], position=rng.choice(empty)))
     elif kind == "swap_places":
-        i, j = rng.sample([k for k in range(len(objects))], 2)
+        i, j = rng.sample(range(len(objects)), 2)
         while objects[i].look == objects[j].look:
             i, j = rng.sample(range(len(objects)), 2)
         objects[i], objects[j] = (replace(objects[i], position=objects[j].position),

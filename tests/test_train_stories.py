@@ -21,8 +21,7 @@ from tests.test_training import LOSS_COLUMNS, REPO, free_port, mean, read_metric
 
 @pytest.fixture(scope="module")
 def story_files(tmp_path_factory):
-    info = write_vist(tmp_path_factory.mktemp("stories"), n=12, seed=4, missing=1)
-    return info
+    return write_vist(tmp_path_factory.mktemp("stories"), n=12, seed=4, missing=1)
 
 
 @pytest.fixture(scope="module")
