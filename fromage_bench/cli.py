@@ -233,7 +233,8 @@ def cmd_profile(args) -> int:
                         visual_model=args.visual_model, device=args.device,
                         precisions=_split(args.precisions or args.precision),
                         scenarios=_split(args.scenarios) or list(SCENARIOS), warmup=args.warmup, repeats=args.repeats,
-                        new_tokens=args.new_tokens, seed=args.seed or 0, bandwidth=args.bandwidth, naive=args.naive)
+                        new_tokens=args.new_tokens, seed=args.seed or 0, bandwidth=args.bandwidth, naive=args.naive,
+                        decode_paths=_split(args.decode_paths) or ["auto"])
     for flag, attr in (("image_batch_sizes", "image_batch_sizes"), ("context_lengths", "context_lengths"),
                        ("decode_batch_sizes", "decode_batch_sizes"), ("pool_sizes", "pool_sizes")):
         values = _ints(getattr(args, flag))
@@ -318,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-batch-sizes", help="default 1,8,32")
     p.add_argument("--context-lengths", help="prefill lengths, default 32,128,512")
     p.add_argument("--decode-batch-sizes", help="default 1,4,16")
+    p.add_argument("--decode-paths", help="comma-separated decode paths to time: auto (default), dynamic, static, "
+                                          "graph, compiled")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--options", type=int, help="answer options per context (default 100)")
     p.add_argument("--pool-sizes", help="retrieval pool sizes, default 1000,100000")

@@ -17,7 +17,8 @@ import torch
 
 from model import FromageInputError, PRECISIONS, load_fromage, resolve_placement
 from model.prompts import EmbeddedPrompt, pad_batch
-from model.generation import generate
+from model.generation import DECODE_PATHS, STATIC_PATHS, generate
+from model.static_decode import supports_static
 
 from .environment import describe_environment
 from .results import write_results
@@ -47,6 +48,7 @@ class ProfileConfig:
     image_batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
     context_lengths: list[int] = field(default_factory=lambda: [32, 128, 512])
     decode_batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 16])
+    decode_paths: list[str] = field(default_factory=lambda: ["auto"])  # see model.generation.DECODE_PATHS
     new_tokens: int = 32
     options: int = 100
     option_tokens: int = 7
@@ -125,16 +127,21 @@ def scenario_decode(model, cfg, gen):
     prompt_len = 32
     for batch_size in cfg.decode_batch_sizes:
         batch = pad_batch([_embedded(model, _random_text(model, prompt_len, gen)) for _ in range(batch_size)], side="left")
-        # path: "auto" (CUDA graph where possible), plus, for the speed-up, the dynamic-cache step and the
-        # original's no-cache decoding at batch 1
-        paths = ("auto", "dynamic", "naive_no_cache") if cfg.naive and batch_size == 1 else ("auto",)
+        # the chosen decode paths ("auto": CUDA graph where possible), plus, for the speed-up, the dynamic-cache
+        # step and the original's no-cache decoding at batch 1
+        paths = list(cfg.decode_paths)
+        if cfg.naive and batch_size == 1:
+            paths += [p for p in ("dynamic", "naive_no_cache") if p not in paths]
         for path in paths:
-            kwargs = {"use_cache": False} if path == "naive_no_cache" else {"decode": path}
-            full = lambda b=batch, k=kwargs: generate(model.model, b, cfg.new_tokens, **k)  # noqa: E731
-            one = lambda b=batch, k=kwargs: generate(model.model, b, 1, **k)  # noqa: E731
             params = {"batch_size": batch_size, "prompt_tokens": prompt_len, "new_tokens": cfg.new_tokens}
             if path != "auto":
                 params["path"] = path
+            if path in STATIC_PATHS and not supports_static(model.model.lm):
+                yield params, None, {"skipped": "this model cannot take the static decode step (int8, or not an OPT with ReLU)"}
+                continue
+            kwargs = {"use_cache": False} if path == "naive_no_cache" else {"decode": path}
+            full = lambda b=batch, k=kwargs: generate(model.model, b, cfg.new_tokens, **k)  # noqa: E731
+            one = lambda b=batch, k=kwargs: generate(model.model, b, 1, **k)  # noqa: E731
             yield params, (full, one), {"tokens": batch_size}
 
 
@@ -220,6 +227,10 @@ def profile_precision(cfg: ProfileConfig, precision: str) -> list[dict]:
     with torch.inference_mode():
         for scenario in cfg.scenarios:
             for params, work, units in SCENARIO_FUNCTIONS[scenario](model, cfg, gen):
+                if work is None:
+                    records.append({"kind": "profile", "scenario": scenario, "precision": precision, "status": "skipped",
+                                    "reason": units["skipped"], "params": params})
+                    continue
                 with MemoryTracker(device) as memory:
                     if scenario == "decode":
                         full = time_it(work[0], device, cfg.warmup, cfg.repeats)
@@ -236,7 +247,7 @@ def profile_precision(cfg: ProfileConfig, precision: str) -> list[dict]:
                 if scenario == "decode":
                     record["cost"]["seconds_per_token"] = times[0]
                     record["cost"]["full_generate_seconds"] = _summary(full)
-                    if params["batch_size"] == 1 and "path" not in params:
+                    if params["batch_size"] == 1:
                         record["roofline"] = _decode_roofline(model, times[0], bandwidth, copy_bw)
                 if scenario == "option_scoring" and params["options"] == 100:
                     # one timed unit is one VisDial round (100 options): project the full val set from it
@@ -254,6 +265,9 @@ def run_profile(cfg: ProfileConfig) -> Path:
     unknown = [s for s in cfg.scenarios if s not in SCENARIOS]
     if unknown:
         raise FromageInputError(f"--scenarios {','.join(unknown)}", "unknown scenario", f"choose from {', '.join(SCENARIOS)}")
+    for path in cfg.decode_paths:
+        if path not in DECODE_PATHS:
+            raise FromageInputError(f"--decode-paths {path}", "unknown decode path", f"choose from {', '.join(DECODE_PATHS)}")
     for p in cfg.precisions:
         if p not in PRECISIONS:
             raise FromageInputError(f"precision {p!r}", "unknown precision", f"choose from {', '.join(PRECISIONS)}")

@@ -15,8 +15,10 @@ from .fromage import FromageModel
 from .lm_cache import cache_layers, forward_with_cache, returned_cache
 from .static_decode import static_decoder, supports_static
 
-DECODE_PATHS = ("auto", "dynamic", "static", "graph")
 from .prompts import PaddedBatch
+
+STATIC_PATHS = ("static", "graph", "compiled")  # the fixed-size-cache step (model/static_decode.py)
+DECODE_PATHS = ("auto", "dynamic", *STATIC_PATHS)
 
 
 @dataclass
@@ -70,8 +72,9 @@ def generate(model: FromageModel, batch: PaddedBatch, max_new_tokens: int, *, te
     """Decode up to `max_new_tokens` tokens after a LEFT-padded batch of prompts.
 
     With the cache, `decode` picks how steps run: "dynamic" (Hugging Face forward with a growing cache),
-    "static" (fixed-size cache, our own step), "graph" (static, replayed as a CUDA graph) or "auto"
-    (graph on CUDA when the model allows it, else dynamic).
+    "static" (fixed-size cache, our own step), "graph" (static, replayed as a CUDA graph), "compiled" (graph
+    on CUDA, static elsewhere, with the layer's element-wise work fused by `torch.compile`; the first call
+    compiles) or "auto" (graph on CUDA when the model allows it, else dynamic).
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
@@ -92,8 +95,11 @@ def generate(model: FromageModel, batch: PaddedBatch, max_new_tokens: int, *, te
     out = forward_with_cache(lm, None, logits_to_keep=1, **first) if use_cache else lm(use_cache=False, **first)
     cache = returned_cache(out) if use_cache else None
     fixed = None
-    if use_cache and decode in ("static", "graph"):
-        fixed = static_decoder(lm, embeds.shape[0], embeds.shape[1] + max_new_tokens + 1, use_graph=decode == "graph")
+    if use_cache and decode in STATIC_PATHS:
+        if not supports_static(lm):
+            raise ValueError(f"decode={decode!r} needs an OPT model with ReLU and no int8 layers; use 'dynamic'")
+        fixed = static_decoder(lm, embeds.shape[0], embeds.shape[1] + max_new_tokens + 1,
+                               use_graph=decode != "static", compile=decode == "compiled")
         fixed.load_prefix(cache_layers(cache), mask)
         cache = None
     if fixed is not None and temperature == 0.0:

@@ -2,27 +2,89 @@
 can be captured once as a CUDA graph and replayed: one launch per token instead of several hundred
 (Python launch overhead, not weight reads, bounds batch-1 decoding of a 6.7B model in eager mode).
 
-The step runs the Hugging Face modules' own weights (layer norms, projections, MLP) in the same order and
-with the same attention scaling as `OPTDecoderLayer`, so greedy tokens match the dynamic-cache path (a
-test checks this on CPU without the graph). bitsandbytes int8 layers pick outlier columns at run time and
-cannot be captured: int8 models keep the dynamic path.
+The step computes what `OPTDecoderLayer` computes, in the same order and with the same attention scaling,
+so greedy tokens match the dynamic-cache path (a test checks this on CPU without the graph). Two things
+differ in how it is computed, both because batch-1 decoding is bound by weight reads and kernel launches:
+q, k and v come from one fused (3H, H) projection (one GEMV instead of three), and each layer's two halves
+are pure functions of tensors, which `compile=True` hands to `torch.compile` (layer norms, bias, residual
+and ReLU fused; one compiled graph serves every layer since all have the same shapes). bitsandbytes int8
+layers pick outlier columns at run time and cannot be captured: int8 models keep the dynamic path.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
 
-_DECODERS: dict = {}  # (id(lm), batch, max_len, graph) -> StaticDecoder, reused across calls (graphs are costly)
+_DECODERS: dict = {}  # (id(lm), batch, max_len, graph, compile) -> StaticDecoder, reused across calls (graphs are costly)
+_FUSED_QKV: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # attention module -> (weight, bias)
 
 
 def supports_static(lm) -> bool:
     cfg = lm.config
     quantized = any(type(m).__name__.startswith("Linear8bit") for m in lm.model.decoder.layers[0].modules())
-    return not quantized and cfg.model_type == "opt" and not getattr(cfg, "layerdrop", 0.0) > 0 and not lm.training
+    return (not quantized and cfg.model_type == "opt" and not getattr(cfg, "layerdrop", 0.0) > 0 and not lm.training
+            and cfg.activation_function == "relu")
+
+
+def fused_qkv(attn) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention's q/k/v weights and biases as one (3H, H) matrix and (3H,) vector.
+
+    The three projections are re-pointed at row blocks of the fused tensors, so nothing is held twice (3.2 GB
+    for OPT-6.7B in bf16) and the Hugging Face forward (prefill, training) keeps working on the same numbers.
+    Re-fused if the weights were replaced since (e.g. the model was moved or cast)."""
+    fused = _FUSED_QKV.get(attn)
+    if fused is not None and fused[0].data_ptr() == attn.q_proj.weight.data_ptr():
+        return fused
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+    with torch.inference_mode(False), torch.no_grad():  # ordinary tensors: the parameters stay usable for autograd
+        weight = torch.cat([p.weight.detach() for p in projections])
+        bias = torch.cat([p.bias.detach() for p in projections])
+        rows = attn.q_proj.weight.shape[0]
+        for i, p in enumerate(projections):
+            p.weight.data = weight[i * rows:(i + 1) * rows]
+            p.bias.data = bias[i * rows:(i + 1) * rows]
+    _FUSED_QKV[attn] = (weight, bias)
+    return weight, bias
+
+
+def attention_inputs(h, norm, qkv_weight, qkv_bias, scaling: float, heads: int, pre_norm: bool):
+    """First half of an OPT layer for one new position: (B, 1, H) -> q, k, v, each (B, heads, 1, head_dim)."""
+    b = h.shape[0]
+    x = F.layer_norm(h, h.shape[-1:], *norm) if pre_norm else h
+    q, k, v = F.linear(x, qkv_weight, qkv_bias).split(h.shape[-1], dim=-1)
+    q = q * scaling  # before the product, as OPTAttention does (same rounding)
+    return tuple(t.view(b, 1, heads, -1).transpose(1, 2) for t in (q, k, v))
+
+
+def attention_output_and_mlp(residual, attention, out_weight, out_bias, norm1, norm2, fc1_weight, fc1_bias,
+                             fc2_weight, fc2_bias, pre_norm: bool):
+    """Second half: output projection, residual, MLP, residual (layer norms where the config puts them)."""
+    b = residual.shape[0]
+    h = residual + F.linear(attention.transpose(1, 2).reshape(b, 1, -1), out_weight, out_bias)
+    if not pre_norm:
+        h = F.layer_norm(h, h.shape[-1:], *norm1)
+    x = F.layer_norm(h, h.shape[-1:], *norm2) if pre_norm else h
+    h = h + F.linear(F.relu(F.linear(x, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
+    return h if pre_norm else F.layer_norm(h, h.shape[-1:], *norm2)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn):
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
+    return _COMPILED[fn]
+
+
+def _norm(layer_norm) -> tuple:
+    return layer_norm.weight, layer_norm.bias, layer_norm.eps
 
 
 class StaticDecoder:
-    def __init__(self, lm, batch_size: int, max_len: int, use_graph: bool):
+    def __init__(self, lm, batch_size: int, max_len: int, use_graph: bool, compile: bool = False):
         self.lm = lm
         self.decoder = lm.model.decoder
         cfg = lm.config
@@ -42,6 +104,8 @@ class StaticDecoder:
         self.use_graph = use_graph and self.device.type == "cuda"
         self.graph = None
         self.outputs = None
+        self.first_half = _compiled(attention_inputs) if compile else attention_inputs
+        self.second_half = _compiled(attention_output_and_mlp) if compile else attention_output_and_mlp
         # greedy decoding entirely on the device (see `greedy`)
         self.token = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.step_index = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -60,28 +124,16 @@ class StaticDecoder:
         self.valid[:, :width] = prompt_mask.bool()
 
     def _layer(self, i: int, layer, h: torch.Tensor) -> torch.Tensor:
-        attn = layer.self_attn
-        b = h.shape[0]
-        residual = h
-        if layer.do_layer_norm_before:
-            h = layer.self_attn_layer_norm(h)
-        q = (attn.q_proj(h) * attn.scaling).view(b, 1, self.heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(b, 1, self.heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(b, 1, self.heads, self.head_dim).transpose(1, 2)
+        attn, pre_norm = layer.self_attn, layer.do_layer_norm_before
+        q, k, v = self.first_half(h, _norm(layer.self_attn_layer_norm), *fused_qkv(attn), attn.scaling, self.heads,
+                                  pre_norm)
         self.keys[i].index_copy_(2, self.col, k)
         self.values[i].index_copy_(2, self.col, v)
         mask = self.valid[:, None, None, :]
         out = F.scaled_dot_product_attention(q, self.keys[i], self.values[i], attn_mask=mask, scale=1.0)
-        h = residual + attn.out_proj(out.transpose(1, 2).reshape(b, 1, -1))
-        if not layer.do_layer_norm_before:
-            h = layer.self_attn_layer_norm(h)
-        residual = h
-        if layer.do_layer_norm_before:
-            h = layer.final_layer_norm(h)
-        h = residual + layer.fc2(layer.activation_fn(layer.fc1(h)))
-        if not layer.do_layer_norm_before:
-            h = layer.final_layer_norm(h)
-        return h
+        return self.second_half(h, out, attn.out_proj.weight, attn.out_proj.bias, _norm(layer.self_attn_layer_norm),
+                                _norm(layer.final_layer_norm), layer.fc1.weight, layer.fc1.bias, layer.fc2.weight,
+                                layer.fc2.bias, pre_norm)
 
     def _step(self):
         """One token for every row: (logits (B, V), hidden states laid out as Hugging Face's)."""
@@ -202,12 +254,12 @@ class StaticDecoder:
         self.valid.copy_(valid)
 
 
-def static_decoder(lm, batch_size: int, max_len: int, use_graph: bool) -> StaticDecoder:
+def static_decoder(lm, batch_size: int, max_len: int, use_graph: bool, compile: bool = False) -> StaticDecoder:
     """A decoder with room for `max_len` tokens, reused while the model and sizes stay the same."""
     max_len = (max_len + 63) // 64 * 64  # fewer distinct sizes -> fewer graphs to capture
-    key = (id(lm), batch_size, max_len, use_graph)
+    key = (id(lm), batch_size, max_len, use_graph, compile)
     if key not in _DECODERS:
         if len(_DECODERS) >= 4:
             _DECODERS.pop(next(iter(_DECODERS)))
-        _DECODERS[key] = StaticDecoder(lm, batch_size, max_len, use_graph)
+        _DECODERS[key] = StaticDecoder(lm, batch_size, max_len, use_graph, compile)
     return _DECODERS[key]

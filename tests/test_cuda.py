@@ -69,7 +69,10 @@ def test_cuda_graph_decode_equals_dynamic(tiny_dir, images, precision):
             dynamic = m.generate([prompt], 16, decode="dynamic")
             graph = m.generate([prompt], 16, decode="graph")
             static = m.generate([prompt], 16, decode="static")
+            compiled = m.generate([prompt], 16, decode="compiled")  # torch.compile'd layer halves inside the graph
             assert torch.equal(graph.token_ids, static.token_ids)
+            if precision == "fp32":
+                assert torch.equal(compiled.token_ids, graph.token_ids)
             if precision == "fp32":
                 assert torch.equal(graph.token_ids, dynamic.token_ids)
                 torch.testing.assert_close(graph.ret_embeddings, dynamic.ret_embeddings, atol=1e-4, rtol=1e-3)

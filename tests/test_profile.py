@@ -29,6 +29,19 @@ def test_every_scenario_on_the_tiny_model(tiny_dir, tmp_path):
     assert doc["environment"]["packages"]["torch"]
 
 
+def test_decode_paths_each_get_a_record_and_int8_skips_the_static_step(tiny_dir, tmp_path):
+    out = tmp_path / "paths"
+    assert main(["profile", "--model-dir", str(tiny_dir), "--out", str(out), "--precisions", "fp32,int8",
+                 "--scenarios", "decode", "--decode-paths", "auto,static", "--decode-batch-sizes", "1",
+                 "--repeats", "1", "--warmup", "0", "--new-tokens", "3", "--device", "cpu"]) == 0
+    records = {(r["precision"], r["params"].get("path", "auto")): r for r in read_results(out)["records"]}
+    assert set(records) == {("fp32", "auto"), ("fp32", "static"), ("int8", "auto"), ("int8", "static")}
+    assert records["fp32", "static"]["status"] == "ok"
+    assert records["fp32", "static"]["roofline"]["measured_tokens_per_second"] > 0
+    skipped = records["int8", "static"]
+    assert skipped["status"] == "skipped" and "int8" in skipped["reason"] and "cost" not in skipped
+
+
 def test_roofline_arithmetic(tiny):
     weight = tiny.model.lm
     roof = _decode_roofline(tiny, per_token_seconds=0.01, bandwidth=1e9, copy_bandwidth=None)
@@ -63,6 +76,7 @@ def test_paper_architecture_small_random_init(tmp_path):
     (["--scenarios", "warp"], "unknown scenario"),
     (["--precisions", "fp64"], "unknown precision"),
     (["--new-tokens", "1"], "must be >= 2"),
+    (["--decode-paths", "auto,warp"], "unknown decode path"),
 ])
 def test_bad_profile_arguments(tiny_dir, tmp_path, capsys, argv, message):
     assert main(["profile", "--model-dir", str(tiny_dir), "--out", str(tmp_path / "o"), *argv]) == 2

@@ -1,0 +1,78 @@
+"""The fixed-size-cache decode step against Hugging Face's OPT forward, the fused q/k/v projection, and the
+`torch.compile`d variant of the step (all on CPU; the CUDA-graph replay itself is in test_cuda.py)."""
+import pytest
+import torch
+from transformers import OPTForCausalLM
+
+from model.lm_cache import cache_layers, forward_with_cache, returned_cache
+from model.static_decode import StaticDecoder, fused_qkv, supports_static
+from model.tiny import tiny_opt_config
+from tests.test_generation import PROMPTS
+
+
+def tiny_lm(**overrides) -> OPTForCausalLM:
+    torch.manual_seed(0)
+    config = tiny_opt_config(vocab_size=97, hidden=32, layers=3, heads=4)
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    return OPTForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("pre_norm", [True, False], ids=["pre-norm", "post-norm (OPT-350m)"])
+def test_one_static_step_equals_the_full_forward(pre_norm):
+    """Prefill 6 positions (the first one padding), then one step: the logits and every hidden state equal
+    Hugging Face's forward over all 7 positions at once."""
+    lm = tiny_lm(do_layer_norm_before=pre_norm)
+    embeds = torch.randn(1, 7, lm.config.word_embed_proj_dim, generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1]])
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        full = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, output_hidden_states=True)
+        prefill = forward_with_cache(lm, None, inputs_embeds=embeds[:, :6], attention_mask=mask[:, :6],
+                                     position_ids=positions[:, :6])
+        decoder = StaticDecoder(lm, batch_size=1, max_len=16, use_graph=False)
+        decoder.load_prefix(cache_layers(returned_cache(prefill)), mask[:, :6])
+        logits, hidden = decoder.step(embeds[:, 6:], positions[:, 6:], column=6)
+    torch.testing.assert_close(logits, full.logits[:, -1], atol=1e-5, rtol=1e-5)
+    assert len(hidden) == len(full.hidden_states)
+    for ours, theirs in zip(hidden, full.hidden_states):
+        torch.testing.assert_close(ours[:, -1], theirs[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_fused_qkv_shares_the_projection_weights():
+    lm = tiny_lm()
+    attn = lm.model.decoder.layers[0].self_attn
+    ids = torch.tensor([[2, 5, 7, 11]])
+    before = lm(ids).logits
+    originals = [p.weight.detach().clone() for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    weight, bias = fused_qkv(attn)
+    assert torch.equal(weight, torch.cat(originals))
+    assert torch.equal(bias, torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
+    # the projections now read row blocks of the fused tensor: nothing is held twice
+    rows = attn.q_proj.weight.shape[0]
+    for i, proj in enumerate((attn.q_proj, attn.k_proj, attn.v_proj)):
+        assert proj.weight.data_ptr() == weight[i * rows].data_ptr()
+        assert isinstance(proj.weight, torch.nn.Parameter) and proj.weight.requires_grad
+    assert fused_qkv(attn)[0] is weight  # reused while the weights stay where they are
+    torch.testing.assert_close(lm(ids).logits, before, atol=0, rtol=0)
+    lm.double()  # casting replaces the parameters: the fused copy follows
+    refused, _ = fused_qkv(attn)
+    assert refused.dtype == torch.float64 and refused.data_ptr() == attn.q_proj.weight.data_ptr()
+
+
+def test_only_relu_opt_models_take_the_static_step():
+    assert supports_static(tiny_lm())
+    assert not supports_static(tiny_lm(activation_function="gelu"))
+    assert not supports_static(tiny_lm().train())
+
+
+def test_compiled_step_decodes_the_same_tokens(tiny_vis4_dir, images):
+    """decode="compiled" (torch.compile's inductor on CPU here) on a left-padded batch of three prompts."""
+    from model import load_fromage
+
+    m = load_fromage(tiny_vis4_dir, device="cpu")
+    prompts = [p(images) for p in PROMPTS]
+    dynamic = m.generate(prompts, 12, decode="dynamic")
+    compiled = m.generate(prompts, 12, decode="compiled")
+    assert torch.equal(dynamic.token_ids, compiled.token_ids)
+    torch.testing.assert_close(dynamic.ret_embeddings, compiled.ret_embeddings, atol=1e-5, rtol=1e-4)
