@@ -70,6 +70,7 @@ class StorySource:
             raise FromageInputError(json_path, f"has {len(self.paths)} usable stories, fewer than one global story "
                                     f"batch ({self.global_batch})", "lower --story-batch")
         self._features: dict[int, torch.Tensor] = {}
+        self._token_ids: dict[tuple[int, int, bool], torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -92,13 +93,18 @@ class StorySource:
                 self._features[story] = self.model.vision_features(pixels.to(self.model.device)).float()
         return self._features[story]
 
+    def sentence_ids(self, story: int, sentence: int, keep_bos: bool) -> torch.Tensor:
+        key = (story, sentence, keep_bos)
+        if key not in self._token_ids:  # every story is drawn many times: tokenise each sentence once
+            self._token_ids[key] = tokenize(self.model, self.texts[story][sentence], keep_bos=keep_bos)
+        return self._token_ids[key]
+
     def queries(self, micro_batch: int) -> StoryQueries:
         ret_id = self.model.retrieval_token_idx
         features, sentences = [], []
         for story, k, each_bos in self.draws(micro_batch):
             features.append(self.features(story))
-            texts = self.texts[story][:k]
-            ids = [tokenize(self.model, text, keep_bos=each_bos or i == 0) for i, text in enumerate(texts)]
+            ids = [self.sentence_ids(story, i, keep_bos=each_bos or i == 0) for i in range(k)]
             ids[-1] = torch.cat([ids[-1], ids[-1].new_tensor([ret_id])])
             sentences.append(ids)
         return StoryQueries(torch.stack(features), sentences)
