@@ -18,7 +18,8 @@ from .images import SQUASH_SIZE, load_image, pixel_values
 from .precision import Placement, weight_bytes
 from .prompts import Prompt, embed_prompt, pad_batch
 from .retrieval_set import RetrievalSet
-from .scoring import ContinuationScores, log_likelihood, score_continuations, score_continuations_naive
+from .scoring import (ContinuationScores, EncodedContext, encode_context, log_likelihood, score_continuations,
+                      score_continuations_naive)
 
 log = logging.getLogger(__name__)
 
@@ -194,10 +195,21 @@ class Fromage(nn.Module):
             result[torch.tensor(rows, device=result.device)] = F.normalize(chosen.float(), dim=-1)
         return result
 
-    def score_continuations(self, context: Prompt, continuations: Sequence[str], *, continuation_bos: bool = False,
-                            shift: bool = True, batch_size: int | None = None, naive: bool = False) -> ContinuationScores:
+    def encode_context(self, context: Prompt, previous: EncodedContext | None = None) -> EncodedContext:
+        """`context` through the LM once, for `score_continuations`; the prefix it shares with `previous` (the
+        dialogue's earlier round, say) is taken from that one's KV cache instead of being recomputed."""
+        encoded = encode_context(self.model, context, previous)
+        self.counters["context_tokens_encoded"] += len(encoded) - encoded.reused
+        self.counters["context_tokens_reused"] += encoded.reused
+        return encoded
+
+    def score_continuations(self, context: Prompt | EncodedContext, continuations: Sequence[str], *,
+                            continuation_bos: bool = False, shift: bool = True, batch_size: int | None = None,
+                            naive: bool = False) -> ContinuationScores:
         """Log-likelihood of each continuation given one shared interleaved context (KV cache reused).
         `naive=True` re-encodes the context per continuation (the reference path, for checks and benchmarks)."""
+        if not naive and not isinstance(context, EncodedContext):
+            context = self.encode_context(context)
         if naive:
             scores = score_continuations_naive(self.model, context, continuations, continuation_bos=continuation_bos,
                                                shift=shift)

@@ -1,5 +1,7 @@
 """Log-likelihood scoring: whole interleaved prompts (the original API) and many continuations of one
-shared context (the context is encoded once; every continuation reuses its KV cache)."""
+shared context (the context is encoded once; every continuation reuses its KV cache, and a context that
+extends an earlier one, as a dialogue's next round does, reuses the earlier one's cache for their common
+prefix)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,6 +44,46 @@ def log_likelihood(model: FromageModel, prompt: Prompt) -> float:
     return float(target_logprobs(logits[:-1], targets).sum() / scored)
 
 
+@dataclass
+class EncodedContext:
+    """A context run through the LM: what continuations are scored against."""
+    embeds: torch.Tensor        # (T, D) its input embeddings (to find the prefix a later context shares)
+    layers: list[tuple]         # per layer, keys and values (1, heads, T, head_dim)
+    last_logits: torch.Tensor   # (V,) logits at its last position: they predict a continuation's first token
+    reused: int = 0             # leading positions taken from an earlier context's cache
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+
+def shared_prefix_length(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Leading positions at which two (T, D) input sequences are exactly equal."""
+    n = min(len(a), len(b))
+    same = (a[:n] == b[:n]).all(dim=1)
+    return n if bool(same.all()) else int(same.float().argmin())
+
+
+@torch.inference_mode()
+def encode_context(model: FromageModel, context: Prompt | EmbeddedPrompt, previous: EncodedContext | None = None
+                   ) -> EncodedContext:
+    """Run `context` through the LM, continuing from the longest prefix of `previous` whose inputs are equal.
+
+    Causal attention makes a position's keys/values depend on the inputs up to it only, so the shared prefix
+    needs no recomputation. Equality is checked on the input embeddings themselves, not on text: a tokenizer
+    that merges the boundary differently (the round's "A: " before its answer) simply shortens the prefix.
+    At least the last position is always recomputed, for the logits that score a continuation's first token."""
+    ctx = context if isinstance(context, EmbeddedPrompt) else embed_prompt(model, context)
+    keep = 0
+    if previous is not None:
+        keep = min(shared_prefix_length(previous.embeds, ctx.embeds), len(ctx) - 1)
+    past = broadcast_cache([(k[:, :, :keep], v[:, :, :keep]) for k, v in previous.layers], 1, model.lm.config) \
+        if keep else None
+    positions = torch.arange(keep, len(ctx), device=ctx.embeds.device)[None]
+    out = forward_with_cache(model.lm, past, inputs_embeds=ctx.embeds[None, keep:], position_ids=positions,
+                             logits_to_keep=1)
+    return EncodedContext(ctx.embeds, cache_layers(returned_cache(out)), out.logits[0, -1], reused=keep)
+
+
 def tokenize_continuations(model: FromageModel, continuations: Sequence[str], with_bos: bool
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """All continuations in one tokenizer call: a right-padded (N, T) id matrix (CPU) and the lengths.
@@ -71,7 +113,8 @@ def embed_continuations(model: FromageModel, continuations: Sequence[str], with_
 
 
 @torch.inference_mode()
-def score_continuations(model: FromageModel, context: Prompt | EmbeddedPrompt, continuations: Sequence[str], *,
+def score_continuations(model: FromageModel, context: Prompt | EmbeddedPrompt | EncodedContext,
+                        continuations: Sequence[str], *,
                         continuation_bos: bool = False, shift: bool = True, batch_size: int | None = None) -> ContinuationScores:
     """Log-likelihood of each continuation after one shared interleaved `context`.
 
@@ -83,13 +126,10 @@ def score_continuations(model: FromageModel, context: Prompt | EmbeddedPrompt, c
     the context's last position. `shift=False` reproduces the original VisDial script, which compared each
     position's logits with the token AT that position. `continuation_bos` keeps each continuation's own BOS
     token (the original tokenised options with special tokens). `batch_size` continuations are packed per
-    forward pass (default: all).
+    forward pass (default: all). An `EncodedContext` (see `encode_context`) is used as it is.
     """
-    ctx = context if isinstance(context, EmbeddedPrompt) else embed_prompt(model, context)
-    ctx_len = len(ctx)
-    out = forward_with_cache(model.lm, None, inputs_embeds=ctx.embeds[None], logits_to_keep=1)
-    ctx_cache = cache_layers(returned_cache(out))
-    ctx_last_logits = out.logits[0, -1]
+    encoded = context if isinstance(context, EncodedContext) else encode_context(model, context)
+    ctx_cache, ctx_len, ctx_last_logits = encoded.layers, len(encoded), encoded.last_logits
 
     ids, lengths = tokenize_continuations(model, continuations, continuation_bos)
     batch_size = batch_size or len(continuations)

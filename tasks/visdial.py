@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from model.errors import FromageInputError, read_json
+from model.scoring import EncodedContext
 
 from .base import RunContext, Skipped, Task, TaskResult, limited, register
 from .cache import load_features
@@ -349,9 +350,10 @@ def run_ranking(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> li
             out = []
             for d in batch:
                 visual = model.project_images(features[d.index][None], "captioning")[0]
-                rounds = []
+                rounds, context = [], None
                 for r, rnd in enumerate(d.rounds):
-                    context = [visual, ranking_context_text(d, r)]
+                    # one encoding per round, for both protocols; it extends the previous round's context
+                    context = model.encode_context([visual, ranking_context_text(d, r)], previous=context)
                     rounds.append({protocol: _score_options(model, context, rnd.options, protocol, batch_size).tolist()
                                    for protocol in protocols})
                 out.append(rounds)
@@ -387,7 +389,7 @@ def run_ranking(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> li
     return results
 
 
-def _score_options(model, context: list, options: Sequence[str], protocol: str, batch_size: int) -> torch.Tensor:
+def _score_options(model, context: EncodedContext, options: Sequence[str], protocol: str, batch_size: int) -> torch.Tensor:
     """One round's 100 option scores. Without BOS an empty option has no token to score: it gets -inf."""
     how = SCORING[protocol]
     usable = [j for j, o in enumerate(options) if how.continuation_bos or o]

@@ -76,3 +76,57 @@ def test_packed_scoring_with_eager_attention(tiny_dir, images):
     fast = m.score_continuations(context, OPTIONS, continuation_bos=True)
     naive = m.score_continuations(context, OPTIONS, continuation_bos=True, naive=True)
     torch.testing.assert_close(fast.sum_logprob, naive.sum_logprob, atol=1e-4, rtol=1e-5)
+
+
+def test_shared_prefix_length():
+    from model.scoring import shared_prefix_length
+
+    a = torch.arange(12.0).reshape(6, 2)
+    b = a.clone()
+    b[3, 1] = -1.0
+    assert shared_prefix_length(a, a) == 6
+    assert shared_prefix_length(a, b) == 3
+    assert shared_prefix_length(a[:4], a) == 4 and shared_prefix_length(a, a[:2]) == 2
+    assert shared_prefix_length(b[3:], a) == 0
+
+
+def test_dialogue_rounds_reuse_the_previous_rounds_cache(tiny, images):
+    """Each round's context extends the last one's: reusing its cache gives the scores of a fresh encoding,
+    takes the shared prefix (image, BOS and all earlier text but the boundary token) from the cache, and
+    leaves the earlier encoding intact for its own scoring."""
+    from model.scoring import encode_context
+
+    visual = tiny.encode_images([images[2]], "captioning")[0]
+    turns = [("what colour is it", "red"), ("how many are there", "two squares"), ("is it sunny", "no")]
+    contexts = []
+    for r in range(len(turns)):
+        text = "\n".join(f"Q: {q}?\nA: {a}" for q, a in turns[:r]) + ("\n" if r else "") + f"Q: {turns[r][0]}?\nA: "
+        contexts.append([visual, text])
+    previous = None
+    for r, context in enumerate(contexts):
+        encoded = tiny.encode_context(context, previous=previous)
+        fresh = encode_context(tiny.model, context)
+        expected_prefix = 0 if previous is None else _common_prefix(embed_prompt(tiny.model, contexts[r - 1]),
+                                                                  embed_prompt(tiny.model, context))
+        assert encoded.reused == expected_prefix
+        assert r == 0 or encoded.reused > visual.shape[0] + 5  # the image, BOS and the first question at least
+        for (k, v), (fk, fv) in zip(encoded.layers, fresh.layers):
+            torch.testing.assert_close(k, fk, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(v, fv, atol=1e-5, rtol=1e-5)
+        for bos, shift in ((True, False), (False, True)):  # the paper and corrected protocols' scoring
+            reused = tiny.score_continuations(encoded, OPTIONS, continuation_bos=bos, shift=shift)
+            naive = tiny.score_continuations(context, OPTIONS, continuation_bos=bos, shift=shift, naive=True)
+            torch.testing.assert_close(reused.sum_logprob, naive.sum_logprob, atol=1e-4, rtol=1e-5)
+        if previous is not None:  # the earlier round's cache was read, not extended in place
+            again = tiny.score_continuations(previous, OPTIONS)
+            torch.testing.assert_close(again.sum_logprob, tiny.score_continuations(contexts[r - 1], OPTIONS).sum_logprob)
+        previous = encoded
+    assert tiny.counters["context_tokens_reused"] > 0
+
+
+def _common_prefix(a, b) -> int:
+    """Positions with the same token id, or (at image positions) the same embedding, counted by hand."""
+    n = 0
+    while n < min(len(a), len(b)) and torch.equal(a.embeds[n], b.embeds[n]):
+        n += 1
+    return min(n, len(b) - 1)

@@ -61,6 +61,9 @@ class FakeModel:
         self.queries += prompts
         return self.text_table[start:start + len(prompts)]
 
+    def encode_context(self, context, previous=None):
+        return {"prompt": context, "previous": previous}
+
     def score_continuations(self, context, continuations, *, continuation_bos=False, shift=True, batch_size=None):
         self.calls.append(dict(context=context, options=list(continuations), continuation_bos=continuation_bos,
                                shift=shift, batch_size=batch_size))
@@ -314,12 +317,15 @@ def test_ranking_arguments_and_scores_through_run(synth):
     ctx = RunContext(model=model, data_root=root, progress=False, limit=1, batch_size=32)
     paper, corrected = vd.RANKING.run(ctx, "val", ("paper", "corrected"))
     d = vd.load_dialogues(info["dialogs"])[0]
-    # one call per round and protocol, with the original's context: the image tokens then the text
+    # one call per round and protocol, with the original's context: the image tokens then the text, encoded
+    # once per round for both protocols, continuing from the previous round's encoding
     assert len(model.calls) == 20
     for r in range(10):
         for call, bos, shift in ((model.calls[2 * r], True, False), (model.calls[2 * r + 1], False, True)):
             assert (call["continuation_bos"], call["shift"], call["batch_size"]) == (bos, shift, 32)
-            visual, text = call["context"]
+            assert call["context"] is model.calls[2 * r]["context"]
+            assert call["context"]["previous"] is (model.calls[2 * r - 2]["context"] if r else None)
+            visual, text = call["context"]["prompt"]
             assert visual.shape == (2, 8) and visual.dtype == torch.float32
             assert text == vd.ranking_context_text(d, r)
             assert call["options"] == list(d.rounds[r].options)
