@@ -122,6 +122,7 @@ def eval_config_from_args(args):
     flags = {"tasks": args.tasks, "out": args.out, "data_root": args.data_root, "model_dir": args.model_dir,
              "opt_version": args.opt_version, "visual_model": args.visual_model, "device": args.device,
              "protocols": args.protocol, "limit": args.limit, "batch_size": args.batch_size, "seed": args.seed,
+             "image_workers": args.image_workers,
              "retrieval_set": args.retrieval_set}
     values.update({k: v for k, v in flags.items() if v is not None})  # flags win over the file
     precisions = _split(args.precisions or args.precision) or values.get("precisions") or []
@@ -293,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", help="paper, corrected or both (default: every protocol a task has)")
     p.add_argument("--limit", type=int, help="first N examples of each task")
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--image-workers", type=int,
+                   help="processes decoding image files (default: one per core, up to 8; 0 decodes in this process)")
     p.add_argument("--config", type=Path, help="TOML or YAML file with the same options (flags win)")
     p.add_argument("--cache-dir", type=Path, help="image feature cache (default ~/.cache/fromage-bench/features)")
     p.add_argument("--no-cache", action="store_true")

@@ -41,6 +41,7 @@ class EvalConfig:
     protocols: str | None = None
     limit: int | None = None
     batch_size: int = 16
+    image_workers: int | None = None  # None: one decoding process per core (none for a single batch of images)
     seed: int = 0
     random_init: bool = False
     retrieval_set: Path | None = None
@@ -173,7 +174,8 @@ def _run_precision(config: EvalConfig, cells, precision: str, staging: Path, jou
         torch.manual_seed(config.seed)
         protocols = parse_protocols(config.protocols, task)
         ctx = RunContext(model=model, data_root=config.data_root, limit=config.limit, cache=cache,
-                         progress=config.progress and group.rank == 0, batch_size=config.batch_size, latencies=[],
+                         progress=config.progress and group.rank == 0, batch_size=config.batch_size,
+                         image_workers=config.image_workers, latencies=[],
                          journal_dir=journal, task_key=f"{task.name}:{setting}:{config.limit}:{config.batch_size}",
                          work={})
         model.counters.clear()

@@ -4,7 +4,8 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ from torch import nn
 from .errors import FromageInputError
 from .fromage import FromageModel
 from .generation import GenerationOutput, generate
-from .images import SQUASH_SIZE, load_image, pixel_values
+from .images import SQUASH_SIZE, load_image, pixel_batches, pixel_values
 from .precision import Placement, weight_bytes
 from .prompts import Prompt, embed_prompt, pad_batch
 from .retrieval_set import RetrievalSet
@@ -157,6 +158,21 @@ class Fromage(nn.Module):
                   for i in range(0, len(images), batch_size)]
         self.counters["images_encoded"] += len(images)
         return torch.cat(chunks)
+
+    @torch.inference_mode()
+    def image_file_features(self, paths: Sequence[str | Path], batch_size: int = 32, workers: int | None = None
+                            ) -> Iterator[tuple[list[int], torch.Tensor, dict[int, str]]]:
+        """Pooled CLIP features of image files, batch by batch, in order: (positions in `paths`, their (n,
+        vision_dim) features, reason by unreadable position). Files are decoded and resized by a DataLoader's
+        `workers` processes (default: one per core when there is more than one batch) into pinned memory."""
+        on_cuda = self.model.device.type == "cuda"
+        for positions, pixels, failed in pixel_batches(paths, self.model.feature_extractor, batch_size, workers,
+                                                       pin_memory=on_cuda):
+            features = torch.empty(0)  # a batch of unreadable files only
+            if pixels is not None:
+                features = self.model.vision_features(pixels.to(self.model.device, non_blocking=on_cuda))
+                self.counters["images_encoded"] += len(positions)
+            yield positions, features, failed
 
     @torch.inference_mode()
     def project_images(self, features: torch.Tensor, mode: str = "captioning") -> torch.Tensor:

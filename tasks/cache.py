@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from .images import content_hash, try_load
+from .images import content_hash
 
 
 class FeatureCache:
@@ -39,42 +38,35 @@ class FeatureCache:
         tmp.replace(f)
 
 
-def load_features(model, paths: Sequence[Path | None], cache: FeatureCache | None = None,
-                  batch_size: int = 32) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
+def load_features(model, paths: Sequence[Path | None], cache: FeatureCache | None = None, batch_size: int = 32,
+                  workers: int | None = None) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
     """Pooled CLIP features (float32, CPU) of image files, by index, and the reason for each file that
-    could not be used ("missing image" / "corrupt image"). Cached features skip decoding altogether."""
+    could not be used ("missing image" / "corrupt image"). Cached features skip decoding altogether; the
+    rest are decoded by `workers` DataLoader processes (see `Fromage.image_file_features`) and cached as
+    each batch comes, so an interrupted run keeps what it computed."""
     features: dict[int, torch.Tensor] = {}
     failures: dict[int, str] = {}
-    pending: list[tuple[int, str, Image.Image]] = []
-
-    def flush():
-        if not pending:
-            return
-        fresh = model.image_features([im for _, _, im in pending], batch_size=batch_size).float().cpu()
-        for (i, digest, _), feats in zip(pending, fresh):
-            features[i] = feats
-            if cache is not None:
-                cache.put(digest, feats)
-        pending.clear()
-
+    todo: list[tuple[int, str | None, Path]] = []  # (index, content hash, path) of files to decode
     for i, path in enumerate(paths):
         if path is None or not Path(path).is_file():
             failures[i] = "missing image"
             continue
-        digest = content_hash(path)
+        digest = content_hash(path) if cache is not None else None
         cached = cache.get(digest) if cache is not None else None
         if cached is not None:
             features[i] = cached
             cache.hits += 1
             continue
-        image, reason = try_load(path)
-        if image is None:
-            failures[i] = reason
-            continue
-        if cache is not None:
-            cache.misses += 1
-        pending.append((i, digest, image))
-        if len(pending) == batch_size:
-            flush()
-    flush()
+        todo.append((i, digest, path))
+    if not todo:
+        return features, failures
+    for positions, fresh, failed in model.image_file_features([p for _, _, p in todo], batch_size, workers):
+        for position, feats in zip(positions, fresh.float().cpu()):
+            i, digest, _ = todo[position]
+            features[i] = feats
+            if cache is not None:
+                cache.misses += 1
+                cache.put(digest, feats)
+        for position, reason in failed.items():
+            failures[todo[position][0]] = reason
     return features, failures

@@ -117,7 +117,8 @@ def readable_images(ctx: RunContext, items: list[CaptionedImage], skipped: Skipp
                     source) -> tuple[list[CaptionedImage], torch.Tensor]:
     """The items whose image could be read, and their pooled CLIP features (N, vision_dim), via the
     feature cache; the others are counted in `skipped`. No readable image at all is bad input."""
-    features, failures = load_features(ctx.model, [item.path for item in items], ctx.cache, ctx.batch_size)
+    features, failures = load_features(ctx.model, [item.path for item in items], ctx.cache, ctx.batch_size,
+                                       ctx.image_workers)
     for i, reason in sorted(failures.items()):
         skipped.add(reason, items[i].image_id)
     keep = [i for i in range(len(items)) if i in features]

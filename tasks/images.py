@@ -1,14 +1,11 @@
-"""Images of a dataset: paths confined to their image directory, decoding that reports (not raises)
-per-example faults, and content hashes for the feature cache."""
+"""Images of a dataset: paths confined to their image directory, and content hashes for the feature cache.
+(Decoding that reports, not raises, per-example faults is `model.images.try_load`.)"""
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 
-from PIL import Image
-
 from model.errors import FromageInputError
-from model.images import load_image
 
 
 class ImageDir:
@@ -32,16 +29,6 @@ class ImageDir:
             if p.is_file():
                 return p
         return None
-
-
-def try_load(path: Path | None) -> tuple[Image.Image | None, str | None]:
-    """(image, None) or (None, reason) for a missing or corrupt file."""
-    if path is None or not Path(path).is_file():
-        return None, "missing image"
-    try:
-        return load_image(path), None
-    except FromageInputError:
-        return None, "corrupt image"
 
 
 def content_hash(path: Path) -> str:

@@ -170,7 +170,7 @@ def image_paths(image_dir: ImageDir, dialogues: Sequence[Dialogue]) -> list[Path
 def _readable(ctx: RunContext, image_dir: Path, dialogues: Sequence[Dialogue]) -> tuple[dict[int, torch.Tensor], Skipped]:
     """Pooled CLIP features by dialogue position, and the dialogues skipped for their image."""
     features, failures = load_features(ctx.model, image_paths(ImageDir(image_dir), dialogues), ctx.cache,
-                                       batch_size=ctx.batch_size)
+                                       batch_size=ctx.batch_size, workers=ctx.image_workers)
     skipped = Skipped()
     for i in sorted(failures):
         skipped.add(failures[i], f"dialogue {i} (image {dialogues[i].image_id})")

@@ -250,12 +250,12 @@ def context_projections(model, stories: Sequence[Story], setting: str,
 
 
 def read_pool(model, stories: Sequence[Story], listed: Sequence[str], image_dir: ImageDir, cache=None,
-              batch_size: int = 32) -> tuple[list[str], dict[str, torch.Tensor], dict[str, str]]:
+              batch_size: int = 32, workers: int | None = None) -> tuple[list[str], dict[str, torch.Tensor], dict[str, str]]:
     """(pool photo ids in pool order, pooled CLIP features by photo id, failure reason by unreadable photo id).
     Every photo used by a story is read once (through the feature cache); the pool is the readable ones."""
     candidates = pool_candidates(stories, listed)
     paths = [image_dir.find(pid) for pid in candidates]
-    by_index, failures = load_features(model, paths, cache, batch_size=batch_size)
+    by_index, failures = load_features(model, paths, cache, batch_size=batch_size, workers=workers)
     if candidates and not by_index:
         raise FromageInputError(image_dir.root, f"none of the {len(candidates)} photos the stories use could be read",
                                 "expected {photo_flickr_id}.jpg or .png files here")
@@ -279,7 +279,8 @@ def run(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> list[TaskR
         stories = stories[:ctx.limit]
 
     with torch.inference_mode():
-        pool, features, failed = read_pool(model, stories, listed, image_dir, ctx.cache, ctx.batch_size)
+        pool, features, failed = read_pool(model, stories, listed, image_dir, ctx.cache, ctx.batch_size,
+                                           ctx.image_workers)
         column = {pid: i for i, pid in enumerate(pool)}
 
         skipped = Skipped()

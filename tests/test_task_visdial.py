@@ -13,7 +13,7 @@ from model.errors import FromageInputError
 from model.scoring import ContinuationScores
 from tasks import visdial as vd
 from tasks.base import RunContext
-from tasks.images import try_load
+from model.images import try_load
 from tasks.metrics import ranks_from_scores, visdial_ndcg
 
 
@@ -45,10 +45,12 @@ class FakeModel:
         self.queries: list = []
         self.calls: list[dict] = []
 
-    def image_features(self, images, batch_size=32):
-        out = torch.arange(self.decoded, self.decoded + len(images), dtype=torch.float32)[:, None]
-        self.decoded += len(images)
-        return out
+    def image_file_features(self, paths, batch_size=32, workers=None):
+        readable = [pos for pos, path in enumerate(paths) if try_load(path)[0] is not None]
+        failed = {pos: try_load(path)[1] for pos, path in enumerate(paths) if pos not in readable}
+        out = torch.arange(self.decoded, self.decoded + len(readable), dtype=torch.float32)[:, None]
+        self.decoded += len(readable)
+        yield readable, out, failed
 
     def project_images(self, features, mode="captioning"):
         idx = features[:, 0].long()
