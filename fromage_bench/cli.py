@@ -295,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="first N examples of each task")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--image-workers", type=int,
-                   help="processes decoding image files (default: one per core, up to 8; 0 decodes in this process)")
+                   help="processes decoding image files (default: the cores beyond two, up to 8; 0 decodes "
+                        "in this process)")
     p.add_argument("--config", type=Path, help="TOML or YAML file with the same options (flags win)")
     p.add_argument("--cache-dir", type=Path, help="image feature cache (default ~/.cache/fromage-bench/features)")
     p.add_argument("--no-cache", action="store_true")

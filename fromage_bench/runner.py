@@ -41,7 +41,7 @@ class EvalConfig:
     protocols: str | None = None
     limit: int | None = None
     batch_size: int = 16
-    image_workers: int | None = None  # None: one decoding process per core (none for a single batch of images)
+    image_workers: int | None = None  # None: model.images.default_workers
     seed: int = 0
     random_init: bool = False
     retrieval_set: Path | None = None

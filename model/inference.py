@@ -164,7 +164,7 @@ class Fromage(nn.Module):
                             ) -> Iterator[tuple[list[int], torch.Tensor, dict[int, str]]]:
         """Pooled CLIP features of image files, batch by batch, in order: (positions in `paths`, their (n,
         vision_dim) features, reason by unreadable position). Files are decoded and resized by a DataLoader's
-        `workers` processes (default: one per core when there is more than one batch) into pinned memory."""
+        `workers` processes (default: `model.images.default_workers`) into pinned memory."""
         on_cuda = self.model.device.type == "cuda"
         for positions, pixels, failed in pixel_batches(paths, self.model.feature_extractor, batch_size, workers,
                                                        pin_memory=on_cuda):

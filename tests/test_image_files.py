@@ -43,9 +43,11 @@ def test_batches_hold_pixels_of_the_readable_files_only(tiny, files):
     assert [b[2] for b in batches] == [{2: "corrupt image"}, {5: "missing image"}]
 
 
-def test_default_workers():
-    assert default_workers(32, batch_size=32) == 0  # one batch: starting processes costs more than decoding
-    assert 1 <= default_workers(33, batch_size=32) <= 8
+def test_default_workers(monkeypatch):
+    for cores, expected in ((2, 0), (3, 1), (6, 4), (64, 8)):
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert default_workers(33, batch_size=32) == expected
+        assert default_workers(32, batch_size=32) == 0  # one batch: starting processes costs more than decoding
 
 
 def test_load_features_caches_each_batch_and_skips_decoding_on_a_hit(tiny, files, tmp_path):
