@@ -89,13 +89,18 @@ def test_static_cache_decoder_equals_dynamic_cache(tiny, images, make_prompt):
     torch.testing.assert_close(dynamic.ret_embeddings, static.ret_embeddings, atol=1e-5, rtol=1e-4)
 
 
-def test_static_decoder_with_left_padding_and_4_visual_tokens(tiny_vis4_dir, images):
+@pytest.mark.parametrize("decode", ["static", "compiled"])
+def test_static_decoder_with_left_padding_and_4_visual_tokens(tiny_vis4_dir, images, decode):
+    """"compiled" runs the layer halves through torch.compile (inductor on CPU here)."""
     from model import load_fromage
 
     m = load_fromage(tiny_vis4_dir, device="cpu")
     prompts = [p(images) for p in PROMPTS]
     dynamic = m.generate(prompts, 12, decode="dynamic")
-    static = m.generate(prompts, 12, decode="static")
+    torch._dynamo.reset()
+    static = m.generate(prompts, 12, decode=decode)
+    compiled_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert compiled_graphs == (2 if decode == "compiled" else 0)  # the two layer halves, shared by every layer
     assert torch.equal(dynamic.token_ids, static.token_ids)
     torch.testing.assert_close(dynamic.ret_embeddings, static.ret_embeddings, atol=1e-5, rtol=1e-4)
 

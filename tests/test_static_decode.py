@@ -1,5 +1,6 @@
-"""The fixed-size-cache decode step against Hugging Face's OPT forward, the fused q/k/v projection, and the
-`torch.compile`d variant of the step (all on CPU; the CUDA-graph replay itself is in test_cuda.py)."""
+"""The fixed-size-cache decode step against Hugging Face's OPT forward, and the fused q/k/v projection (on CPU;
+greedy decoding through the step, compiled too, is in test_generation.py, the CUDA-graph replay in
+test_cuda.py)."""
 import pytest
 import torch
 from transformers import OPTForCausalLM
@@ -7,7 +8,6 @@ from transformers import OPTForCausalLM
 from model.lm_cache import cache_layers, forward_with_cache, returned_cache
 from model.static_decode import StaticDecoder, fused_qkv, supports_static
 from model.tiny import tiny_opt_config
-from tests.test_generation import PROMPTS
 
 
 def tiny_lm(**overrides) -> OPTForCausalLM:
@@ -64,15 +64,3 @@ def test_only_relu_opt_models_take_the_static_step():
     assert supports_static(tiny_lm())
     assert not supports_static(tiny_lm(activation_function="gelu"))
     assert not supports_static(tiny_lm().train())
-
-
-def test_compiled_step_decodes_the_same_tokens(tiny_vis4_dir, images):
-    """decode="compiled" (torch.compile's inductor on CPU here) on a left-padded batch of three prompts."""
-    from model import load_fromage
-
-    m = load_fromage(tiny_vis4_dir, device="cpu")
-    prompts = [p(images) for p in PROMPTS]
-    dynamic = m.generate(prompts, 12, decode="dynamic")
-    compiled = m.generate(prompts, 12, decode="compiled")
-    assert torch.equal(dynamic.token_ids, compiled.token_ids)
-    torch.testing.assert_close(dynamic.ret_embeddings, compiled.ret_embeddings, atol=1e-5, rtol=1e-4)
