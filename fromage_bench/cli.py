@@ -229,6 +229,7 @@ def _ints(text: str | None) -> list[int] | None:
 
 def cmd_profile(args) -> int:
     from .profiler import SCENARIOS, ProfileConfig, run_profile
+    from .results import read_results
 
     cfg = ProfileConfig(out=args.out, model_dir=args.model_dir, random_init=args.random_init, opt_version=args.opt_version,
                         visual_model=args.visual_model, device=args.device,
@@ -246,7 +247,10 @@ def cmd_profile(args) -> int:
     path = run_profile(cfg)
     print(f"wrote {path}")
     _write_report(path.parent)
-    return 0
+    failed = [r for r in read_results(path.parent)["records"] if r["status"] == "error"]
+    for r in failed:
+        print(f"profile: {r['scenario']} {r['precision']} {r['params']} failed: {r['reason']}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_report(args) -> int:

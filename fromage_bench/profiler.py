@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import logging
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from model.static_decode import supports_static
 from .environment import describe_environment
 from .results import write_results
 from .trackers import MemoryTracker, Stopwatch
+
+log = logging.getLogger(__name__)
 
 SCENARIOS = ("image_encoding", "prefill", "decode", "option_scoring", "retrieval")
 VISDIAL_VAL_ROUNDS = 2064 * 10  # VisDial v1.0 val: 2064 dialogues x 10 rounds, 100 options each
@@ -231,34 +234,50 @@ def profile_precision(cfg: ProfileConfig, precision: str) -> list[dict]:
                     records.append({"kind": "profile", "scenario": scenario, "precision": precision, "status": "skipped",
                                     "reason": units["skipped"], "params": params})
                     continue
-                with MemoryTracker(device) as memory:
-                    if scenario == "decode":
-                        full = time_it(work[0], device, cfg.warmup, cfg.repeats)
-                        one = time_it(work[1], device, cfg.warmup, cfg.repeats)
-                        per_token = max((statistics.median(full) - statistics.median(one)) / (cfg.new_tokens - 1), 1e-9)
-                        times = [per_token]
-                    else:
-                        times = time_it(work, device, cfg.warmup, cfg.repeats)
-                cost = {**base_cost, "seconds": _summary(times), "memory": memory.summary()}
-                for unit, count in units.items():
-                    cost[f"{unit}_per_second"] = count / statistics.median(times)
-                record = {"kind": "profile", "scenario": scenario, "precision": precision, "status": "ok",
-                          "params": params, "cost": cost}
-                if scenario == "decode":
-                    record["cost"]["seconds_per_token"] = times[0]
-                    record["cost"]["full_generate_seconds"] = _summary(full)
-                    if params["batch_size"] == 1:
-                        record["roofline"] = _decode_roofline(model, times[0], bandwidth, copy_bw)
-                if scenario == "option_scoring" and params["options"] == 100:
-                    # one timed unit is one VisDial round (100 options): project the full val set from it
-                    record["projection"] = {"visdial_val_rounds": VISDIAL_VAL_ROUNDS,
-                                            "projected_minutes": statistics.median(times) * VISDIAL_VAL_ROUNDS / 60}
+                try:
+                    record = _measure(model, cfg, scenario, precision, params, work, units, base_cost, device,
+                                      (bandwidth, copy_bw))
+                except Exception as err:  # noqa: BLE001 - one failing path (a compile, OOM) must not lose the rest
+                    log.warning("profile %s %s %s failed: %s", scenario, precision, params, err)
+                    record = {"kind": "profile", "scenario": scenario, "precision": precision, "status": "error",
+                              "reason": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+                              "params": params}
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
                 records.append(record)
     del model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return records
+
+
+def _measure(model, cfg: ProfileConfig, scenario: str, precision: str, params: dict, work, units: dict,
+             base_cost: dict, device: torch.device, bandwidths: tuple) -> dict:
+    """Time one scenario item: its profile record."""
+    with MemoryTracker(device) as memory:
+        if scenario == "decode":
+            full = time_it(work[0], device, cfg.warmup, cfg.repeats)
+            one = time_it(work[1], device, cfg.warmup, cfg.repeats)
+            per_token = max((statistics.median(full) - statistics.median(one)) / (cfg.new_tokens - 1), 1e-9)
+            times = [per_token]
+        else:
+            times = time_it(work, device, cfg.warmup, cfg.repeats)
+    cost = {**base_cost, "seconds": _summary(times), "memory": memory.summary()}
+    for unit, count in units.items():
+        cost[f"{unit}_per_second"] = count / statistics.median(times)
+    record = {"kind": "profile", "scenario": scenario, "precision": precision, "status": "ok", "params": params,
+              "cost": cost}
+    if scenario == "decode":
+        record["cost"]["seconds_per_token"] = times[0]
+        record["cost"]["full_generate_seconds"] = _summary(full)
+        if params["batch_size"] == 1:
+            record["roofline"] = _decode_roofline(model, times[0], *bandwidths)
+    if scenario == "option_scoring" and params["options"] == 100:
+        # one timed unit is one VisDial round (100 options): project the full val set from it
+        record["projection"] = {"visdial_val_rounds": VISDIAL_VAL_ROUNDS,
+                                "projected_minutes": statistics.median(times) * VISDIAL_VAL_ROUNDS / 60}
+    return record
 
 
 def run_profile(cfg: ProfileConfig) -> Path:

@@ -395,7 +395,8 @@ def _profile(run: Run) -> str:
         params_text = ", ".join(f"{k}={v}" for k, v in sorted(params.items(), key=lambda kv: str(kv[0])))
         head = f"<td>{esc(r.get('scenario'))}</td><td>{esc(params_text)}</td><td>{esc(r.get('precision'))}</td>"
         if r.get("status", "ok") != "ok":
-            rows.append(f'<tr>{head}<td colspan=5 class="skipped">{esc("skipped: " + str(r.get("reason")))}</td></tr>')
+            status = f'{r.get("status", "skipped")}: {r.get("reason")}'  # "skipped" or "error" (the path failed)
+            rows.append(f'<tr>{head}<td colspan=5 class="skipped">{esc(status)}</td></tr>')
             continue
         cost = r.get("cost") if isinstance(r.get("cost"), dict) else {}
         median = _get(cost, "seconds", "median")

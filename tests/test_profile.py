@@ -42,6 +42,29 @@ def test_decode_paths_each_get_a_record_and_int8_skips_the_static_step(tiny_dir,
     assert skipped["status"] == "skipped" and "int8" in skipped["reason"] and "cost" not in skipped
 
 
+def test_a_failing_path_is_recorded_and_the_others_still_run(tiny_dir, tmp_path, monkeypatch, capsys):
+    import fromage_bench.profiler as profiler
+
+    real_generate = profiler.generate
+
+    def generate(model, batch, n, **kwargs):
+        if kwargs.get("decode") == "static":
+            raise RuntimeError("compiler exploded\nsecond line")
+        return real_generate(model, batch, n, **kwargs)
+
+    monkeypatch.setattr(profiler, "generate", generate)
+    out = tmp_path / "failing"
+    assert main(["profile", "--model-dir", str(tiny_dir), "--out", str(out), "--precisions", "fp32",
+                 "--scenarios", "decode,option_scoring", "--decode-paths", "static,auto", "--decode-batch-sizes", "1",
+                 "--options", "4", "--repeats", "1", "--warmup", "0", "--new-tokens", "3", "--device", "cpu"]) == 1
+    records = read_results(out)["records"]
+    assert [(r["scenario"], r["params"].get("path"), r["status"]) for r in records] == [
+        ("decode", "static", "error"), ("decode", None, "ok"), ("option_scoring", None, "ok")]
+    assert records[0]["reason"] == "RuntimeError: compiler exploded"
+    assert "failed: RuntimeError: compiler exploded" in capsys.readouterr().err
+    assert "error: RuntimeError: compiler exploded" in (out / "report.html").read_text()
+
+
 def test_roofline_arithmetic(tiny):
     weight = tiny.model.lm
     roof = _decode_roofline(tiny, per_token_seconds=0.01, bandwidth=1e9, copy_bandwidth=None)
