@@ -80,6 +80,8 @@ def validate(config: EvalConfig) -> list:
             raise FromageInputError(f"precision {p!r}", "unknown precision", f"choose from {', '.join(PRECISIONS)}")
     if config.limit is not None and config.limit < 1:
         raise FromageInputError("--limit", "must be >= 1")
+    if config.image_workers is not None and config.image_workers < 0:
+        raise FromageInputError("--image-workers", "must be >= 0 (0 decodes images in the main process)")
     if config.model_dir is None and not config.random_init:
         raise FromageInputError("--model-dir", "required (or --random-init)")
     _check_output_dir(config.out)

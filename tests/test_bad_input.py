@@ -78,6 +78,7 @@ CASES = {
     "unknown setting": (lambda m, d: None, [], "vist_retrieval:9cap", "unknown setting"),
     "unknown protocol": (lambda m, d: None, ["--protocol", "sloppy"], "visdial_ranking", "unknown protocol"),
     "unknown precision": (lambda m, d: None, ["--precisions", "fp4"], "visdial_ranking", "unknown precision"),
+    "negative image workers": (lambda m, d: None, ["--image-workers", "-1"], "visdial_ranking", "--image-workers"),
     "CUDA on a machine without CUDA": (lambda m, d: None, ["--device", "cuda"], "visdial_retrieval",
                                        "CUDA was requested"),
     "output directory not writable": (lambda m, d: (d / "a-file").write_text("x"), ["--out-under-file"],
