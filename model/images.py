@@ -68,7 +68,8 @@ def default_workers(n_images: int, batch_size: int) -> int:
     """Worker processes for decoding: none for a single batch (starting workers costs more than decoding it);
     else the cores beyond two, up to 8. The main process's own threads (vision tower, LM) keep two cores: on a
     2-core machine one or two workers made the VIST benchmark's pool encoding slower, not faster."""
-    return 0 if n_images <= batch_size else max(0, min(8, len(os.sched_getaffinity(0)) - 2))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 0 if n_images <= batch_size else max(0, min(8, cores - 2))
 
 
 def pixel_batches(paths: Sequence[str | Path], processor, batch_size: int, workers: int | None = None,

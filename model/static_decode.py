@@ -70,7 +70,7 @@ def attention_output_and_mlp(residual, attention, out_weight, out_bias, norm1, n
     return h if pre_norm else F.layer_norm(h, h.shape[-1:], *norm2)
 
 
-_COMPILED: dict = {}
+_COMPILED: dict = {}  # function -> its torch.compile wrapper, shared by every decoder (graphs cached per shape)
 
 
 def _compiled(fn):
