@@ -28,8 +28,8 @@ def supports_static(lm) -> bool:
             and cfg.activation_function == "relu")
 
 
-def fused_qkv(attn) -> tuple[torch.Tensor, torch.Tensor]:
-    """The attention's q/k/v weights and biases as one (3H, H) matrix and (3H,) vector.
+def fused_qkv(attn) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The attention's q/k/v weights and biases as one (3H, H) matrix and (3H,) vector (None without biases).
 
     The three projections are re-pointed at row blocks of the fused tensors, so nothing is held twice (3.2 GB
     for OPT-6.7B in bf16) and the Hugging Face forward (prefill, training) keeps working on the same numbers.
@@ -40,11 +40,13 @@ def fused_qkv(attn) -> tuple[torch.Tensor, torch.Tensor]:
     projections = (attn.q_proj, attn.k_proj, attn.v_proj)
     with torch.inference_mode(False), torch.no_grad():  # ordinary tensors: the parameters stay usable for autograd
         weight = torch.cat([p.weight.detach() for p in projections])
-        bias = torch.cat([p.bias.detach() for p in projections])
+        has_bias = attn.q_proj.bias is not None  # OPTConfig(enable_bias=False) has none
+        bias = torch.cat([p.bias.detach() for p in projections]) if has_bias else None
         rows = attn.q_proj.weight.shape[0]
         for i, p in enumerate(projections):
             p.weight.data = weight[i * rows:(i + 1) * rows]
-            p.bias.data = bias[i * rows:(i + 1) * rows]
+            if has_bias:
+                p.bias.data = bias[i * rows:(i + 1) * rows]
     _FUSED_QKV[attn] = (weight, bias)
     return weight, bias
 

@@ -18,11 +18,13 @@ def tiny_lm(**overrides) -> OPTForCausalLM:
     return OPTForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize("pre_norm", [True, False], ids=["pre-norm", "post-norm (OPT-350m)"])
-def test_one_static_step_equals_the_full_forward(pre_norm):
+@pytest.mark.parametrize("overrides", [{}, {"do_layer_norm_before": False},
+                                       {"enable_bias": False, "layer_norm_elementwise_affine": False}],
+                         ids=["pre-norm", "post-norm (OPT-350m)", "no biases, no norm weights"])
+def test_one_static_step_equals_the_full_forward(overrides):
     """Prefill 6 positions (the first one padding), then one step: the logits and every hidden state equal
     Hugging Face's forward over all 7 positions at once."""
-    lm = tiny_lm(do_layer_norm_before=pre_norm)
+    lm = tiny_lm(**overrides)
     embeds = torch.randn(1, 7, lm.config.word_embed_proj_dim, generator=torch.Generator().manual_seed(1))
     mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1]])
     positions = (mask.cumsum(1) - 1).clamp(min=0)
