@@ -276,7 +276,9 @@ def _measure(model, cfg: ProfileConfig, scenario: str, precision: str, params: d
     if scenario == "option_scoring" and params["options"] == 100:
         # one timed unit is one VisDial round (100 options): project the full val set from it
         record["projection"] = {"visdial_val_rounds": VISDIAL_VAL_ROUNDS,
-                                "projected_minutes": statistics.median(times) * VISDIAL_VAL_ROUNDS / 60}
+                                "projected_minutes": statistics.median(times) * VISDIAL_VAL_ROUNDS / 60,
+                                "assumes": "every round's whole context encoded anew; the task reuses the previous "
+                                           "round's prefix, so this bounds it from above"}
     return record
 
 

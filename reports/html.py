@@ -385,7 +385,8 @@ def _cost(run: Run) -> str:
 def _profile(run: Run) -> str:
     if not run.profiles:
         return ""
-    headers = ["Scenario", "Params", "Precision", "Median ms", "Throughput", "Roofline", "Peak memory", "Weights"]
+    headers = ["Scenario", "Params", "Precision", "Median ms", "Throughput", "Roofline / projection", "Peak memory",
+               "Weights"]
     records = sorted(run.profiles, key=lambda r: (str(r.get("scenario")), json.dumps(r.get("params"), sort_keys=True,
                                                                                        default=str),
                                                   precision_key(r.get("precision"))))
@@ -408,13 +409,19 @@ def _profile(run: Run) -> str:
                          f'{fmt_num(roof.get("roofline_tokens_per_second"), 1)} tok/s</span>')
         else:
             roof_html = "&#8212;"
+        projected = _get(r, "projection", "projected_minutes")
+        if _is_num(projected):  # one VisDial round timed: the full val set projected from it
+            roof_html = (f'{fmt_num(projected, 1)} min <span class="muted">VisDial val '
+                         f'({fmt_num(_get(r, "projection", "visdial_val_rounds"), 0)} rounds)</span>')
         peak = _peak_memory(cost.get("memory"))
         rows.append(f"<tr>{head}<td class=num>{fmt_num(median * 1000) if _is_num(median) else '&#8212;'}</td>"
                     f"<td class=num>{'<br>'.join(rates) or '&#8212;'}</td><td class=num>{roof_html}</td>"
                     f"<td class=num>{human_bytes(peak[1]) if peak else '&#8212;'}</td>"
                     f"<td class=num>{human_bytes(cost.get('weight_bytes'))}</td></tr>")
     note = ('<p class="muted">Roofline (decode): batch-1 decode reads every weight once per token, so memory '
-            "bandwidth / weight bytes bounds tokens/s; the fraction is measured / bound.</p>")
+            "bandwidth / weight bytes bounds tokens/s; the fraction is measured / bound. Projection (option "
+            "scoring, 100 options): the median time of one round times the rounds of VisDial val, with every "
+            "round's context encoded anew (an upper bound: the task reuses the previous round's prefix).</p>")
     return _section("profile", "Profile", _table(headers, rows, "profile-table") + note)
 
 

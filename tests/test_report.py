@@ -125,6 +125,11 @@ def make_fake_run(root: Path) -> tuple[Path, dict[str, Path]]:
                                      "roofline_tokens_per_second": 100.0, "fraction_of_roofline": fraction}})
     records.append({"kind": "profile", "scenario": "decode", "precision": "int8", "status": "skipped",
                     "reason": INT8_REASON, "params": {"batch_size": 1}})
+    for path, seconds in ((None, 0.09), ("naive_per_option", 0.3)):
+        records.append({"kind": "profile", "scenario": "option_scoring", "precision": "bf16", "status": "ok",
+                        "params": {"options": 100, **({"path": path} if path else {})},
+                        "cost": {"seconds": {"median": seconds}, "options_per_second": 100 / seconds},
+                        "projection": {"visdial_val_rounds": 20640, "projected_minutes": seconds * 20640 / 60}})
     config = {"tasks": "vist_retrieval:1cap,visdial_ranking:10r", "out": str(run_dir),
               "data_root": str(root / "nodata"),
               "model_dir": "fromage_model/<weights & co>", "device": "cpu", "precisions": ["fp32", "bf16", "int8"]}
@@ -275,6 +280,9 @@ def test_cost_profile_and_skipped_sections(report):
     profile = [[t for _, t in row] for row in doc.tables["profile-table"]]
     assert any("41.0% of 100.0 tok/s" in r for r in profile)
     assert any(r[0] == "decode" and r[2] == "int8" and r[3].startswith("skipped") for r in profile[1:])
+    projections = {r[1]: r[5] for r in profile if r[0] == "option_scoring"}  # 0.09 s and 0.3 s x 20640 rounds
+    assert projections == {"options=100": "31.0 min VisDial val (20,640 rounds)",
+                           "options=100, path=naive_per_option": "103.2 min VisDial val (20,640 rounds)"}
     skipped = [[t for _, t in row] for row in doc.tables["skipped-table"]]
     assert any("missing image: 1" in " ".join(r) and "corrupt image: 1" in " ".join(r) for r in skipped)
     assert "s77: missing image" in text
