@@ -9,6 +9,7 @@ import dataclasses
 import gc
 import logging
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,12 +245,32 @@ def profile_precision(cfg: ProfileConfig, precision: str) -> list[dict]:
                               "params": params}
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
+                print(summary_line(record), file=sys.stderr, flush=True)  # a run cut short still shows what it measured
                 records.append(record)
     del model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return records
+
+
+def summary_line(record: dict) -> str:
+    """One line per timed item: scenario, precision, params and the headline figures."""
+    params = ", ".join(f"{k}={v}" for k, v in record["params"].items())
+    head = f"profile {record['scenario']} {record['precision']} ({params})"
+    if record["status"] != "ok":
+        return f"{head}: {record['status']}: {record['reason']}"
+    cost = record["cost"]
+    figures = [f"median {cost['seconds']['median'] * 1000:.2f} ms"]
+    if "seconds_per_token" in cost:
+        figures = [f"{cost['seconds_per_token'] * 1000:.2f} ms/token"]
+    figures += [f"{v:,.1f} {k.removesuffix('_per_second')}/s" for k, v in cost.items() if k.endswith("_per_second")]
+    fraction = record.get("roofline", {}).get("fraction_of_roofline")
+    if fraction is not None:
+        figures.append(f"{fraction:.1%} of roofline")
+    if "projection" in record:
+        figures.append(f"VisDial val projected {record['projection']['projected_minutes']:.1f} min")
+    return f"{head}: {', '.join(figures)}"
 
 
 def _measure(model, cfg: ProfileConfig, scenario: str, precision: str, params: dict, work, units: dict,

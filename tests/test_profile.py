@@ -61,7 +61,14 @@ def test_a_failing_path_is_recorded_and_the_others_still_run(tiny_dir, tmp_path,
     assert [(r["scenario"], r["params"].get("path"), r["status"]) for r in records] == [
         ("decode", "static", "error"), ("decode", None, "ok"), ("option_scoring", None, "ok")]
     assert records[0]["reason"] == "RuntimeError: compiler exploded"
-    assert "failed: RuntimeError: compiler exploded" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "failed: RuntimeError: compiler exploded" in err
+    # one line per item as it is measured, so a run cut short still shows its figures
+    ok_decode = records[1]
+    assert (f"profile decode fp32 (batch_size=1, prompt_tokens=32, new_tokens=3): "
+            f"{ok_decode['cost']['seconds_per_token'] * 1000:.2f} ms/token") in err
+    assert "profile decode fp32 (batch_size=1, prompt_tokens=32, new_tokens=3, path=static): error: RuntimeError" in err
+    assert "profile option_scoring fp32 (options=4, context_tokens=120, option_tokens=7): median " in err
     assert "error: RuntimeError: compiler exploded" in (out / "report.html").read_text()
 
 
