@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import logging
 import statistics
 import sys
 import time
@@ -25,8 +24,6 @@ from model.static_decode import supports_static
 from .environment import describe_environment
 from .results import write_results
 from .trackers import MemoryTracker, Stopwatch
-
-log = logging.getLogger(__name__)
 
 SCENARIOS = ("image_encoding", "prefill", "decode", "option_scoring", "retrieval")
 VISDIAL_VAL_ROUNDS = 2064 * 10  # VisDial v1.0 val: 2064 dialogues x 10 rounds, 100 options each
@@ -239,7 +236,6 @@ def profile_precision(cfg: ProfileConfig, precision: str) -> list[dict]:
                     record = _measure(model, cfg, scenario, precision, params, work, units, base_cost, device,
                                       (bandwidth, copy_bw))
                 except Exception as err:  # noqa: BLE001 - one failing path (a compile, OOM) must not lose the rest
-                    log.warning("profile %s %s %s failed: %s", scenario, precision, params, err)
                     record = {"kind": "profile", "scenario": scenario, "precision": precision, "status": "error",
                               "reason": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
                               "params": params}
