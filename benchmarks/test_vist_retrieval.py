@@ -6,10 +6,9 @@ import time
 
 import pytest
 import torch
-
-from fromage_bench.synth.vist import write_vist
 import torch.nn.functional as F
 
+from fromage_bench.synth.vist import write_vist
 from model.images import load_image, pixel_values
 from model.prompts import embed_prompt
 from tasks.base import RunContext
