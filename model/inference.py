@@ -224,6 +224,9 @@ class Fromage(nn.Module):
                             naive: bool = False) -> ContinuationScores:
         """Log-likelihood of each continuation given one shared interleaved context (KV cache reused).
         `naive=True` re-encodes the context per continuation (the reference path, for checks and benchmarks)."""
+        if naive and isinstance(context, EncodedContext):
+            raise TypeError("naive scoring re-encodes the context per continuation: pass the Prompt, not an "
+                            "EncodedContext")
         if not naive and not isinstance(context, EncodedContext):
             context = self.encode_context(context)
         if naive:

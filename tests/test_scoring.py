@@ -122,6 +122,8 @@ def test_dialogue_rounds_reuse_the_previous_rounds_cache(tiny, images):
             torch.testing.assert_close(again.sum_logprob, tiny.score_continuations(contexts[r - 1], OPTIONS).sum_logprob)
         previous = encoded
     assert tiny.counters["context_tokens_reused"] > 0
+    with pytest.raises(TypeError, match="pass the Prompt"):  # the naive path has nothing to reuse
+        tiny.score_continuations(previous, OPTIONS, naive=True)
 
 
 def _common_prefix(a, b) -> int:
