@@ -8,6 +8,7 @@ nox.options.sessions = ["tests"]
 # Installed before the package so that its unpinned `torch` requirement is already met by the CPU
 # wheel on disk, instead of pulling a multi-GB CUDA build. GPU users install their own torch.
 TORCH = "torch==2.13.0"
+OLDEST_TRANSFORMERS = "transformers==5.0.0"  # the floor in pyproject.toml
 
 
 def install(session: nox.Session) -> None:
@@ -18,6 +19,14 @@ def install(session: nox.Session) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     install(session)
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def oldest(session: nox.Session) -> None:
+    """The suite against the lowest transformers that pyproject.toml allows, so that floor stays true."""
+    install(session)
+    session.install(OLDEST_TRANSFORMERS)
     session.run("pytest", *session.posargs)
 
 

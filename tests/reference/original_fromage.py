@@ -133,7 +133,11 @@ class OriginalStyleFromage(nn.Module):
                  path_array: Sequence[str] | None = None,
                  attn_implementation: str = "eager"):
         super().__init__()
-        from transformers import CLIPImageProcessorPil, CLIPVisionModel, GPT2Tokenizer, OPTForCausalLM
+        from transformers import CLIPVisionModel, GPT2Tokenizer, OPTForCausalLM
+        try:
+            from transformers import CLIPImageProcessorPil
+        except ImportError:  # transformers before the split into image-processing backends
+            from transformers import CLIPImageProcessor as CLIPImageProcessorPil
 
         self.model_dir = Path(model_dir)
         raw_args = json.loads((self.model_dir / "model_args.json").read_text())
