@@ -1,4 +1,4 @@
-"""Sessions: `nox -s eval` (the main job), `nox -s tests` (the suite)."""
+"""Sessions: `nox -s eval` (the main job), `nox -s tests` (the suite); bench, oldest and regression besides."""
 import nox
 
 nox.options.default_venv_backend = "venv"
