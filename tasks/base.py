@@ -105,12 +105,16 @@ class Task:
                 raise FromageInputError(path, f"missing ({self.name} needs its {role} here)",
                                         f"see `fromage-bench tasks` for the expected layout under --data-root")
 
+    def result(self, setting: str, protocol: str, **fields) -> TaskResult:
+        """This task's result for one setting x protocol, with the paper's numbers for it where it has them."""
+        return TaskResult(task=self.name, setting=setting, protocol=protocol, paper=self.paper.get((setting, protocol)),
+                          **fields)
+
     def results(self, setting: str, protocols: tuple[str, ...], *, metrics: dict, n_examples: int, skipped: Skipped,
                 predictions: list, extra: dict) -> list[TaskResult]:
         """One result per protocol, for tasks whose protocols share one computation."""
-        return [TaskResult(task=self.name, setting=setting, protocol=protocol, metrics=dict(metrics),
-                           n_examples=n_examples, skipped=skipped, paper=self.paper.get((setting, protocol)),
-                           predictions=predictions, extra=dict(extra))
+        return [self.result(setting, protocol, metrics=dict(metrics), n_examples=n_examples, skipped=skipped,
+                            predictions=predictions, extra=dict(extra))
                 for protocol in protocols]
 
 

@@ -322,9 +322,9 @@ def run_retrieval(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> 
             predictions.append({"image_id": d.image_id, "dialogue": d.index, "direction": direction,
                                 "rank": int(ranks[row]), "top5": [ids[j] for j in top_k(scores[row])],
                                 "query": f"image {d.image_id}" if protocol == "paper" else retrieval_text(d)})
-        results.append(TaskResult(
-            task=RETRIEVAL.name, setting=setting, protocol=protocol, metrics=metrics, n_examples=len(kept),
-            skipped=copy.deepcopy(skipped), paper=RETRIEVAL.paper.get((setting, protocol)), predictions=predictions,
+        results.append(RETRIEVAL.result(
+            setting, protocol, metrics=metrics, n_examples=len(kept), skipped=copy.deepcopy(skipped),
+            predictions=predictions,
             extra={"direction": direction, "pool_size": len(kept),
                    "scores": ("raw retrieval image embeddings @ normalised [RET] embeddings, ranked per image"
                               if protocol == "paper" else "cosine similarity, images ranked per dialogue"),
@@ -380,9 +380,9 @@ def run_ranking(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> li
                 predictions.append({"image_id": d.image_id, "dialogue": d.index, "round_id": r + 1,
                                     "question": rnd.question, "gt_index": rnd.gt_index, "rank": ranks[(d.index, r)],
                                     "top5": best, "answer": rnd.answer, "predicted": rnd.options[best[0]]})
-        results.append(TaskResult(
-            task=RANKING.name, setting=setting, protocol=protocol, metrics=metrics, n_examples=len(gt),
-            skipped=copy.deepcopy(skipped), paper=RANKING.paper.get((setting, protocol)), predictions=predictions,
+        results.append(RANKING.result(
+            setting, protocol, metrics=metrics, n_examples=len(gt), skipped=copy.deepcopy(skipped),
+            predictions=predictions,
             extra={"dialogues": len(kept), "ndcg_rounds": n_dense, "scoring": SCORING[protocol].description,
                    "dense_index": ("flat round i*10 + round_id (the original's off-by-one)" if protocol == "paper"
                                    else "round round_id - 1 of dialogue i")}))

@@ -331,9 +331,9 @@ def run(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> list[TaskR
     for protocol in protocols:
         all_ranks = torch.cat(ranks[protocol]) if ranks[protocol] else torch.zeros(0, dtype=torch.long)
         metrics = story_metrics(all_ranks) if all_ranks.numel() else {}
-        results.append(TaskResult(
-            task=TASK.name, setting=setting, protocol=protocol, metrics=metrics, n_examples=len(queries),
-            skipped=skipped, paper=TASK.paper.get((setting, protocol)), predictions=predictions[protocol],
+        results.append(TASK.result(
+            setting, protocol, metrics=metrics, n_examples=len(queries), skipped=skipped,
+            predictions=predictions[protocol],
             extra={"paper_baselines": PAPER_BASELINES[setting], "pool_size": len(pool),
                    "n_stories": len(stories), "unreadable_photos": len(failed)}))
     return results
