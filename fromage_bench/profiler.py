@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from model import FromageInputError, PRECISIONS, load_fromage, resolve_placement
+from model.errors import require_known
 from model.prompts import EmbeddedPrompt, pad_batch
 from model.generation import DECODE_PATHS, STATIC_PATHS, generate
 from model.static_decode import supports_static
@@ -300,15 +301,9 @@ def _measure(model, cfg: ProfileConfig, scenario: str, precision: str, params: d
 
 
 def run_profile(cfg: ProfileConfig) -> Path:
-    unknown = [s for s in cfg.scenarios if s not in SCENARIOS]
-    if unknown:
-        raise FromageInputError(f"--scenarios {','.join(unknown)}", "unknown scenario", f"choose from {', '.join(SCENARIOS)}")
-    for path in cfg.decode_paths:
-        if path not in DECODE_PATHS:
-            raise FromageInputError(f"--decode-paths {path}", "unknown decode path", f"choose from {', '.join(DECODE_PATHS)}")
-    for p in cfg.precisions:
-        if p not in PRECISIONS:
-            raise FromageInputError(f"precision {p!r}", "unknown precision", f"choose from {', '.join(PRECISIONS)}")
+    require_known("--scenarios", cfg.scenarios, SCENARIOS, "scenario")
+    require_known("--decode-paths", cfg.decode_paths, DECODE_PATHS, "decode path")
+    require_known("precision", cfg.precisions, PRECISIONS, "precision")
     if cfg.model_dir is None and not cfg.random_init:
         raise FromageInputError("--model-dir", "required (or --random-init)")
     if cfg.new_tokens < 2:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from model import PRECISIONS, FromageInputError, load_fromage, resolve_placement
+from model.errors import require_known
 from tasks import REGISTRY, parse_protocols, parse_task_spec
 from tasks.base import RunContext, TaskResult
 from tasks.cache import FeatureCache
@@ -75,9 +76,7 @@ def validate(config: EvalConfig) -> list:
     for task, setting in cells:
         task.check_files(config.data_root, setting)
         parse_protocols(config.protocols, task)
-    for p in config.precisions:
-        if p not in PRECISIONS:
-            raise FromageInputError(f"precision {p!r}", "unknown precision", f"choose from {', '.join(PRECISIONS)}")
+    require_known("precision", config.precisions, PRECISIONS, "precision")
     if config.limit is not None and config.limit < 1:
         raise FromageInputError("--limit", "must be >= 1")
     if config.image_workers is not None and config.image_workers < 0:

@@ -22,6 +22,14 @@ class FromageInputError(ValueError):
         super().__init__(message)
 
 
+def require_known(flag: str, values, allowed, what: str) -> None:
+    """Bad input unless every one of `values` is in `allowed`: one error naming the unknown ones and the choices."""
+    unknown = [v for v in values if v not in allowed]
+    if unknown:
+        raise FromageInputError(f"{flag} {', '.join(map(repr, unknown))}", f"unknown {what}",
+                                f"choose from {', '.join(allowed)}")
+
+
 def read_json(path: str | Path, missing: str = "missing", hint: str | None = None) -> Any:
     """The parsed contents of a JSON file. A missing file raises `FromageInputError(path, missing, hint)`;
     unreadable or malformed JSON raises one naming the file and the parser's complaint."""
