@@ -209,14 +209,19 @@ def _decode_roofline(model, per_token_seconds: float, bandwidth: float | None, c
     return roof
 
 
+def _record(scenario: str, precision: str, params: dict, status: str, **fields) -> dict:
+    """A profile record of results.json: "ok" with its cost, or "skipped" / "error" with the reason."""
+    return {"kind": "profile", "scenario": scenario, "precision": precision, "status": status, "params": params,
+            **fields}
+
+
 def profile_precision(cfg: ProfileConfig, precision: str) -> list[dict]:
     try:
         placement = resolve_placement(cfg.device, precision)
     except FromageInputError as err:
         if err.where.startswith("device="):
             raise
-        return [{"kind": "profile", "scenario": s, "precision": precision, "status": "skipped", "reason": str(err),
-                 "params": {}} for s in cfg.scenarios]
+        return [_record(s, precision, {}, "skipped", reason=str(err)) for s in cfg.scenarios]
     with Stopwatch() as load_clock:
         model = load_fromage(cfg.model_dir, opt_version=cfg.opt_version, visual_model=cfg.visual_model,
                              device=placement.device, precision=precision, random_init=cfg.random_init, seed=cfg.seed)
@@ -230,16 +235,14 @@ def profile_precision(cfg: ProfileConfig, precision: str) -> list[dict]:
         for scenario in cfg.scenarios:
             for params, work, units in SCENARIO_FUNCTIONS[scenario](model, cfg, gen):
                 if work is None:
-                    records.append({"kind": "profile", "scenario": scenario, "precision": precision, "status": "skipped",
-                                    "reason": units["skipped"], "params": params})
+                    records.append(_record(scenario, precision, params, "skipped", reason=units["skipped"]))
                     continue
                 try:
                     record = _measure(model, cfg, scenario, precision, params, work, units, base_cost, device,
                                       (bandwidth, copy_bw))
                 except Exception as err:  # noqa: BLE001 - one failing path (a compile, OOM) must not lose the rest
-                    record = {"kind": "profile", "scenario": scenario, "precision": precision, "status": "error",
-                              "reason": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
-                              "params": params}
+                    record = _record(scenario, precision, params, "error",
+                                     reason=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                 print(summary_line(record), file=sys.stderr, flush=True)  # a run cut short still shows what it measured
@@ -284,8 +287,7 @@ def _measure(model, cfg: ProfileConfig, scenario: str, precision: str, params: d
     cost = {**base_cost, "seconds": _summary(times), "memory": memory.summary()}
     for unit, count in units.items():
         cost[f"{unit}_per_second"] = count / statistics.median(times)
-    record = {"kind": "profile", "scenario": scenario, "precision": precision, "status": "ok", "params": params,
-              "cost": cost}
+    record = _record(scenario, precision, params, "ok", cost=cost)
     if scenario == "decode":
         record["cost"]["seconds_per_token"] = times[0]
         record["cost"]["full_generate_seconds"] = _summary(full)
