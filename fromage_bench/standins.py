@@ -279,10 +279,11 @@ def image_processor(image_size: int):
 
 
 def encode_images(processor, images: Sequence, batch_size: int = 256) -> torch.Tensor:
-    """Pixel values exactly as FROMAGe feeds CLIP (squash to 224x224, then the processor)."""
-    from model.images import pixel_values
+    """Pixel values as CLIP was pretrained and FROMAGe trained: shortest edge resized, centre crop."""
+    from model.images import CROP, pixel_values
 
-    return torch.cat([pixel_values(processor, images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    return torch.cat([pixel_values(processor, images[i:i + batch_size], CROP)
+                      for i in range(0, len(images), batch_size)])
 
 
 def _contrastive(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,19 @@
-"""Image preprocessing exactly as the released notebooks feed CLIP: squash to 224x224, RGB, CLIP processor."""
+"""Image files -> CLIP pixel values, with the preprocessing of the original code path being reproduced.
+
+The original FROMAGe code prepares images in two ways (spec, "Inference behaviour"):
+
+* ``crop`` — the model API (`generate_for_images_and_texts`, `get_log_lik_scores`), training and the CC3M-style
+  validation: ``image.convert('RGB')`` handed to the CLIP processor as it is, which resizes the shortest edge to
+  224 and centre-crops. This is how the model was trained, so every `corrected` protocol uses it too.
+* ``squash`` — the VIST and VisDial evaluation scripts and the example notebook: ``image.resize((224, 224))``
+  first (aspect ratio lost), *then* ``.convert('RGB')``, then the processor (whose crop is then a no-op). The order
+  matters for non-RGB files: Pillow resizes a palette image with nearest-neighbour sampling and an RGBA image
+  with premultiplied alpha before the alpha is dropped. The `paper` protocols of those tasks use it.
+
+Files are decoded without any other change (no EXIF rotation, as in the original). Pillow's decompression-bomb
+limit stays at its default: an image of more than 2 x `PIL.Image.MAX_IMAGE_PIXELS` pixels (about 179 Mpx) is
+refused as "image too large" before it is decoded, like any other unreadable file.
+"""
 from __future__ import annotations
 
 import os
@@ -10,35 +25,68 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import FromageInputError
 
-SQUASH_SIZE = (224, 224)  # the original resizes without keeping the aspect ratio, then lets CLIP crop (a no-op)
+CROP = "crop"
+SQUASH = "squash"
+PREPROCESSINGS = (CROP, SQUASH)
+SQUASH_SIZE = (224, 224)  # the original scripts' resize, whatever the vision tower's input size
+TOO_LARGE = "image too large"  # the skip reason for Pillow's DecompressionBombError
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image file; a missing, truncated or non-image file is a FromageInputError."""
+def check_preprocess(preprocess: str) -> str:
+    if preprocess not in PREPROCESSINGS:
+        raise ValueError(f"unknown image preprocessing {preprocess!r} (choose from {', '.join(PREPROCESSINGS)})")
+    return preprocess
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open and fully decode an image file in its own mode (L, P, RGBA, CMYK, ...); a missing, truncated, oversized
+    or non-image file is a FromageInputError naming it."""
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
+            return img
     except FileNotFoundError:
         raise FromageInputError(path, "image file not found") from None
+    except Image.DecompressionBombError as err:
+        raise FromageInputError(path, f"{TOO_LARGE} for Pillow's default limit: {err}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise FromageInputError(path, f"unreadable or corrupt image: {err}") from None
 
 
-def try_load(path: str | Path | None) -> tuple[Image.Image | None, str | None]:
-    """(image, None) or (None, reason) for a missing or corrupt file: for data sets that skip such images."""
+def load_image(path: str | Path) -> Image.Image:
+    """An image file as RGB, the way the API and training see it (`open_image` then `.convert('RGB')`)."""
+    return open_image(path).convert("RGB")
+
+
+def try_open(path: str | Path | None) -> tuple[Image.Image | None, str | None]:
+    """(image in its own mode, None) or (None, reason) for a file to skip: "missing image", "image too large"
+    (Pillow's decompression-bomb limit) or "corrupt image" (any other decoding failure)."""
     if path is None or not Path(path).is_file():
         return None, "missing image"
     try:
-        return load_image(path), None
-    except FromageInputError:
+        return open_image(path), None
+    except FromageInputError as err:
+        return None, TOO_LARGE if err.problem.startswith(TOO_LARGE) else "corrupt image"
+    except Exception:  # noqa: BLE001 - a decoder bug on one odd file must not end the run: skip it, counted
         return None, "corrupt image"
 
 
-def pixel_values(processor, images: Sequence[Image.Image]) -> torch.Tensor:
-    """(N, 3, H, W) float32 pixel values for PIL images."""
-    squashed = [img.resize(SQUASH_SIZE).convert("RGB") for img in images]
-    return processor(squashed, return_tensors="pt").pixel_values
+def try_load(path: str | Path | None) -> tuple[Image.Image | None, str | None]:
+    """`try_open`, converted to RGB."""
+    image, reason = try_open(path)
+    return (None if image is None else image.convert("RGB")), reason
+
+
+def prepare(image: Image.Image, preprocess: str) -> Image.Image:
+    """The RGB image the original hands to the CLIP processor on the code path `preprocess` (see the module doc)."""
+    if check_preprocess(preprocess) == SQUASH:
+        return image.resize(SQUASH_SIZE).convert("RGB")
+    return image.convert("RGB")
+
+
+def pixel_values(processor, images: Sequence[Image.Image], preprocess: str = CROP) -> torch.Tensor:
+    """(N, 3, H, W) float32 pixel values of PIL images (any mode), prepared as `preprocess` says."""
+    return processor([prepare(img, preprocess) for img in images], return_tensors="pt").pixel_values
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -46,15 +94,20 @@ class ImageFiles(torch.utils.data.Dataset):
     the DataLoader puts the work (its worker processes): JPEG decoding and resizing, not the vision tower,
     bound feature extraction on a large image set."""
 
-    def __init__(self, paths: Sequence[str | Path], processor):
-        self.paths, self.processor = list(paths), processor
+    def __init__(self, paths: Sequence[str | Path], processor, preprocess: str = CROP):
+        self.paths, self.processor, self.preprocess = list(paths), processor, check_preprocess(preprocess)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, position: int):
-        image, reason = try_load(self.paths[position])
-        return position, None if image is None else pixel_values(self.processor, [image])[0], reason
+        image, reason = try_open(self.paths[position])
+        if image is None:
+            return position, None, reason
+        try:
+            return position, pixel_values(self.processor, [image], self.preprocess)[0], None
+        except Exception:  # noqa: BLE001 - e.g. a mode the conversion cannot handle: this file only is skipped
+            return position, None, "corrupt image"
 
 
 def collate_pixels(items) -> tuple[list[int], torch.Tensor | None, dict[int, str]]:
@@ -73,9 +126,10 @@ def default_workers(n_images: int, batch_size: int) -> int:
 
 
 def pixel_batches(paths: Sequence[str | Path], processor, batch_size: int, workers: int | None = None,
-                  pin_memory: bool = False) -> Iterator[tuple[list[int], torch.Tensor | None, dict[int, str]]]:
+                  pin_memory: bool = False, preprocess: str = CROP
+                  ) -> Iterator[tuple[list[int], torch.Tensor | None, dict[int, str]]]:
     """`collate_pixels` batches over `paths`, in order."""
     workers = default_workers(len(paths), batch_size) if workers is None else workers
-    loader = torch.utils.data.DataLoader(ImageFiles(paths, processor), batch_size=batch_size, num_workers=workers,
-                                         collate_fn=collate_pixels, pin_memory=pin_memory)
+    loader = torch.utils.data.DataLoader(ImageFiles(paths, processor, preprocess), batch_size=batch_size,
+                                         num_workers=workers, collate_fn=collate_pixels, pin_memory=pin_memory)
     yield from loader

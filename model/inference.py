@@ -15,7 +15,7 @@ from torch import nn
 from .errors import FromageInputError
 from .fromage import FromageModel
 from .generation import GenerationOutput, generate
-from .images import SQUASH_SIZE, load_image, pixel_batches, pixel_values
+from .images import CROP, SQUASH, open_image, pixel_batches, pixel_values, prepare
 from .precision import Placement, weight_bytes
 from .prompts import Prompt, embed_prompt, pad_batch
 from .retrieval_set import RetrievalSet
@@ -141,7 +141,7 @@ class Fromage(nn.Module):
             log.warning("retrieval set entry %d is a URL (%s): nothing is downloaded, skipping it", index, path)
             return None
         try:
-            return load_image(path).resize(SQUASH_SIZE)
+            return prepare(open_image(path), SQUASH)  # as the original shows them: squashed to 224x224, RGB
         except FromageInputError as err:
             log.warning("skipping retrieved image: %s", err)
             return None
@@ -152,22 +152,27 @@ class Fromage(nn.Module):
 
     # -- the batched API for the harness --------------------------------------------------------------
     @torch.inference_mode()
-    def image_features(self, images: Sequence[Image.Image], batch_size: int = 32) -> torch.Tensor:
-        """(N, vision_dim) pooled CLIP features; `project_images` maps them in either mode."""
-        chunks = [self.model.vision_features(pixel_values(self.model.feature_extractor, images[i:i + batch_size]))
+    def image_features(self, images: Sequence[Image.Image], batch_size: int = 32, preprocess: str = CROP
+                       ) -> torch.Tensor:
+        """(N, vision_dim) pooled CLIP features; `project_images` maps them in either mode. `preprocess` is the
+        original code path to reproduce (`model.images`): "crop" (the API, training; the default) or "squash"
+        (the original VIST / VisDial scripts)."""
+        processor = self.model.feature_extractor
+        chunks = [self.model.vision_features(pixel_values(processor, images[i:i + batch_size], preprocess))
                   for i in range(0, len(images), batch_size)]
         self.counters["images_encoded"] += len(images)
         return torch.cat(chunks)
 
     @torch.inference_mode()
-    def image_file_features(self, paths: Sequence[str | Path], batch_size: int = 32, workers: int | None = None
-                            ) -> Iterator[tuple[list[int], torch.Tensor, dict[int, str]]]:
+    def image_file_features(self, paths: Sequence[str | Path], batch_size: int = 32, workers: int | None = None,
+                            preprocess: str = CROP) -> Iterator[tuple[list[int], torch.Tensor, dict[int, str]]]:
         """Pooled CLIP features of image files, batch by batch, in order: (positions in `paths`, their (n,
-        vision_dim) features, reason by unreadable position). Files are decoded and resized by a DataLoader's
-        `workers` processes (default: `model.images.default_workers`) into pinned memory."""
+        vision_dim) features, reason by unreadable position). Files are decoded and prepared (`preprocess`, as in
+        `image_features`) by a DataLoader's `workers` processes (default: `model.images.default_workers`) into
+        pinned memory; a file that cannot be decoded is reported, never raised."""
         on_cuda = self.model.device.type == "cuda"
         for positions, pixels, failed in pixel_batches(paths, self.model.feature_extractor, batch_size, workers,
-                                                       pin_memory=on_cuda):
+                                                       pin_memory=on_cuda, preprocess=preprocess):
             features = torch.empty(0)  # a batch of unreadable files only
             if pixels is not None:
                 features = self.model.vision_features(pixels.to(self.model.device, non_blocking=on_cuda))
@@ -178,9 +183,11 @@ class Fromage(nn.Module):
     def project_images(self, features: torch.Tensor, mode: str = "captioning") -> torch.Tensor:
         return self.model.project_visual(features.to(self.model.device), mode)
 
-    def encode_images(self, images: Sequence[Image.Image], mode: str = "captioning", batch_size: int = 32) -> torch.Tensor:
-        """captioning: (N, n_visual_tokens, lm_dim) LM inputs; retrieval: (N, shared_dim), not normalised."""
-        projected = self.project_images(self.image_features(images, batch_size), mode)
+    def encode_images(self, images: Sequence[Image.Image], mode: str = "captioning", batch_size: int = 32,
+                      preprocess: str = CROP) -> torch.Tensor:
+        """captioning: (N, n_visual_tokens, lm_dim) LM inputs; retrieval: (N, shared_dim), not normalised.
+        `preprocess` as in `image_features` ("crop", as the API, by default)."""
+        projected = self.project_images(self.image_features(images, batch_size, preprocess), mode)
         return projected[:, 0] if mode == "retrieval" else projected
 
     @torch.inference_mode()

@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from model.errors import FromageInputError
+from model.images import CROP
 
 
 @dataclass
@@ -90,6 +91,12 @@ class Task:
     paper: dict[tuple[str, str], dict[str, float]]  # (setting, protocol) -> the paper's numbers, where it has them
     run: Callable[[RunContext, str, tuple[str, ...]], list[TaskResult]]
     default_setting: str | None = None
+    # protocol -> image preprocessing (`model.images`) where it is not "crop", the API's and training's: the
+    # original VIST / VisDial scripts squash, so their `paper` protocols do
+    preprocess: dict[str, str] = field(default_factory=dict)
+
+    def preprocessing(self, protocol: str) -> str:
+        return self.preprocess.get(protocol, CROP)
 
     def path(self, ctx: RunContext, role: str, setting: str | None = None) -> Path:
         key = f"{setting}/{role}" if setting and f"{setting}/{role}" in self.files else role
@@ -107,8 +114,9 @@ class Task:
 
     def result(self, setting: str, protocol: str, **fields) -> TaskResult:
         """This task's result for one setting x protocol, with the paper's numbers for it where it has them."""
+        extra = {"image_preprocessing": self.preprocessing(protocol), **fields.pop("extra", {})}
         return TaskResult(task=self.name, setting=setting, protocol=protocol, paper=self.paper.get((setting, protocol)),
-                          **fields)
+                          extra=extra, **fields)
 
     def results(self, setting: str, protocols: tuple[str, ...], *, metrics: dict, n_examples: int, skipped: Skipped,
                 predictions: list, extra: dict) -> list[TaskResult]:

@@ -1,5 +1,5 @@
-"""On-disk cache of per-image CLIP features, keyed by model fingerprint (which includes the precision)
-and image content hash, so a second run and other tasks reuse them."""
+"""On-disk cache of per-image CLIP features, keyed by model fingerprint (which includes the precision), image
+preprocessing (`model.images`: crop or squash) and image content hash, so a second run and other tasks reuse them."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +7,8 @@ from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from model.images import CROP, check_preprocess
 
 from .images import content_hash
 
@@ -18,11 +20,11 @@ class FeatureCache:
         self.hits = 0
         self.misses = 0
 
-    def _file(self, digest: str) -> Path:
-        return self.dir / digest[:2] / f"{digest}.safetensors"
+    def _file(self, digest: str, preprocess: str) -> Path:
+        return self.dir / check_preprocess(preprocess) / digest[:2] / f"{digest}.safetensors"
 
-    def get(self, digest: str) -> torch.Tensor | None:
-        f = self._file(digest)
+    def get(self, digest: str, preprocess: str) -> torch.Tensor | None:
+        f = self._file(digest, preprocess)
         if not f.is_file():
             return None
         try:
@@ -30,18 +32,19 @@ class FeatureCache:
         except Exception:  # a torn write from a killed run: recompute
             return None
 
-    def put(self, digest: str, features: torch.Tensor) -> None:
-        f = self._file(digest)
-        f.parent.mkdir(exist_ok=True)
+    def put(self, digest: str, preprocess: str, features: torch.Tensor) -> None:
+        f = self._file(digest, preprocess)
+        f.parent.mkdir(parents=True, exist_ok=True)
         tmp = f.with_suffix(".tmp")
         save_file({"features": features.detach().float().cpu().contiguous()}, str(tmp))
         tmp.replace(f)
 
 
 def load_features(model, paths: Sequence[Path | None], cache: FeatureCache | None = None, batch_size: int = 32,
-                  workers: int | None = None) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
-    """Pooled CLIP features (float32, CPU) of image files, by index, and the reason for each file that
-    could not be used ("missing image" / "corrupt image"). Cached features skip decoding altogether; the
+                  workers: int | None = None, preprocess: str = CROP) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
+    """Pooled CLIP features (float32, CPU) of image files prepared as `preprocess` says, by index, and the reason
+    for each file that could not be used ("missing image" / "corrupt image" / "image too large"). Cached features
+    skip decoding altogether; the
     rest are decoded by `workers` DataLoader processes (see `Fromage.image_file_features`) and cached as
     each batch comes, so an interrupted run keeps what it computed."""
     features: dict[int, torch.Tensor] = {}
@@ -52,7 +55,7 @@ def load_features(model, paths: Sequence[Path | None], cache: FeatureCache | Non
             failures[i] = "missing image"
             continue
         digest = content_hash(path) if cache is not None else None
-        cached = cache.get(digest) if cache is not None else None
+        cached = cache.get(digest, preprocess) if cache is not None else None
         if cached is not None:
             features[i] = cached
             cache.hits += 1
@@ -60,13 +63,28 @@ def load_features(model, paths: Sequence[Path | None], cache: FeatureCache | Non
         todo.append((i, digest, path))
     if not todo:
         return features, failures
-    for positions, fresh, failed in model.image_file_features([p for _, _, p in todo], batch_size, workers):
+    for positions, fresh, failed in model.image_file_features([p for _, _, p in todo], batch_size, workers,
+                                                              preprocess=preprocess):
         for position, feats in zip(positions, fresh.float().cpu()):
             i, digest, _ = todo[position]
             features[i] = feats
             if cache is not None:
                 cache.misses += 1
-                cache.put(digest, feats)
+                cache.put(digest, preprocess, feats)
         for position, reason in failed.items():
             failures[todo[position][0]] = reason
     return features, failures
+
+
+def load_features_per_preprocess(model, paths: Sequence[Path | None], preprocessings, cache: FeatureCache | None = None,
+                                 batch_size: int = 32, workers: int | None = None
+                                 ) -> tuple[dict[str, dict[int, torch.Tensor]], dict[int, str]]:
+    """`load_features` once per preprocessing (protocols that prepare images differently): features by
+    preprocessing, then by index, for the indices readable under all of them, and the failures of the others
+    (so that every protocol sees the same examples)."""
+    by_preprocess, failures = {}, {}
+    for preprocess in dict.fromkeys(preprocessings):
+        by_preprocess[preprocess], failed = load_features(model, paths, cache, batch_size, workers, preprocess)
+        failures.update({i: reason for i, reason in failed.items() if i not in failures})
+    return ({preprocess: {i: f for i, f in features.items() if i not in failures}
+             for preprocess, features in by_preprocess.items()}, failures)

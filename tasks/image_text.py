@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from model.errors import FromageInputError
+from model.images import CROP
 
 from .base import RunContext, Skipped, Task, TaskResult, register
 from .cache import load_features
@@ -116,9 +117,10 @@ def summarise(t2i: torch.Tensor, i2t: torch.Tensor) -> dict[str, float]:
 def readable_images(ctx: RunContext, items: list[CaptionedImage], skipped: Skipped,
                     source) -> tuple[list[CaptionedImage], torch.Tensor]:
     """The items whose image could be read, and their pooled CLIP features (N, vision_dim), via the
-    feature cache; the others are counted in `skipped`. No readable image at all is bad input."""
+    feature cache; the others are counted in `skipped`. No readable image at all is bad input. Images are
+    centre-cropped, as the original's training and CC3M validation prepare them."""
     features, failures = load_features(ctx.model, [item.path for item in items], ctx.cache, ctx.batch_size,
-                                       ctx.image_workers)
+                                       ctx.image_workers, preprocess=CROP)
     for i, reason in sorted(failures.items()):
         skipped.add(reason, items[i].image_id)
     keep = [i for i in range(len(items)) if i in features]

@@ -32,10 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from model.errors import FromageInputError, read_json
+from model.images import SQUASH
 from model.scoring import EncodedContext
 
 from .base import RunContext, Skipped, Task, TaskResult, limited, register
-from .cache import load_features
+from .cache import load_features_per_preprocess
 from .images import ImageDir
 from .metrics import ranks_from_scores, recall_at_k, mean_rank, mean_reciprocal_rank, median_rank, visdial_ndcg
 
@@ -167,16 +168,19 @@ def image_paths(image_dir: ImageDir, dialogues: Sequence[Dialogue]) -> list[Path
     return [image_dir.find(f"{IMAGE_PREFIX}{d.image_id:012d}") for d in dialogues]
 
 
-def _readable(ctx: RunContext, image_dir: Path, dialogues: Sequence[Dialogue]) -> tuple[dict[int, torch.Tensor], Skipped]:
-    """Pooled CLIP features by dialogue position, and the dialogues skipped for their image."""
-    features, failures = load_features(ctx.model, image_paths(ImageDir(image_dir), dialogues), ctx.cache,
-                                       batch_size=ctx.batch_size, workers=ctx.image_workers)
+def _readable(ctx: RunContext, image_dir: Path, dialogues: Sequence[Dialogue], preprocessings: Sequence[str]
+              ) -> tuple[dict[str, dict[int, torch.Tensor]], list[Dialogue], Skipped]:
+    """Pooled CLIP features by image preprocessing, then by dialogue position; the dialogues kept (image
+    readable) and those skipped for their image."""
+    features, failures = load_features_per_preprocess(ctx.model, image_paths(ImageDir(image_dir), dialogues),
+                                                      preprocessings, ctx.cache, ctx.batch_size, ctx.image_workers)
     skipped = Skipped()
     for i in sorted(failures):
         skipped.add(failures[i], f"dialogue {i} (image {dialogues[i].image_id})")
-    if not features:
+    kept = [d for i, d in enumerate(dialogues) if i not in failures]
+    if not kept:
         raise FromageInputError(image_dir, f"none of the {len(dialogues)} dialogues' images could be read")
-    return features, skipped
+    return features, kept, skipped
 
 
 # -- text -----------------------------------------------------------------------------------------------
@@ -293,10 +297,11 @@ def run_retrieval(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> 
     model = ctx.model
     dialogues = limited(load_dialogues(RETRIEVAL.path(ctx, "dialogs", setting)), ctx.limit)
     with torch.inference_mode():
-        features, skipped = _readable(ctx, RETRIEVAL.path(ctx, "images", setting), dialogues)
-        kept = [dialogues[i] for i in sorted(features)]
-        image_embs = model.project_images(torch.stack([features[d.index] for d in kept]), "retrieval")[:, 0]
-        image_embs = image_embs.float().cpu()
+        features, kept, skipped = _readable(ctx, RETRIEVAL.path(ctx, "images", setting), dialogues,
+                                            [RETRIEVAL.preprocessing(p) for p in protocols])
+        image_embs = {preprocess: model.project_images(torch.stack([by_index[d.index] for d in kept]),
+                                                       "retrieval")[:, 0].float().cpu()
+                      for preprocess, by_index in features.items()}
         size = max(1, ctx.batch_size)
 
         def embed(batch: list[Dialogue]) -> list[list[float]]:
@@ -311,7 +316,7 @@ def run_retrieval(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> 
     ids = [d.image_id for d in kept]
     results = []
     for protocol in protocols:
-        scores = retrieval_scores(image_embs, text_embs, protocol)
+        scores = retrieval_scores(image_embs[RETRIEVAL.preprocessing(protocol)], text_embs, protocol)
         targets = torch.arange(len(kept))
         ranks = ranks_from_scores(scores, targets)
         metrics = {f"R@{k}": v for k, v in recall_at_k(ranks, (1, 5, 10)).items()}
@@ -342,20 +347,22 @@ def run_ranking(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> li
     batch_size = ctx.batch_size or N_OPTIONS
 
     with torch.inference_mode():
-        features, skipped = _readable(ctx, RANKING.path(ctx, "images", setting), dialogues)
-        kept = [dialogues[i] for i in sorted(features)]
+        features, kept, skipped = _readable(ctx, RANKING.path(ctx, "images", setting), dialogues,
+                                            [RANKING.preprocessing(p) for p in protocols])
 
         def score(batch: list[Dialogue]) -> list[list[dict[str, list[float]]]]:
             """Per dialogue, per round, per protocol: the 100 option scores (float32 as Python floats)."""
             out = []
             for d in batch:
-                visual = model.project_images(features[d.index][None], "captioning")[0]
-                rounds, context = [], None
-                for r, rnd in enumerate(d.rounds):
-                    # one encoding per round, for both protocols; it extends the previous round's context
-                    context = model.encode_context([visual, ranking_context_text(d, r)], previous=context)
-                    rounds.append({protocol: _score_options(model, context, rnd.options, protocol, batch_size).tolist()
-                                   for protocol in protocols})
+                rounds = [{} for _ in d.rounds]
+                for protocol in protocols:  # each protocol sees the image as its code path prepares it
+                    visual = model.project_images(features[RANKING.preprocessing(protocol)][d.index][None],
+                                                  "captioning")[0]
+                    context = None
+                    for r, rnd in enumerate(d.rounds):
+                        # each round's context extends the previous round's (its KV cache is reused)
+                        context = model.encode_context([visual, ranking_context_text(d, r)], previous=context)
+                        rounds[r][protocol] = _score_options(model, context, rnd.options, protocol, batch_size).tolist()
                 out.append(rounds)
             return out
 
@@ -417,6 +424,7 @@ RETRIEVAL = register(Task(
     metrics=("R@1", "R@5", "R@10", "MRR", "mean_rank", "median_rank"),
     paper={("val", "paper"): dict(PAPER_RETRIEVAL)},  # measured with the original protocol only
     run=run_retrieval,
+    preprocess={"paper": SQUASH},  # the original script squashes (resize to 224x224, then RGB)
 ))
 
 RANKING = register(Task(
@@ -429,6 +437,7 @@ RANKING = register(Task(
     metrics=("NDCG", "MRR", "R@1", "R@5", "R@10", "R@20", "mean_rank"),
     paper={("val", "paper"): dict(PAPER_RANKING)},
     run=run_ranking,
+    preprocess={"paper": SQUASH},
 ))
 
 TASKS = (RETRIEVAL, RANKING)

@@ -42,9 +42,10 @@ import torch
 import torch.nn.functional as F
 
 from model.errors import FromageInputError, read_json
+from model.images import CROP, SQUASH
 
 from .base import RunContext, Skipped, Task, TaskResult, register
-from .cache import load_features
+from .cache import load_features_per_preprocess
 from .images import ImageDir
 from .metrics import mean_rank, mean_reciprocal_rank, ranks_from_scores, recall_at_k
 
@@ -250,18 +251,21 @@ def context_projections(model, stories: Sequence[Story], setting: str,
 
 
 def read_pool(model, stories: Sequence[Story], listed: Sequence[str], image_dir: ImageDir, cache=None,
-              batch_size: int = 32, workers: int | None = None) -> tuple[list[str], dict[str, torch.Tensor], dict[str, str]]:
-    """(pool photo ids in pool order, pooled CLIP features by photo id, failure reason by unreadable photo id).
-    Every photo used by a story is read once (through the feature cache); the pool is the readable ones."""
+              batch_size: int = 32, workers: int | None = None, preprocessings: Sequence[str] = (CROP,)
+              ) -> tuple[list[str], dict[str, dict[str, torch.Tensor]], dict[str, str]]:
+    """(pool photo ids in pool order, pooled CLIP features by preprocessing then photo id, failure reason by
+    unreadable photo id). Every photo used by a story is read once per preprocessing (through the feature cache);
+    the pool is the readable ones."""
     candidates = pool_candidates(stories, listed)
     paths = [image_dir.find(pid) for pid in candidates]
-    by_index, failures = load_features(model, paths, cache, batch_size=batch_size, workers=workers)
-    if candidates and not by_index:
+    by_preprocess, failures = load_features_per_preprocess(model, paths, preprocessings, cache, batch_size, workers)
+    if candidates and len(failures) == len(candidates):
         raise FromageInputError(image_dir.root, f"none of the {len(candidates)} photos the stories use could be read",
                                 "expected {photo_flickr_id}.jpg or .png files here")
-    features = {candidates[i]: f for i, f in sorted(by_index.items())}
+    features = {preprocess: {candidates[i]: f for i, f in sorted(by_index.items())}
+                for preprocess, by_index in by_preprocess.items()}
     failed = {candidates[i]: reason for i, reason in sorted(failures.items())}
-    return [pid for pid in candidates if pid in features], features, failed
+    return [pid for pid in candidates if pid not in failed], features, failed
 
 
 # -- the task ---------------------------------------------------------------------------------------------
@@ -279,8 +283,9 @@ def run(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> list[TaskR
         stories = stories[:ctx.limit]
 
     with torch.inference_mode():
+        preprocess = {protocol: TASK.preprocessing(protocol) for protocol in protocols}
         pool, features, failed = read_pool(model, stories, listed, image_dir, ctx.cache, ctx.batch_size,
-                                           ctx.image_workers)
+                                           ctx.image_workers, list(preprocess.values()))
         column = {pid: i for i, pid in enumerate(pool)}
 
         skipped = Skipped()
@@ -295,15 +300,18 @@ def run(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> list[TaskR
         ranks = {p: [] for p in protocols}
         predictions: dict[str, list[dict]] = {p: [] for p in protocols}
         if queries:
-            pool_embeddings = model.project_images(torch.stack([features[pid] for pid in pool]), "retrieval")[:, 0]
-            pool_matrix = scaled_pool(pool_embeddings, model.model.logit_scale.detach().float())
+            logit_scale = model.model.logit_scale.detach().float()
+            pool_matrix = {p: scaled_pool(model.project_images(torch.stack([by_id[pid] for pid in pool]),
+                                                               "retrieval")[:, 0], logit_scale)
+                           for p, by_id in features.items()}
             size = max(1, ctx.batch_size)
 
             def embed(chunk: list[Story]) -> list[dict[str, list[float]]]:
                 """Per story, per protocol: the normalised query embedding (float32 as Python floats)."""
-                context = context_projections(model, chunk, setting, features)
-                by_protocol = {protocol: query_embeddings(model, chunk, setting, protocol, features, ctx.batch_size,
-                                                          context).float().cpu().tolist()
+                context = {p: context_projections(model, chunk, setting, by_id) for p, by_id in features.items()}
+                by_protocol = {protocol: query_embeddings(model, chunk, setting, protocol, features[preprocess[protocol]],
+                                                          ctx.batch_size, context[preprocess[protocol]]
+                                                          ).float().cpu().tolist()
                                for protocol in protocols}
                 return [{protocol: by_protocol[protocol][i] for protocol in protocols} for i in range(len(chunk))]
 
@@ -315,9 +323,10 @@ def run(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> list[TaskR
                 targets = torch.tensor([column[s.target] for s in chunk])
                 context_columns = [[column[pid] for pid in s.context] for s in chunk]
                 for protocol in protocols:
+                    matrix = pool_matrix[preprocess[protocol]]
                     q = torch.tensor([e[protocol] for e in embedded[start:start + size]], dtype=torch.float32,
-                                     device=pool_matrix.device)
-                    scores = mask_context((q @ pool_matrix.T).cpu(), context_columns)
+                                     device=matrix.device)
+                    scores = mask_context((q @ matrix.T).cpu(), context_columns)
                     chunk_ranks = ranks_from_scores(scores, targets)
                     best = top_k(scores, TOP_K)
                     ranks[protocol].append(chunk_ranks)
@@ -350,4 +359,5 @@ TASK = register(Task(
     paper={(setting, "paper"): numbers for setting, numbers in PAPER_NUMBERS.items()},
     run=run,
     default_setting="5cap4img",
+    preprocess={"paper": SQUASH},  # the original script squashes (resize to 224x224, then RGB)
 ))

@@ -61,3 +61,70 @@ def test_load_features_caches_each_batch_and_skips_decoding_on_a_hit(tiny, files
     assert failures_again == failures
     for i in first:
         torch.testing.assert_close(again[i], first[i], atol=0, rtol=0)
+
+
+def bomb_png(path, width: int = 20000, height: int = 10000):
+    """A valid 1-bit PNG of width x height (200 Mpx by default: over Pillow's default decompression-bomb limit of
+    2 x MAX_IMAGE_PIXELS ~ 179 Mpx), all zeros, a few kB on disk."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    row = b"\x00" + b"\x00" * ((width + 7) // 8)  # filter byte + packed bits
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, greyscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_decompression_bomb_is_skipped_and_counted_in_process_and_in_workers(tiny, files, tmp_path):
+    from PIL import Image
+
+    from model.images import try_load
+
+    bomb = bomb_png(tmp_path / "huge.png")
+    assert 20000 * 10000 > 2 * Image.MAX_IMAGE_PIXELS  # Pillow's default limit, unchanged
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(bomb)
+    assert try_load(bomb) == (None, "image too large")
+    paths = files[:2] + [bomb] + files[2:]
+    for workers in (0, 2):
+        features, failures = load_features(tiny, paths, None, batch_size=3, workers=workers)
+        assert failures == {2: "image too large", 3: "corrupt image", 6: "missing image"}
+        assert sorted(features) == [0, 1, 4, 5, 7]
+
+
+def test_any_decoding_failure_of_one_file_skips_only_that_file(tiny, files, monkeypatch):
+    """A decoder that fails with an unexpected exception type (not OSError) on one file: skipped, counted."""
+    import model.images as images
+
+    real_open = images.Image.open
+
+    def flaky_open(path, *args, **kwargs):
+        if str(path).endswith("im3.png"):
+            raise RuntimeError("decoder bug")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(images.Image, "open", flaky_open)
+    features, failures = load_features(tiny, files, None, batch_size=3, workers=0)
+    assert failures == {2: "corrupt image", 4: "corrupt image", 5: "missing image"}
+    assert sorted(features) == [0, 1, 3, 6]
+
+
+def test_the_cache_keeps_crop_and_squash_features_apart(tiny, tmp_path, awkward_files):
+    from model.images import CROP, SQUASH, open_image
+
+    paths = list(awkward_files.values())
+    cache = FeatureCache(tmp_path / "cache", "fingerprint")
+    for preprocess in (CROP, SQUASH):
+        features, failures = load_features(tiny, paths, cache, batch_size=4, workers=0, preprocess=preprocess)
+        assert not failures
+        expected = tiny.image_features([open_image(p) for p in paths], preprocess=preprocess)
+        torch.testing.assert_close(torch.stack([features[i] for i in range(len(paths))]), expected, atol=1e-6, rtol=0)
+    assert (cache.hits, cache.misses) == (0, 2 * len(paths))  # squash did not reuse the crop entries
+    again, _ = load_features(tiny, paths, cache, batch_size=4, workers=0, preprocess=SQUASH)
+    assert cache.hits == len(paths)
+    torch.testing.assert_close(torch.stack([again[i] for i in range(len(paths))]), expected, atol=0, rtol=0)

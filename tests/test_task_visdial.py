@@ -35,22 +35,22 @@ def short(tmp_path_factory):
 class FakeModel:
     """Just the model API the tasks use, with controlled outputs.
 
-    Images get features 0, 1, 2, ... in the order they are decoded (= dialogue order of the readable ones);
+    Images get features 0, 1, 2, ... in the order they are decoded (= dialogue order of the readable ones), the
+    same for each preprocessing asked for (recorded in `preprocessings`);
     `image_table[k]` is the retrieval embedding of image k; `text_table[k]` the [RET] embedding of the k-th
     query. An option's summed log-prob is minus its length in characters, its token count its word count."""
 
     def __init__(self, image_table=None, text_table=None):
         self.image_table, self.text_table = image_table, text_table
-        self.decoded = 0
+        self.preprocessings: list[str] = []
         self.queries: list = []
         self.calls: list[dict] = []
 
-    def image_file_features(self, paths, batch_size=32, workers=None):
+    def image_file_features(self, paths, batch_size=32, workers=None, preprocess="crop"):
+        self.preprocessings.append(preprocess)
         readable = [pos for pos, path in enumerate(paths) if try_load(path)[0] is not None]
         failed = {pos: try_load(path)[1] for pos, path in enumerate(paths) if pos not in readable}
-        out = torch.arange(self.decoded, self.decoded + len(readable), dtype=torch.float32)[:, None]
-        self.decoded += len(readable)
-        yield readable, out, failed
+        yield readable, torch.arange(len(readable), dtype=torch.float32)[:, None], failed
 
     def project_images(self, features, mode="captioning"):
         idx = features[:, 0].long()
@@ -319,14 +319,15 @@ def test_ranking_arguments_and_scores_through_run(synth):
     ctx = RunContext(model=model, data_root=root, progress=False, limit=1, batch_size=32)
     paper, corrected = vd.RANKING.run(ctx, "val", ("paper", "corrected"))
     d = vd.load_dialogues(info["dialogs"])[0]
-    # one call per round and protocol, with the original's context: the image tokens then the text, encoded
-    # once per round for both protocols, continuing from the previous round's encoding
+    # one call per round and protocol, with the original's context: the image tokens then the text; each
+    # protocol's chain of contexts (its own image preprocessing) continues from its previous round's encoding
     assert len(model.calls) == 20
-    for r in range(10):
-        for call, bos, shift in ((model.calls[2 * r], True, False), (model.calls[2 * r + 1], False, True)):
+    assert model.preprocessings == ["squash", "crop"]  # paper: the original script's squash; corrected: crop
+    for p, (bos, shift) in enumerate(((True, False), (False, True))):
+        for r in range(10):
+            call = model.calls[10 * p + r]
             assert (call["continuation_bos"], call["shift"], call["batch_size"]) == (bos, shift, 32)
-            assert call["context"] is model.calls[2 * r]["context"]
-            assert call["context"]["previous"] is (model.calls[2 * r - 2]["context"] if r else None)
+            assert call["context"]["previous"] is (model.calls[10 * p + r - 1]["context"] if r else None)
             visual, text = call["context"]["prompt"]
             assert visual.shape == (2, 8) and visual.dtype == torch.float32
             assert text == vd.ranking_context_text(d, r)
@@ -404,3 +405,42 @@ def test_ndcg_uses_the_annotation_relevance():
     metrics, _, _ = vd.ranking_metrics({(0, 0): row}, {(0, 0): 5}, [note], [(0, 0)])
     assert metrics["NDCG"] == pytest.approx(visdial_ndcg(row[None], torch.tensor([rel])))
     assert metrics["NDCG"] == pytest.approx(100 * (0.5 + 1 / math.log2(3)) / (1 + 0.5 / math.log2(3)))
+
+
+def test_paper_retrieval_squashes_like_the_original_script_and_corrected_crops(tiny, tmp_path):
+    """On non-square photos in odd modes: the paper protocol's ranks equal the original script's computation
+    (open, resize to 224x224, then RGB, then the processor; image x text scores ranked per image); the corrected
+    protocol's equal the cosine ranking of centre-cropped images."""
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from tests.conftest import photo_like
+
+    info = write_visdial(tmp_path, n=4, seed=3)
+    modes = ["RGB", "L", "RGBA", "P"]
+    for k, path in enumerate(info["image_paths"]):  # the same names, now 4:3 / 3:4 photos in four modes
+        image = photo_like(k, (320, 240) if k % 2 else (240, 320))
+        image = image.quantize(16) if modes[k] == "P" else image.convert(modes[k])
+        image.save(path, format="PNG")  # lossless: the mode survives
+    ctx = RunContext(model=tiny, data_root=tmp_path, progress=False, batch_size=2)
+    paper, corrected = vd.RETRIEVAL.run(ctx, "val", ("paper", "corrected"))
+    m = tiny.model
+    dialogues = vd.load_dialogues(info["dialogs"])
+    with torch.inference_mode():
+        text = torch.stack([m.text_hidden_fcs[0](m.lm(inputs_embeds=m.input_embeddings(
+            m.tokenizer(vd.retrieval_text(d), return_tensors="pt").input_ids), output_hidden_states=True
+        ).hidden_states[-1])[0, -1] for d in dialogues])
+        text = F.normalize(text, dim=-1)
+
+        def image_embs(prepare):
+            pixels = m.feature_extractor([prepare(Image.open(p)) for p in info["image_paths"]],
+                                         return_tensors="pt").pixel_values
+            return m.get_visual_embs(pixels, mode="retrieval")[:, 0]
+
+        squashed = image_embs(lambda im: im.resize((224, 224)).convert("RGB"))
+        cropped = image_embs(lambda im: im.convert("RGB"))
+    expected_paper = ranks_from_scores(squashed @ text.T, torch.arange(4)).tolist()
+    expected_corrected = ranks_from_scores(text @ F.normalize(cropped, dim=-1).T, torch.arange(4)).tolist()
+    assert [p["rank"] for p in paper.predictions] == expected_paper
+    assert [p["rank"] for p in corrected.predictions] == expected_corrected
+    assert not torch.allclose(squashed, cropped, atol=1e-3)  # the two preprocessings really differ here

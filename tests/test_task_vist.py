@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from fromage_bench.synth.vist import IMAGE_DIR, JSON_PATH, write_vist
 from model.errors import FromageInputError
-from model.images import load_image, pixel_values
 from model.prompts import embed_prompt
 from tasks import get_task
 from tasks.base import RunContext
@@ -122,7 +122,7 @@ def test_pool_keeps_readable_photos_of_skipped_stories_but_not_unused_ones(tiny,
     pool, features, failed = read_pool(tiny, stories, listed, ImageDir(synth["image_dir"]))
     assert pool == synth["pool"]
     assert failed == {**{p: "missing image" for p in synth["missing"]}, **{p: "corrupt image" for p in synth["corrupt"]}}
-    assert set(features) == set(pool)
+    assert set(features) == {"crop"} and set(features["crop"]) == set(pool)
     for sid in synth["skipped"]:  # the readable photos of skipped stories are candidates
         readable = [p for p in synth["stories"][sid] if p not in failed]
         assert readable and set(readable) <= set(pool)
@@ -175,12 +175,16 @@ def test_paper_protocol_matches_the_original_loop(tiny, synth):
     captioning embeddings concatenated, last hidden state -> text_hidden_fcs[0] at the last position."""
     m = tiny.model
     stories, listed = load_stories(synth["json"])
-    pool, features, failed = read_pool(tiny, stories, listed, ImageDir(synth["image_dir"]))
+    pool, features, failed = read_pool(tiny, stories, listed, ImageDir(synth["image_dir"]), preprocessings=("squash",))
     story = next(s for s in stories if s.story_id not in synth["skipped"])
-    ours = query_embeddings(tiny, [story], "5cap4img", "paper", features, batch_size=2)[0]
+    ours = query_embeddings(tiny, [story], "5cap4img", "paper", features["squash"], batch_size=2)[0]
+
+    def original_pixels(pids):  # the script's loader: open, resize to 224x224, then RGB, then the processor
+        images = [Image.open(ImageDir(synth["image_dir"]).find(p)).resize((224, 224)).convert("RGB") for p in pids]
+        return m.feature_extractor(images, return_tensors="pt").pixel_values
+
     with torch.inference_mode():
-        images = [load_image(ImageDir(synth["image_dir"]).find(p)) for p in story.context]
-        visual = m.get_visual_embs(pixel_values(m.feature_extractor, images), mode="captioning")
+        visual = m.get_visual_embs(original_pixels(story.context), mode="captioning")
         ids = [m.tokenizer(c + ("[RET]" if i == 4 else ""), add_special_tokens=True, return_tensors="pt").input_ids
                for i, c in enumerate(story.captions)]
         text = [m.input_embeddings(x)[0] for x in ids]
@@ -190,8 +194,7 @@ def test_paper_protocol_matches_the_original_loop(tiny, synth):
         original = original / original.norm()
         torch.testing.assert_close(ours, original, atol=1e-5, rtol=1e-4)
         # and the ranking: scaled normalised pool, context minus 10000, top-k
-        pool_pixels = pixel_values(m.feature_extractor, [load_image(ImageDir(synth["image_dir"]).find(p)) for p in pool])
-        emb = m.get_visual_embs(pool_pixels, mode="retrieval")[:, 0]
+        emb = m.get_visual_embs(original_pixels(pool), mode="retrieval")[:, 0]
         matrix = m.logit_scale.exp() * emb / emb.norm(dim=-1, keepdim=True)
         scores = original @ matrix.T
         for pid in story.context:
@@ -266,14 +269,15 @@ def test_end_to_end_all_settings_both_protocols(tiny, synth, tmp_path):
                     assert pred["target"] not in pred["top10"]
             json.dumps(r.predictions)
         assert results[0].paper == task.paper[(setting, "paper")] and results[1].paper is None
-        if setting == "1cap":
-            assert results[0].metrics == results[1].metrics  # the same prompt
+        # 1cap builds the same prompt in both protocols, but the pool photos are squashed (paper) or cropped
+        assert [r.extra["image_preprocessing"] for r in results] == ["squash", "crop"]
     assert task.paper[("5cap4img", "paper")] == {"R@1": 18.2, "R@5": 42.7, "R@10": 51.8}
     assert task.paper[("1cap", "paper")] == {"R@1": 11.3, "R@5": 24.6, "R@10": 32.1}
     assert task.paper[("5cap", "paper")] == {"R@1": 10.8, "R@5": 23.8, "R@10": 31.7}
-    # each readable photo decoded and encoded once over the three settings (the cache serves the rest)
-    assert tiny.counters["images_encoded"] == len(synth["pool"])
-    assert cache.hits == 2 * len(synth["pool"])
+    # each readable photo decoded and encoded once per preprocessing (paper squash, corrected crop) over the
+    # three settings (the cache serves the rest)
+    assert tiny.counters["images_encoded"] == 2 * len(synth["pool"])
+    assert cache.hits == 2 * 2 * len(synth["pool"])
 
 
 def test_limit_takes_the_first_stories_and_their_photos(tiny, synth):

@@ -16,9 +16,11 @@ Behaviour reproduced (see /work/shared/spec/fromage-reference.md):
   loaded non-strictly under the original's module names; the ``(1, D)``
   ``ret_input_embeddings.weight`` squeezed and copied into the input-embedding row
   of ``[RET]`` (OPT ties the output head, so the head row changes too);
-* images: resized to 224x224 (squashed) and converted to RGB, then the CLIP image
-  processor; CLIP ``pooler_output`` -> ``visual_embeddings`` (captioning) or
-  ``visual_fc`` (retrieval);
+* images, as the API prepares them: ``img.convert('RGB')`` handed to the CLIP image
+  processor as it is (shortest edge to 224, centre crop); the evaluation scripts'
+  way (``img.resize((224, 224))`` first, then ``.convert('RGB')``, then the
+  processor) is ``squashed_pixel_values``; CLIP ``pooler_output`` ->
+  ``visual_embeddings`` (captioning) or ``visual_fc`` (retrieval);
 * prompts: every string tokenised with special tokens, the BOS kept only for the
   first string;
 * ``num_words == 0``: one forward pass; ``[RET]`` positions are searched in the
@@ -67,9 +69,11 @@ def truncate_caption(caption: str) -> str:
     return caption[:cut] if cut > 0 else caption
 
 
-def prepare_image(img: Image.Image) -> Image.Image:
-    """Squash to 224x224 (default PIL resampling), then RGB, as the original's loader."""
-    return img.resize((IMAGE_SIZE, IMAGE_SIZE)).convert("RGB")
+def squash_image(img: Image.Image) -> Image.Image:
+    """The original evaluation scripts' loader: resize to 224x224 (Pillow's default resampling for the
+    image's own mode), and only then convert to RGB."""
+    resized = img.resize((IMAGE_SIZE, IMAGE_SIZE))
+    return resized.convert("RGB")
 
 
 def _resolve_backbone(model_dir: Path, name: str) -> str:
@@ -204,9 +208,15 @@ class OriginalStyleFromage(nn.Module):
         return int(self.args["n_visual_tokens"])
 
     def pixel_values(self, img: Image.Image) -> torch.Tensor:
-        """(3, 224, 224) fp32 CLIP input of one PIL image (after the squash resize)."""
-        img = prepare_image(img)
-        out = self.image_processor(img.convert("RGB"), return_tensors="pt").pixel_values[0]
+        """(3, 224, 224) fp32 CLIP input of one PIL image as the API makes it: RGB, then the
+        processor's own shortest-edge resize and centre crop."""
+        rgb = img.convert("RGB")
+        out = self.image_processor(rgb, return_tensors="pt").pixel_values[0]
+        return out.to(torch.float32)
+
+    def squashed_pixel_values(self, img: Image.Image) -> torch.Tensor:
+        """(3, 224, 224) fp32 CLIP input as the VIST / VisDial scripts make it (`squash_image`)."""
+        out = self.image_processor(squash_image(img), return_tensors="pt").pixel_values[0]
         return out.to(torch.float32)
 
     @torch.no_grad()
@@ -433,5 +443,5 @@ def load_original_style(model_dir, **kwargs) -> OriginalStyleFromage:
     return OriginalStyleFromage(model_dir, **kwargs)
 
 
-__all__ = ["OriginalStyleFromage", "load_original_style", "truncate_caption", "prepare_image",
+__all__ = ["OriginalStyleFromage", "load_original_style", "truncate_caption", "squash_image",
            "RET_TOKEN", "IMAGE_TOKEN"]
