@@ -1,7 +1,9 @@
 """VisDial v1.0 val (paper Table 2): dialogue -> image retrieval, and ranking the 100 answer options of
 every round given the image and the dialogue so far.
 
-Protocols (both computed in one invocation; the expensive work is shared):
+Protocols (both computed in one invocation; the expensive work is shared). Images: `paper` squashes them as the
+original scripts do (resize to 224x224, then RGB), `corrected` centre-crops them as the model was trained
+(`model.images`); each protocol gets its own features (both cached).
 
 `visdial_retrieval`
   * paper: as the original script. Query text "Q: {q}? A: {a}." for every round, joined by spaces, then

@@ -24,13 +24,15 @@ which is its `[RET]` token; pool scores are ``query @ (exp(logit_scale) * normal
 the story's own context photos (its first four) get -10000 in every setting, as the original masks
 ``story_data[:-1]``; ranking is by score, ties by pool index. Scores are computed in float32.
 
-Protocols: the only difference is the per-caption BOS.
+Protocols differ in the per-caption BOS and in the images: ``paper`` squashes them as the original script does
+(resize to 224x224, then RGB), ``corrected`` centre-crops them as the model was trained (`model.images`), for
+the pool and the context photos alike.
   * ``paper`` - exactly the original: every caption is tokenised on its own with special tokens, so each
     one starts with its own BOS ``</s>``; ``[RET]`` is appended to the last caption with no space
     (``caption + "[RET]"``) before tokenising.
   * ``corrected`` - the interleaving used everywhere else by the model API: the captions are strings and
     only the first text of the prompt keeps its BOS (captions 2-5 have none); ``[RET]`` is appended the
-    same way. For ``1cap`` both protocols build the same prompt.
+    same way. For ``1cap`` both protocols build the same prompt (the photos still differ).
 """
 from __future__ import annotations
 
