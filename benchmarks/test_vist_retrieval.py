@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fromage_bench.synth.vist import write_vist
-from model.images import load_image, pixel_values
+from model.images import SQUASH, open_image, pixel_values
 from model.prompts import embed_prompt
 from tasks.base import RunContext
 from tasks.images import ImageDir
@@ -34,14 +34,16 @@ def _original_way(model, root):
     stories, listed = load_stories(root / TASK.files["annotations"])
     images = ImageDir(root / TASK.files["images"])
     pool = pool_candidates(stories, listed)
-    pool_embs = torch.cat([model.encode_images([load_image(images.find(pid))], "retrieval") for pid in pool])
+    # the script's images: squashed to 224x224, then RGB (the paper protocol's preprocessing)
+    pool_embs = torch.cat([model.encode_images([open_image(images.find(pid))], "retrieval", preprocess=SQUASH)
+                           for pid in pool])
     matrix = scaled_pool(pool_embs, model.model.logit_scale.detach().float())
     column = {pid: i for i, pid in enumerate(pool)}
     fromage = model.model
     ranks, all_scores = [], []
     with torch.inference_mode():
         for story in stories:
-            pixels = pixel_values(fromage.feature_extractor, [load_image(images.find(p)) for p in story.context])
+            pixels = pixel_values(fromage.feature_extractor, [open_image(images.find(p)) for p in story.context], SQUASH)
             context = fromage.get_visual_embs(pixels, "captioning")  # re-encoded for every story
             prompt = embed_prompt(fromage, paper_prompt(fromage.tokenizer, story.captions, list(context)))
             # as the original: the whole LM (logits included) on one story, [RET] read at the last position
