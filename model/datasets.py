@@ -4,10 +4,11 @@
   the NAME: an absolute name or one with a `..` component is bad input; links are followed, so an image
   directory that is a symlink to shared storage, or that holds per-file symlinks, reads like a plain folder.
   Paths are returned as logical paths (the directory joined with the name, links not resolved).
-* CC3M-style TSVs (`read_cc3m_rows`, written by `cc3m_tsv_text`): read with pandas as the original's `pd.read_csv(path, sep='\\t')` reads
-  them, so CSV quoting is honoured (pandas writes a caption holding `"` or a tab quoted, its inner quotes
-  doubled). Every field is read as a string as written: a caption "nan" or "null", an image "0001", stay so
-  (the original let pandas turn the first two into NaN, which it then printed as "nan", and "0001" into 1).
+* CC3M-style TSVs (`read_cc3m_rows`; `cc3m_tsv_text` writes them): read with pandas as the original's
+  `pd.read_csv(path, sep='\\t')` reads them, so CSV quoting is honoured (pandas writes a caption holding `"`
+  or a tab quoted, its inner quotes doubled). Every field is read as the string written: a caption "nan" or
+  "null" and an image "0001" stay so (the original let pandas turn the first two into NaN, which it then
+  used as the caption "nan", and an image column of digits only into integers, 0001 -> 1).
 * VIST story-in-sequence JSON (`load_stories`).
 """
 from __future__ import annotations
@@ -88,7 +89,9 @@ def read_cc3m_rows(tsv: str | Path) -> list[CaptionRow]:
     The header must have the columns `caption` and `image`, in any order; other columns are allowed and
     ignored (the original reads only those two). A row with more fields than the header, an empty or missing
     caption or image, a file that is not UTF-8 or whose quoting is broken is bad input naming the file and
-    line. Blank lines (and lines of empty fields only) are skipped; a file without data rows is bad input."""
+    line. Blank lines (and lines of empty fields only) are skipped; a file without data rows is bad input.
+    Captions are kept as written, surrounding spaces too (the original tokenised them so); image names lose
+    theirs."""
     import pandas as pd
 
     tsv = Path(tsv)
@@ -105,18 +108,18 @@ def read_cc3m_rows(tsv: str | Path) -> list[CaptionRow]:
         raise FromageInputError(tsv, "empty file", CC3M_HINT) from None
     except pd.errors.ParserError as err:
         raise _parser_error(tsv, err) from None
-    records = table.values.tolist()
     header_line = leading_blank + 1
-    columns = [str(c).strip() for c in records[0]]
+    columns = [str(c).strip() for c in table.iloc[0]]
     if not all(c in columns for c in CC3M_COLUMNS):
         raise FromageInputError(f"{tsv}, line {header_line}", f"missing or wrong header {columns!r}", CC3M_HINT)
-    caption_col, image_col = columns.index("caption"), columns.index("image")
-    rows = []
-    line = header_line + _newlines(records[0]) + 1
-    for fields in records[1:]:
-        if any(f.strip() for f in fields):
-            rows.append(_caption_row(f"{tsv}, line {line}", line, fields[caption_col], fields[image_col]))
-        line += _newlines(fields) + 1  # a quoted field may span lines
+    body = table.iloc[1:]
+    lines = _record_lines(body, header_line + 1 + sum(str(c).count("\n") for c in table.iloc[0]))
+    kept = ~(body.apply(lambda column: column.str.strip()) == "").all(axis=1)  # blank lines were read as rows
+    captions, images = body[columns.index("caption")], body[columns.index("image")].str.strip()
+    _raise_first_fault(tsv, lines, [(kept & (images == ""), "empty or missing image name"),
+                                    (kept & (captions.str.strip() == ""), "empty caption")])
+    rows = [CaptionRow(*row) for row in zip(lines[kept.to_numpy()].tolist(), captions[kept].tolist(),
+                                            images[kept].tolist())]
     if not rows:
         raise FromageInputError(tsv, "no data rows after the header", CC3M_HINT)
     return rows
@@ -131,12 +134,18 @@ def cc3m_tsv_text(rows: Iterable[tuple[str, str]]) -> str:
     return table.to_csv(sep="\t", index=False, lineterminator="\n")
 
 
-def _caption_row(where: str, line: int, caption: str, image: str) -> CaptionRow:
-    if not image.strip():
-        raise FromageInputError(where, "empty or missing image name", "each row is `caption<TAB>image`")
-    if not caption.strip():
-        raise FromageInputError(where, "empty caption")
-    return CaptionRow(line, caption, image.strip())
+def _record_lines(body, first: int):
+    """The file line each record starts on: a quoted field may span lines."""
+    spans = 1 + sum(body[column].str.count("\n") for column in body.columns)
+    return (first + spans.cumsum() - spans).to_numpy()
+
+
+def _raise_first_fault(tsv: Path, lines, faults) -> None:
+    """Bad input at the first row that any of the (row mask, problem) `faults` marks."""
+    found = [(int(mask.to_numpy().argmax()), problem) for mask, problem in faults if mask.any()]
+    if found:
+        row, problem = min(found)
+        raise FromageInputError(f"{tsv}, line {lines[row]}", problem, "each row is `caption<TAB>image`")
 
 
 def _leading_blank_lines(path: Path) -> int:
@@ -148,10 +157,6 @@ def _leading_blank_lines(path: Path) -> int:
                 break
             count += 1
     return count
-
-
-def _newlines(fields: list[str]) -> int:
-    return sum(f.count("\n") for f in fields)
 
 
 def _parser_error(tsv: Path, err: Exception) -> FromageInputError:

@@ -165,6 +165,7 @@ def test_karpathy_loader_reads_test_split_only_and_tolerates_flickr_style(tmp_pa
     ("caption\timage\n\"a dog\tdog.jpg\n", "malformed TSV"),  # an opening quote never closed
     ("caption\timage\na dog\t../outside.jpg\n", "line 2: image path '../outside.jpg' escapes"),
     ("caption\timage\na dog\t\n", "line 2: empty or missing image name"),
+    ("caption\timage\n\tdog.jpg\na dog\t\n", "line 2: empty caption"),  # the first faulty row is named
 ])
 def test_bad_tsv_is_an_input_error_naming_the_file_and_line(tmp_path, content, match):
     (tmp_path / "validation").mkdir()
