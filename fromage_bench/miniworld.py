@@ -557,15 +557,17 @@ def _cc3m(w: _Writer, rng: random.Random, n: int, tsv: str, image_dir: str,
           pairs: Sequence[Scene | tuple[Scene, str]]) -> list[str]:
     """Images + a `caption<TAB>image` TSV (names without extension, as the released val TSV); a scene without
     a text gets a caption."""
-    rows, captions = [], []
+    from model.datasets import cc3m_tsv_text  # (lazily: the package `model` loads transformers)
+
+    rows, captions = [], []  # (caption, image name)
     for i, item in enumerate(pairs[:n]):
         scene, text = item if isinstance(item[-1], str) else (item, None)
         name = f"{i}_{rng.randrange(10 ** 9, 10 ** 10)}"
         w.image(f"{image_dir}/{name}.png", scene)
         text = caption(scene, rng) if text is None else text
-        rows.append(f"{text}\t{name}\n")
+        rows.append((text, name))
         captions.append(text)
-    w.text(tsv, "caption\timage\n" + "".join(rows))
+    w.text(tsv, cc3m_tsv_text(rows))
     return captions
 
 

@@ -15,7 +15,6 @@ Everything runs on CPU with `threads` threads (default 2).
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -400,24 +399,14 @@ def pretrain_vision(train_pairs: Sequence[tuple[object, str]], heldout_pairs: Se
 
 
 # -- data -----------------------------------------------------------------------------------------------
-def read_pairs(tsv: Path, image_dir: Path, limit: int | None = None) -> list[tuple[Path, str]]:
-    """(image file, caption) rows of a CC3M-style TSV (image names tried as given, .png, .jpg)."""
-    pairs = []
-    with open(tsv, encoding="utf-8", newline="") as fh:
-        rows = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
-    header = [h.strip() for h in rows[0]]
-    c, i = header.index("caption"), header.index("image")
-    for row in rows[1:]:
-        if not row:
-            continue
-        name = row[i].strip()
-        path = next((image_dir / (name + ext) for ext in ("", ".png", ".jpg") if (image_dir / (name + ext)).is_file()),
-                    None)
-        if path is not None:
-            pairs.append((path, row[c].strip()))
-        if limit is not None and len(pairs) >= limit:
-            break
-    return pairs
+def read_pairs(tsv: Path, image_dir: Path) -> list[tuple[Path, str]]:
+    """(image file, caption) rows of a CC3M-style TSV whose image file exists, read and resolved as training
+    and the tasks read them (`model.datasets`)."""
+    from model.datasets import ImageDir, read_cc3m_rows, resolve_image  # (the package `model` loads transformers)
+
+    images = ImageDir(image_dir)
+    paths = [(resolve_image(images, row.image, f"{tsv}, line {row.line}"), row.caption) for row in read_cc3m_rows(tsv)]
+    return [(path, caption) for path, caption in paths if path.is_file()]
 
 
 def hard_negative_pairs(n: int, seed: int) -> list[tuple[object, str]]:

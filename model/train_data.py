@@ -1,7 +1,9 @@
 """Training data: a CC3M-style TSV of (caption, image file) pairs, and the order in which it is read.
 
-The TSV has a header with the columns `caption` and `image` (in any order; other columns are ignored);
-image names are relative to an image directory and are tried as given, then with `.jpg` and `.png`.
+The TSV is read by the evaluation tasks' reader, `model.datasets.read_cc3m_rows` (as the original's pandas
+reads it: a header with the columns `caption` and `image` in any order, other columns ignored, CSV quoting
+honoured); image names are relative to an image directory and resolved as the tasks resolve them
+(`model.datasets.resolve_image`: as given, then with an image extension).
 Captions are tokenised like the original training code: BOS + caption + `[RET]`, at most `max_len`
 tokens (a caption that does not fit is cut and keeps `[RET]` as its last token), padded to `max_len`.
 
@@ -13,54 +15,17 @@ of micro-batches already read.
 """
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from .datasets import ImageDir, read_cc3m_rows, resolve_image
 from .errors import FromageInputError
 from .images import load_image
 
-REQUIRED_COLUMNS = ("caption", "image")
-IMAGE_SUFFIXES = ("", ".jpg", ".png")
 MAX_LEN = 24  # the original's --max-len
-
-
-def read_tsv(path: str | Path) -> list[tuple[str, str]]:
-    """(caption, image name) rows of a CC3M-style TSV; anything malformed is a FromageInputError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FromageInputError(path, "missing", "expected a TSV with a header line `caption<TAB>image`")
-    try:
-        with path.open(encoding="utf-8", newline="") as f:
-            rows = list(csv.reader(f, delimiter="\t"))
-    except UnicodeDecodeError as err:
-        raise FromageInputError(path, f"not UTF-8 text: {err}") from None
-    except csv.Error as err:
-        raise FromageInputError(path, f"malformed TSV: {err}") from None
-    if not rows:
-        raise FromageInputError(path, "empty file", "expected a header line `caption<TAB>image`")
-    header = [name.strip() for name in rows[0]]
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
-    if missing:
-        raise FromageInputError(path, f"header {header} lacks the column(s) {', '.join(missing)}",
-                                "expected a header line `caption<TAB>image`")
-    caption_col, image_col = header.index("caption"), header.index("image")
-    pairs = []
-    for line, row in enumerate(rows[1:], start=2):
-        if not row:
-            continue  # blank line
-        if len(row) != len(header):
-            raise FromageInputError(path, f"line {line} has {len(row)} tab-separated fields, the header {len(header)}")
-        caption, image = row[caption_col].strip(), row[image_col].strip()
-        if not caption or not image:
-            raise FromageInputError(path, f"line {line} has an empty {'caption' if not caption else 'image'} field")
-        pairs.append((caption, image))
-    if not pairs:
-        raise FromageInputError(path, "no data rows after the header")
-    return pairs
 
 
 def tokenize_caption(tokenizer, caption: str, ret_id: int, max_len: int = MAX_LEN) -> list[int]:
@@ -81,9 +46,8 @@ class CaptionDataset(torch.utils.data.Dataset):
     def __init__(self, tsv: str | Path, image_dir: str | Path, tokenizer, processor, ret_id: int, max_len: int = MAX_LEN):
         self.tsv = Path(tsv)
         self.image_dir = Path(image_dir)
-        if not self.image_dir.is_dir():
-            raise FromageInputError(self.image_dir, "image directory not found")
-        self.rows = read_tsv(self.tsv)
+        self.images = ImageDir(self.image_dir)
+        self.rows = [(row.caption, row.image) for row in read_cc3m_rows(self.tsv)]
         self.tokenizer = tokenizer
         self.processor = processor
         self.ret_id = ret_id
@@ -92,19 +56,11 @@ class CaptionDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def image_path(self, name: str) -> Path | None:
-        for suffix in IMAGE_SUFFIXES:
-            candidate = self.image_dir / (name + suffix)
-            if candidate.is_file():
-                return candidate
-        return None
-
     def read_image(self, index: int) -> Image.Image | None:
-        path = self.image_path(self.rows[index][1])
-        if path is None:
-            return None
+        """The row's image, None when it is missing, unreadable or named outside the image directory (such a
+        row is skipped like a missing image: one bad name should not stop a long run)."""
         try:
-            return load_image(path)
+            return load_image(resolve_image(self.images, self.rows[index][1], f"{self.tsv}, row {index}"))
         except FromageInputError:
             return None
 

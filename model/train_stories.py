@@ -10,10 +10,11 @@ k is drawn from 2..5 per query; half of the queries give every sentence its own 
 `paper` protocol), the others only the first (the model API's interleaving).
 
 Data: a VIST story-in-sequence file (its train split, say) and its photo directory, read by the VIST task's
-own reader. Stories with a photo file missing are left out. Which stories a micro-batch reads, each query's
-k and BOS style are a pure function of (seed, micro-batch index), and rank r takes the r-th block of the
-global batch: a resumed or multi-process run reads the same queries as one uninterrupted process. A story's
-five photos go through the frozen vision tower together, once, and their features are kept.
+reader (`model.datasets.load_stories`). Stories with a photo file missing are left out. Which stories a
+micro-batch reads, each query's k and BOS style are a pure function of (seed, micro-batch index), and rank r
+takes the r-th block of the global batch: a resumed or multi-process run reads the same queries as one
+uninterrupted process. A story's five photos go through the frozen vision tower together, once, and their
+features are kept.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .datasets import ImageDir, load_stories
 from .errors import FromageInputError
 from .fromage import FromageModel
 from .images import load_image
@@ -48,9 +50,6 @@ class StoryQueries:
 class StorySource:
     def __init__(self, json_path: str | Path, image_dir: str | Path, model: FromageModel, batch_size: int,
                  world_size: int = 1, rank: int = 0, seed: int = 0):
-        from tasks.images import ImageDir  # the VIST task's reader: the same format, the same checks
-        from tasks.vist import load_stories
-
         self.model, self.batch_size, self.rank, self.seed = model, batch_size, rank, seed
         self.global_batch = batch_size * world_size
         images = ImageDir(Path(image_dir))

@@ -1,10 +1,12 @@
 """Loaders of the two image-caption formats shared by `image_text_retrieval` and `captioning`.
 
 * ``cc3m``: a CC3M-validation-style TSV (as the original repo's ``datasets/cc3m_val.tsv``): a header line
-  ``caption<TAB>image`` then one ``caption<TAB>image`` row per example. The image column is a file name
-  relative to the image directory, possibly without its extension (the released TSV lists
-  ``0_1595581236``): it is tried as given, then with ``.jpg`` / ``.png`` (and ``.jpeg``). No quoting: a
-  caption's ``"`` is an ordinary character. Rows naming the same image file are grouped into one image
+  naming the columns ``caption`` and ``image`` (other columns are ignored) then one row per example, read
+  by `model.datasets.read_cc3m_rows` as the original's ``pandas.read_csv(sep='\t')`` reads it: CSV quoting
+  is honoured (a caption holding ``"`` or a tab is written quoted by pandas, its inner quotes doubled),
+  every field stays the string written. The image column is a file name relative to the image directory,
+  possibly without its extension (the released TSV lists ``0_1595581236``): it is tried as given, then
+  with ``.jpg`` / ``.png`` (and ``.jpeg``). Rows naming the same image file are grouped into one image
   with several captions (the original's validation grouped BLEU references by image path the same way).
   ``limit`` counts rows (= captions).
 * ``coco``: a Karpathy-split JSON (``dataset_coco.json``: ``{"images": [{"filepath", "filename", "split",
@@ -20,16 +22,11 @@ files are not errors here: the image keeps a path that does not open, and the ta
 """
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.datasets import ImageDir, read_cc3m_rows, resolve_image
 from model.errors import FromageInputError, read_json
-
-from .images import ImageDir
-
-CC3M_HEADER = ("caption", "image")
-IMAGE_EXTENSIONS = (".jpg", ".png", ".jpeg", ".JPG", ".PNG")
 
 
 @dataclass
@@ -42,68 +39,7 @@ class CaptionedImage:
     where: str = ""           # "file, line N" / "file, images[i]": for messages
 
 
-def resolve_image(images: ImageDir, name: str, source: str) -> Path:
-    """The file for a dataset-relative image name: as given, else with an image extension appended, else
-    with its extension swapped; the as-given path when none exists. A name escaping the image directory
-    is bad input (FromageInputError naming `source`)."""
-    given = images.path(name, source=source)
-    if given.is_file():
-        return given
-    candidates = [name + ext for ext in IMAGE_EXTENSIONS]
-    suffix = Path(name).suffix
-    if suffix:
-        stem = name[: -len(suffix)]
-        candidates += [stem + ext for ext in IMAGE_EXTENSIONS if ext != suffix]
-    for candidate in candidates:
-        path = images.path(candidate, source=source)
-        if path.is_file():
-            return path
-    return given
-
-
 # -- cc3m -------------------------------------------------------------------------------------------------
-def read_cc3m_rows(tsv: Path) -> list[tuple[int, str, str]]:
-    """(line number, caption, image name) of each data row of a `caption<TAB>image` TSV.
-
-    The header must name exactly the columns caption and image (either order); each row must have exactly
-    two tab-separated fields, neither empty. Blank lines are ignored."""
-    tsv = Path(tsv)
-    if not tsv.is_file():
-        raise FromageInputError(tsv, "caption TSV not found", "expected a `caption<TAB>image` file (CC3M val style)")
-    try:
-        with open(tsv, encoding="utf-8", newline="") as fh:
-            reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-            header = next(reader, None)
-            while header is not None and not header:  # leading blank lines
-                header = next(reader, None)
-            if header is None:
-                raise FromageInputError(tsv, "empty file", "expected a header line `caption<TAB>image`")
-            columns = tuple(h.strip().lstrip("\ufeff") for h in header)
-            if sorted(columns) != sorted(CC3M_HEADER):
-                raise FromageInputError(f"{tsv}, line {reader.line_num}",
-                                        f"missing or wrong header {header!r}",
-                                        "the first line must be `caption<TAB>image`")
-            caption_col, image_col = columns.index("caption"), columns.index("image")
-            rows = []
-            for fields in reader:
-                if not fields:
-                    continue
-                where = f"{tsv}, line {reader.line_num}"
-                if len(fields) != 2:
-                    raise FromageInputError(where, f"expected 2 tab-separated fields (caption, image), got {len(fields)}")
-                caption, image = fields[caption_col].strip(), fields[image_col].strip()
-                if not image:
-                    raise FromageInputError(where, "empty image name")
-                if not caption:
-                    raise FromageInputError(where, "empty caption")
-                rows.append((reader.line_num, caption, image))
-    except UnicodeDecodeError as err:
-        raise FromageInputError(tsv, f"not UTF-8 text: {err}") from None
-    except csv.Error as err:
-        raise FromageInputError(tsv, f"malformed TSV: {err}") from None
-    return rows
-
-
 def load_cc3m(tsv: Path, image_dir: Path, limit: int | None = None) -> list[CaptionedImage]:
     """The first `limit` rows of a CC3M-style TSV, grouped by image file (file order of first mention)."""
     rows = read_cc3m_rows(tsv)

@@ -36,14 +36,13 @@ the pool and the context photos alike.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from model.errors import FromageInputError, read_json
+from model.datasets import Story, load_stories
+from model.errors import FromageInputError
 from model.images import CROP, SQUASH
 
 from .base import RunContext, Skipped, Task, TaskResult, register
@@ -54,11 +53,9 @@ from .metrics import mean_rank, mean_reciprocal_rank, ranks_from_scores, recall_
 RET_TOKEN = "[RET]"
 SETTINGS = ("1cap", "5cap", "5cap4img")
 PROTOCOLS = ("paper", "corrected")
-STORY_LENGTH = 5
 MASK_PENALTY = 10000.0
 KS = (1, 5, 10)
 TOP_K = 10
-REQUIRED_KEYS = ("story_id", "photo_flickr_id", "worker_arranged_photo_order", "text")
 
 PAPER_NUMBERS = {
     "1cap": {"R@1": 11.3, "R@5": 24.6, "R@10": 32.1},
@@ -72,64 +69,7 @@ PAPER_BASELINES = {
 }
 
 
-# -- data -------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Story:
-    story_id: str
-    photo_ids: tuple[str, ...]  # in worker_arranged_photo_order
-    captions: tuple[str, ...]
-
-    @property
-    def target(self) -> str:
-        return self.photo_ids[-1]
-
-    @property
-    def context(self) -> tuple[str, ...]:
-        return self.photo_ids[:-1]
-
-
-def load_stories(path: Path) -> tuple[list[Story], list[str]]:
-    """The stories of a SIS file (in order of first appearance) and the photo ids of its `images` list."""
-    path = Path(path)
-    data = read_json(path, "VIST story file not found")
-    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-        raise FromageInputError(path, "not a VIST story-in-sequence file: no 'annotations' list",
-                                "expected the SIS val.story-in-sequence.json")
-    listed: list[str] = []
-    images = data.get("images", [])
-    if isinstance(images, list):
-        listed = [str(im["id"]) for im in images if isinstance(im, dict) and "id" in im]
-
-    grouped: dict[str, list[dict]] = {}
-    for index, ann in enumerate(data["annotations"]):
-        if not (isinstance(ann, list) and len(ann) == 1 and isinstance(ann[0], dict)):
-            story = ""
-            if isinstance(ann, list) and ann and isinstance(ann[0], dict) and "story_id" in ann[0]:
-                story = f" (story {ann[0]['story_id']})"
-            raise FromageInputError(path, f"annotation {index}{story} is not a one-element list of an object")
-        entry = ann[0]
-        where = f"story {entry['story_id']}" if "story_id" in entry else f"annotation {index}"
-        missing = [k for k in REQUIRED_KEYS if k not in entry]
-        if missing:
-            raise FromageInputError(path, f"{where}: annotation {index} lacks {', '.join(missing)}")
-        order = entry["worker_arranged_photo_order"]
-        if isinstance(order, bool) or not isinstance(order, int):
-            raise FromageInputError(path, f"{where}: worker_arranged_photo_order {order!r} is not an integer")
-        if not isinstance(entry["text"], str):
-            raise FromageInputError(path, f"{where}: text is not a string")
-        grouped.setdefault(str(entry["story_id"]), []).append(entry)
-
-    stories = []
-    for story_id, entries in grouped.items():
-        if len(entries) != STORY_LENGTH:
-            raise FromageInputError(path, f"story {story_id} has {len(entries)} entries, expected {STORY_LENGTH}")
-        entries = sorted(entries, key=lambda e: e["worker_arranged_photo_order"])
-        orders = [e["worker_arranged_photo_order"] for e in entries]
-        if len(set(orders)) != len(orders):
-            raise FromageInputError(path, f"story {story_id} repeats a worker_arranged_photo_order: {orders}")
-        stories.append(Story(story_id, tuple(str(e["photo_flickr_id"]) for e in entries),
-                             tuple(e["text"] for e in entries)))
-    return stories, listed
+# -- data: `Story` and `load_stories` (the SIS reader training shares) are in model.datasets -------------
 
 
 def pool_candidates(stories: Sequence[Story], listed: Sequence[str]) -> list[str]:

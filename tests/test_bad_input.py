@@ -71,6 +71,10 @@ CASES = {
     "empty TSV": (lambda m, d: _tsv(d).write_text(""), [], "image_text_retrieval:cc3m", "cc3m_val.tsv"),
     "headerless TSV": (lambda m, d: _tsv(d).write_text("a red square\t0_1\n"), [], "image_text_retrieval:cc3m",
                        "cc3m_val.tsv"),
+    "TSV row with a field too many": (lambda m, d: _tsv(d).write_text("caption\timage\na red\tsquare\t0_1\n"), [],
+                                      "image_text_retrieval:cc3m", "cc3m_val.tsv, line 2: expected 2 tab-separated"),
+    "TSV with a quote never closed": (lambda m, d: _tsv(d).write_text('caption\timage\n"a red square\t0_1\n'), [],
+                                      "image_text_retrieval:cc3m", "cc3m_val.tsv: malformed TSV"),
     "image path escaping the image directory": (
         lambda m, d: _tsv(d).write_text("caption\timage\na red square\t../../../etc/passwd\n"), [],
         "image_text_retrieval:cc3m", "escapes the image directory"),

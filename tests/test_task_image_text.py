@@ -157,13 +157,15 @@ def test_karpathy_loader_reads_test_split_only_and_tolerates_flickr_style(tmp_pa
 
 @pytest.mark.parametrize("content, match", [
     ("", "empty file"),
-    ("image\tcaption\textra\nx\ty\tz\n", "header"),
+    ("image\tcaptions\textra\nx\ty\tz\n", "header"),
     ("caption\tpicture\na dog\tdog.jpg\n", "header"),
     ("a dog\tdog.jpg\n", "header"),
     ("caption\timage\na dog\tdog.jpg\tmore\n", "line 2: expected 2 tab-separated fields"),
-    ("caption\timage\na dog\tdog.jpg\njust a caption\n", "line 3: expected 2 tab-separated fields"),
+    ("caption\timage\na dog\tdog.jpg\njust a caption\n", "line 3: empty or missing image name"),
+    ("caption\timage\n\"a dog\tdog.jpg\n", "malformed TSV"),  # an opening quote never closed
     ("caption\timage\na dog\t../outside.jpg\n", "line 2: image path '../outside.jpg' escapes"),
-    ("caption\timage\na dog\t\n", "line 2: empty image name"),
+    ("caption\timage\na dog\t\n", "line 2: empty or missing image name"),
+    ("caption\timage\n\tdog.jpg\na dog\t\n", "line 2: empty caption"),  # the first faulty row is named
 ])
 def test_bad_tsv_is_an_input_error_naming_the_file_and_line(tmp_path, content, match):
     (tmp_path / "validation").mkdir()

@@ -25,7 +25,7 @@ from fromage_bench.train_cli import main as train_main
 from model import FromageInputError, load_fromage
 from model.checkpoint import CHECKPOINT_FILE, RET_ROW_KEY
 from model.losses import IGNORE_INDEX, contrastive_loss, contrastive_loss_share, token_loss_share
-from model.train_data import CaptionDataset, Collate, ShardedBatches, read_tsv, tokenize_caption
+from model.train_data import CaptionDataset, Collate, ShardedBatches, tokenize_caption
 from model.training import (TrainConfig, caption_sequences, embed_text, lm_forward, make_trainable, retrieval_labels,
                             train)
 
@@ -216,17 +216,17 @@ def test_export_reloads_with_identical_outputs(short_run, tiny_dir):
 # -- data ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("content, problem", [
     ("", "empty file"),
-    ("text\tfile\nA cat.\tcat.jpg\n", "lacks the column"),
-    ("caption\timage\nA cat.\tcat.jpg\textra\n", "line 2 has 3 tab-separated fields"),
-    ("caption\timage\n\tcat.jpg\n", "line 2 has an empty caption"),
+    ("text\tfile\nA cat.\tcat.jpg\n", "line 1: missing or wrong header"),
+    ("caption\timage\nA cat.\tcat.jpg\textra\n", "line 2: expected 2 tab-separated fields .*, got 3"),
+    ("caption\timage\n\tcat.jpg\n", "line 2: empty caption"),
     ("caption\timage\n", "no data rows"),
 ])
 def test_malformed_tsv_names_the_file(tmp_path, content, problem):
     tsv = tmp_path / "bad.tsv"
     tsv.write_text(content)
     with pytest.raises(FromageInputError, match=problem) as err:
-        read_tsv(tsv)
-    assert err.value.where == str(tsv)
+        CaptionDataset(tsv, tmp_path, tokenizer=None, processor=None, ret_id=0)
+    assert err.value.where.startswith(str(tsv))
 
 
 def test_cli_reports_a_malformed_tsv(tiny_dir, tmp_path, capsys):
@@ -236,7 +236,7 @@ def test_cli_reports_a_malformed_tsv(tiny_dir, tmp_path, capsys):
     code = train_main(["train", "--model-dir", str(tiny_dir), "--train-tsv", str(tsv), "--image-dir",
                        str(tmp_path / "images"), "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert code == 2
-    assert f"{tsv}: header" in capsys.readouterr().err
+    assert f"{tsv}, line 1: missing or wrong header" in capsys.readouterr().err
 
 
 def test_unreadable_images_are_skipped_and_counted(tiny, tmp_path):

@@ -116,7 +116,9 @@ def write_cc3m(root: Path, *, n: int = 12, seed: int = 0, missing: int = 0, corr
         captions.append(_captions(rng, colour, shape, background, 1)[0])
     column = [f"{name}.jpg" if extensions_in_tsv else name for name in ids]
     tsv = root / "cc3m" / "cc3m_val.tsv"
-    tsv.write_text("caption\timage\n" + "".join(f"{c}\t{p}\n" for c, p in zip(captions, column)), encoding="utf-8")
+    from model.datasets import cc3m_tsv_text  # (lazily: the package `model` loads transformers)
+
+    tsv.write_text(cc3m_tsv_text(zip(captions, column)), encoding="utf-8")
     return {"tsv": tsv, "image_dir": image_dir, "ids": column, "captions": captions, "files": files,
             **{fault: [column[i] for i in idx] for fault, idx in faults.items()}}
 
