@@ -4,7 +4,6 @@ leaves no partial results file."""
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ from tasks.journal import ProcessGroupInfo
 
 from .environment import describe_environment
 from .results import atomic_write_text, write_results
-from .trackers import MemoryTracker, Stopwatch, percentiles_ms, throughput
+from .trackers import MemoryTracker, Stopwatch, percentiles_ms, release_memory, throughput
 
 PRECISION_ORDER = ("fp32", "bf16", "fp16", "int8")  # highest first: drift is measured against the first run
 
@@ -197,14 +196,6 @@ def _run_cell(config: EvalConfig, model, task, setting: str, precision: str, loa
             "work": {**dict(model.counters), **ctx.work}}
     cost = _gather_cost(cost, group)
     return [_record(result, precision, cost, staging) for result in results]
-
-
-def release_memory() -> None:
-    """Collect what a freed model left (its LM and static decoders form reference cycles) and hand the
-    allocator's cached blocks back, so the next precision's load and peaks start from what is really held."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _gather_cost(cost: dict, group: ProcessGroupInfo) -> dict:
