@@ -6,7 +6,6 @@ the timer (what is measured) runs warm-up and repeats around it, with CUDA event
 from __future__ import annotations
 
 import dataclasses
-import gc
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ from model.static_decode import supports_static
 
 from .environment import describe_environment
 from .results import write_results
-from .trackers import MemoryTracker, Stopwatch
+from .trackers import MemoryTracker, Stopwatch, release_memory
 
 SCENARIOS = ("image_encoding", "prefill", "decode", "option_scoring", "retrieval")
 VISDIAL_VAL_ROUNDS = 2064 * 10  # VisDial v1.0 val: 2064 dialogues x 10 rounds, 100 options each
@@ -229,6 +228,16 @@ def profile_precision(cfg: ProfileConfig, precision: str) -> list[dict]:
     base_cost = {"load_seconds": load_clock.seconds, "weight_bytes": model.weight_bytes}
     bandwidth = cfg.bandwidth or nominal_bandwidth(device)
     copy_bw = measured_copy_bandwidth(device)
+    records = _profile_scenarios(model, cfg, precision, base_cost, (bandwidth, copy_bw))
+    del model  # the records hold numbers only: this was the last reference
+    release_memory()
+    return records
+
+
+def _profile_scenarios(model, cfg: ProfileConfig, precision: str, base_cost: dict, bandwidths: tuple) -> list[dict]:
+    """Every scenario's records on a loaded model. Its own function so that the timed closures (which hold
+    the model) are gone when the caller frees the model."""
+    device = model.placement.device
     gen = torch.Generator().manual_seed(cfg.seed)
     records = []
     with torch.inference_mode():
@@ -239,7 +248,7 @@ def profile_precision(cfg: ProfileConfig, precision: str) -> list[dict]:
                     continue
                 try:
                     record = _measure(model, cfg, scenario, precision, params, work, units, base_cost, device,
-                                      (bandwidth, copy_bw))
+                                      bandwidths)
                 except Exception as err:  # noqa: BLE001 - one failing path (a compile, OOM) must not lose the rest
                     record = _record(scenario, precision, params, "error",
                                      reason=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
@@ -247,10 +256,6 @@ def profile_precision(cfg: ProfileConfig, precision: str) -> list[dict]:
                         torch.cuda.empty_cache()
                 print(summary_line(record), file=sys.stderr, flush=True)  # a run cut short still shows what it measured
                 records.append(record)
-    del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     return records
 
 

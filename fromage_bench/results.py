@@ -10,29 +10,14 @@ for profiles: "scenario", "params", "cost". See docs/results-schema.md.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from model.files import atomic_write_text
 
 SCHEMA = "fromage-bench/results"
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same directory and rename: readers never see a torn file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_results(run_dir: Path, document: dict[str, Any]) -> Path:

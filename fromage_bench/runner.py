@@ -4,7 +4,6 @@ leaves no partial results file."""
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ from tasks.journal import ProcessGroupInfo
 
 from .environment import describe_environment
 from .results import atomic_write_text, write_results
-from .trackers import MemoryTracker, Stopwatch, percentiles_ms, throughput
+from .trackers import MemoryTracker, Stopwatch, percentiles_ms, release_memory, throughput
 
 PRECISION_ORDER = ("fp32", "bf16", "fp16", "int8")  # highest first: drift is measured against the first run
 
@@ -172,27 +171,31 @@ def _run_precision(config: EvalConfig, cells, precision: str, staging: Path, jou
     cache = FeatureCache(config.cache_dir, model.fingerprint) if config.cache_dir else None
     records = []
     for task, setting in cells:
-        torch.manual_seed(config.seed)
-        protocols = parse_protocols(config.protocols, task)
-        ctx = RunContext(model=model, data_root=config.data_root, limit=config.limit, cache=cache,
-                         progress=config.progress and group.rank == 0, batch_size=config.batch_size,
-                         image_workers=config.image_workers, latencies=[],
-                         journal_dir=journal, task_key=f"{task.name}:{setting}:{config.limit}:{config.batch_size}",
-                         work={})
-        model.counters.clear()
-        with Stopwatch() as clock, MemoryTracker(placement.device) as memory:
-            results = task.run(ctx, setting, protocols)
-        cost = {**load_cost, "wall_seconds": clock.seconds, "memory": memory.summary(),
-                "latency_ms": percentiles_ms(ctx.latencies), "throughput": throughput(model.counters, clock.seconds),
-                "work": {**dict(model.counters), **ctx.work}}
-        cost = _gather_cost(cost, group)
-        for result in results:
-            records.append(_record(result, precision, cost, staging))
-    del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        records += _run_cell(config, model, task, setting, precision, load_cost, cache, staging, journal, group)
+    del model  # the records hold numbers only: this was the last reference
+    release_memory()
     return records
+
+
+def _run_cell(config: EvalConfig, model, task, setting: str, precision: str, load_cost: dict, cache, staging: Path,
+              journal: Path, group: ProcessGroupInfo) -> list[dict]:
+    """One task x setting on a loaded model: its records, with what the run cost. Its own function so that
+    the task's context (which holds the model) is gone when the caller frees the model."""
+    torch.manual_seed(config.seed)
+    protocols = parse_protocols(config.protocols, task)
+    ctx = RunContext(model=model, data_root=config.data_root, limit=config.limit, cache=cache,
+                     progress=config.progress and group.rank == 0, batch_size=config.batch_size,
+                     image_workers=config.image_workers, latencies=[],
+                     journal_dir=journal, task_key=f"{task.name}:{setting}:{config.limit}:{config.batch_size}",
+                     work={})
+    model.counters.clear()
+    with Stopwatch() as clock, MemoryTracker(model.placement.device) as memory:
+        results = task.run(ctx, setting, protocols)
+    cost = {**load_cost, "wall_seconds": clock.seconds, "memory": memory.summary(),
+            "latency_ms": percentiles_ms(ctx.latencies), "throughput": throughput(model.counters, clock.seconds),
+            "work": {**dict(model.counters), **ctx.work}}
+    cost = _gather_cost(cost, group)
+    return [_record(result, precision, cost, staging) for result in results]
 
 
 def _gather_cost(cost: dict, group: ProcessGroupInfo) -> dict:

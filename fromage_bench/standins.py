@@ -187,6 +187,7 @@ def pretrain_lm(train_docs: Sequence[dict], heldout_docs: Sequence[dict], out_di
     """Train the tokenizer and the OPT LM; save both to `out_dir`; return the quality numbers."""
     from transformers import GPT2Tokenizer, OPTConfig, OPTForCausalLM
 
+    from model.files import save_pretrained
     from model.tiny import padded_vocab_size
 
     start = time.perf_counter()
@@ -228,7 +229,7 @@ def pretrain_lm(train_docs: Sequence[dict], heldout_docs: Sequence[dict], out_di
         if progress and (step % 50 == 0 or step == settings.steps - 1):
             progress(f"lm step {step + 1}/{settings.steps}: loss {loss.item():.3f}")
     lm.eval()
-    lm.save_pretrained(str(out_dir))
+    save_pretrained(lm, out_dir)
 
     nll, n = _lm_nll(lm, heldout, pad)
     uni, n_uni = unigram_nll(train, heldout, base_tokens)
@@ -311,6 +312,7 @@ def pretrain_vision(train_pairs: Sequence[tuple[object, str]], heldout_pairs: Se
     kept together; the other half are `train_pairs`."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
+    from model.files import save_pretrained
     from model.images import load_image
 
     start = time.perf_counter()
@@ -392,8 +394,8 @@ def pretrain_vision(train_pairs: Sequence[tuple[object, str]], heldout_pairs: Se
         swapped = torch.stack([sims[i, i ^ 1] for i in range(len(own))])
         report["heldout_hard_negatives"] = {"accuracy": round(float((own > swapped).float().mean()) * 100, 2),
                                             "chance": 50.0, "n": len(own)}
-    vision.save_pretrained(str(out_dir))
-    processor.save_pretrained(str(out_dir))
+    save_pretrained(vision, out_dir)
+    save_pretrained(processor, out_dir)
     report["seconds"] = round(time.perf_counter() - start, 1)
     return report
 

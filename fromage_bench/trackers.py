@@ -2,6 +2,7 @@
 process RSS), and throughput from the model's own work counters."""
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections import Counter
@@ -21,6 +22,14 @@ def percentiles_ms(seconds: list[float]) -> dict[str, float] | None:
 def synchronize(device: torch.device | None = None) -> None:
     if torch.cuda.is_available() and (device is None or device.type == "cuda"):
         torch.cuda.synchronize(device)
+
+
+def release_memory() -> None:
+    """Collect what a freed model left (its LM and static decoders form reference cycles) and hand the
+    allocator's cached blocks back, so the next model's load and peaks start from what is really held."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _rss_bytes() -> int:

@@ -15,6 +15,7 @@ import torch
 
 from .args import MODEL_ARGS_FILE, ModelArgs
 from .errors import FromageInputError
+from .files import atomic_write, atomic_write_text
 from .fromage import FromageModel
 
 CHECKPOINT_FILE = "pretrained_ckpt.pth.tar"
@@ -97,8 +98,7 @@ def save_release(model: FromageModel, out_dir: str | Path, args: ModelArgs | Non
     args = args or model.args
     raw = args.to_dict()
     raw["retrieval_token_idx"] = model.retrieval_token_idx
-    tmp = out_dir / (CHECKPOINT_FILE + ".tmp")
-    torch.save({"state_dict": trained_state_dict(model)}, tmp)
-    tmp.replace(out_dir / CHECKPOINT_FILE)
-    (out_dir / MODEL_ARGS_FILE).write_text(json.dumps(raw, indent=4) + "\n", encoding="utf-8")
+    state = {"state_dict": trained_state_dict(model)}
+    atomic_write(out_dir / CHECKPOINT_FILE, lambda f: torch.save(state, f))
+    atomic_write_text(out_dir / MODEL_ARGS_FILE, json.dumps(raw, indent=4) + "\n")
     return out_dir

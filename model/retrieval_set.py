@@ -16,9 +16,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .errors import FromageInputError, read_json
+from .files import atomic_write_bytes, atomic_write_text
 
 EMBEDDINGS_FILE = "retrieval_embeddings.safetensors"
 PATHS_FILE = "retrieval_paths.json"
@@ -46,11 +47,8 @@ class RetrievalSet:
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({"embeddings": self.embeddings.float().contiguous().cpu()}, str(directory / EMBEDDINGS_FILE))
-        meta = {"paths": self.paths, "image_root": self.image_root}
-        tmp = directory / (PATHS_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta), encoding="utf-8")
-        tmp.replace(directory / PATHS_FILE)
+        atomic_write_bytes(directory / EMBEDDINGS_FILE, save({"embeddings": self.embeddings.float().contiguous().cpu()}))
+        atomic_write_text(directory / PATHS_FILE, json.dumps({"paths": self.paths, "image_root": self.image_root}))
         return directory
 
     @classmethod

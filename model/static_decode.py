@@ -17,7 +17,6 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-_DECODERS: dict = {}  # (id(lm), batch, max_len, graph, compile) -> StaticDecoder, reused across calls (graphs are costly)
 _FUSED_QKV: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # attention module -> (weight, bias)
 
 
@@ -257,11 +256,14 @@ class StaticDecoder:
 
 
 def static_decoder(lm, batch_size: int, max_len: int, use_graph: bool, compile: bool = False) -> StaticDecoder:
-    """A decoder with room for `max_len` tokens, reused while the model and sizes stay the same."""
+    """A decoder with room for `max_len` tokens, reused while the model and sizes stay the same (graphs are
+    costly to capture). The decoders are an attribute of `lm`, not a module-level cache: they hold the LM and
+    device buffers, so they must go when the model goes (a lm <-> decoder cycle, which the collector frees)."""
     max_len = (max_len + 63) // 64 * 64  # fewer distinct sizes -> fewer graphs to capture
-    key = (id(lm), batch_size, max_len, use_graph, compile)
-    if key not in _DECODERS:
-        if len(_DECODERS) >= 4:
-            _DECODERS.pop(next(iter(_DECODERS)))
-        _DECODERS[key] = StaticDecoder(lm, batch_size, max_len, use_graph, compile)
-    return _DECODERS[key]
+    decoders = lm.__dict__.setdefault("_static_decoders", {})  # (batch, max_len, graph, compile) -> StaticDecoder
+    key = (batch_size, max_len, use_graph, compile)
+    if key not in decoders:
+        if len(decoders) >= 4:
+            decoders.pop(next(iter(decoders)))
+        decoders[key] = StaticDecoder(lm, batch_size, max_len, use_graph, compile)
+    return decoders[key]

@@ -17,6 +17,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, OPTConfig, OPTForCau
 from .args import ModelArgs
 from .backbones import load_image_processor, load_tokenizer
 from .checkpoint import save_release
+from .files import save_pretrained
 from .fromage import FromageModel
 
 OPT_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0..3, as in OPT's vocabulary
@@ -78,11 +79,11 @@ def make_tiny(out_dir: str | Path, seed: int = 0, n_visual_tokens: int = 1, *, s
     base_tokens = len(tokenizer) - 2  # before <|image|> and [RET]
 
     lm = OPTForCausalLM(tiny_opt_config(padded_vocab_size(base_tokens), hidden=hidden, layers=layers)).eval()
-    lm.save_pretrained(out_dir / "opt")
+    save_pretrained(lm, out_dir / "opt")
     vision = CLIPVisionModel(tiny_clip_config()).eval()
-    vision.save_pretrained(out_dir / "clip")
+    save_pretrained(vision, out_dir / "clip")
     processor = load_image_processor(None)
-    processor.save_pretrained(str(out_dir / "clip"))
+    save_pretrained(processor, out_dir / "clip")
 
     lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     args = ModelArgs(opt_version="opt", visual_encoder="clip", n_visual_tokens=n_visual_tokens,

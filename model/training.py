@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from .checkpoint import save_release
 from .errors import FromageInputError
+from .files import atomic_write
 from .fromage import FromageModel
 from .inference import Fromage
 from .loading import load_fromage
@@ -382,9 +383,7 @@ def save_checkpoint(path: Path, step: int, params: dict[str, nn.Parameter], opti
         "ranks": ranks,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
 def global_story_batch(cfg: TrainConfig, procs: Processes) -> int:

@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from model.files import atomic_write_bytes
 from model.images import CROP, check_preprocess
 
 from .images import content_hash
@@ -35,9 +36,7 @@ class FeatureCache:
     def put(self, digest: str, preprocess: str, features: torch.Tensor) -> None:
         f = self._file(digest, preprocess)
         f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_suffix(".tmp")
-        save_file({"features": features.detach().float().cpu().contiguous()}, str(tmp))
-        tmp.replace(f)
+        atomic_write_bytes(f, save({"features": features.detach().float().cpu().contiguous()}))
 
 
 def load_features(model, paths: Sequence[Path | None], cache: FeatureCache | None = None, batch_size: int = 32,

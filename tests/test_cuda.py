@@ -87,3 +87,77 @@ def test_cuda_graph_sampling_and_ret_rules(tiny_dir, images):
     sample = lambda d: m.generate([prompt], 12, decode=d, temperature=1.0, top_p=0.9,  # noqa: E731
                                   generator=torch.Generator(device="cpu").manual_seed(5)).token_ids
     assert torch.equal(sample("graph"), sample("dynamic"))
+
+
+MARGIN = 64 << 20  # activations, KV buffers, CUDA graph pools, cuBLAS workspaces: small beside the weights below
+
+
+@pytest.fixture(scope="module")
+def wide_dir(tmp_path_factory, images):
+    """~75M LM parameters (300 MB in fp32): weights dwarf every other allocation, so a leaked model shows. Each
+    precision has run once already, so one-time allocations (handles, kernels, bitsandbytes' buffers) are done."""
+    from model import make_tiny
+
+    model_dir = make_tiny(tmp_path_factory.mktemp("wide") / "fromage", seed=0, hidden=1024, layers=6)
+    for precision in _precisions_that_run():
+        _decode(load_fromage(model_dir, device="cuda", precision=precision), images)
+    return model_dir
+
+
+def _decode(m, images) -> None:
+    from model.static_decode import supports_static
+
+    m.generate([[images[0], "A red"]], 12, decode="graph" if supports_static(m.model.lm) else "dynamic")
+
+
+def _allocated_after_release() -> int:
+    """Bytes live tensors hold once garbage is collected, cuBLAS's per-stream workspaces dropped (each graph
+    capture runs on a side stream, which gets its own)."""
+    from fromage_bench.trackers import release_memory
+
+    release_memory()
+    getattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None)()
+    return torch.cuda.memory_allocated()
+
+
+def _precisions_that_run() -> list[str]:
+    import importlib.util
+
+    return ["fp32", "bf16", "fp16"] + (["int8"] if importlib.util.find_spec("bitsandbytes") else [])
+
+
+def test_each_precision_frees_its_weights_before_the_next(wide_dir, images):
+    """Precisions one after another in one process, as `eval --precisions fp32,bf16,fp16,int8` runs them: each
+    cell's decoding peak holds its own weights only, and freeing a model gives all its memory back (the static
+    decoders, CUDA graphs included, used to keep every model alive)."""
+    baseline = _allocated_after_release()
+    for precision in _precisions_that_run():
+        m = load_fromage(wide_dir, device="cuda", precision=precision)
+        weights = m.weight_bytes
+        assert torch.cuda.memory_allocated() < baseline + weights + MARGIN, precision  # nothing earlier is still held
+        torch.cuda.reset_peak_memory_stats()
+        _decode(m, images)
+        peak = torch.cuda.max_memory_allocated()
+        del m
+        assert peak < baseline + weights + MARGIN, precision
+        assert _allocated_after_release() - baseline < 1 << 20, precision
+
+
+def test_runner_cells_peak_at_their_own_weights(wide_dir, tmp_path):
+    """The runner resets the allocator's peak per cell and frees each precision before loading the next: every
+    cell's recorded peak is its own weights plus working memory, whatever ran before it."""
+    from fromage_bench.synth.visdial import write_visdial
+
+    write_visdial(tmp_path / "data", n=2, seed=0, n_rounds=2)
+    out = tmp_path / "run"
+    baseline = _allocated_after_release()
+    precisions = _precisions_that_run()
+    assert main(["eval", "--model-dir", str(wide_dir), "--data-root", str(tmp_path / "data"), "--out", str(out),
+                 "--tasks", "visdial_ranking", "--precisions", ",".join(precisions), "--device", "cuda",
+                 "--limit", "1", "--batch-size", "1", "--no-progress", "--no-cache"]) == 0  # small activations
+    records = read_results(out)["records"]
+    assert {r["precision"] for r in records if r["status"] == "ok"} == set(precisions)
+    for r in records:
+        cost = r["cost"]
+        assert cost["memory"]["cuda_max_allocated_bytes"] < baseline + cost["weight_bytes"] + MARGIN, r["precision"]
+    assert _allocated_after_release() - baseline < 1 << 20

@@ -111,3 +111,26 @@ def test_paper_architecture_small_random_init(tmp_path):
 def test_bad_profile_arguments(tiny_dir, tmp_path, capsys, argv, message):
     assert main(["profile", "--model-dir", str(tiny_dir), "--out", str(tmp_path / "o"), *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_each_precision_frees_its_model_before_the_next_loads(tiny_dir, tmp_path, monkeypatch):
+    """The timed closures hold the model; none outlives its precision, so the next load starts from free memory
+    (the static path's decoders form a cycle with the LM: only a collection frees them)."""
+    import weakref
+
+    import fromage_bench.profiler as profiler
+
+    real_load, loaded, alive_at_load = profiler.load_fromage, [], []
+
+    def load(*args, **kwargs):
+        alive_at_load.append([ref() is not None for ref in loaded])  # no gc.collect here: the profiler's job
+        model = real_load(*args, **kwargs)
+        loaded.append(weakref.ref(model.model.lm))
+        return model
+
+    monkeypatch.setattr(profiler, "load_fromage", load)
+    assert main(["profile", "--model-dir", str(tiny_dir), "--out", str(tmp_path / "p"), "--precisions", "fp32,bf16",
+                 "--scenarios", "decode", "--decode-paths", "static", "--decode-batch-sizes", "1", "--repeats", "1",
+                 "--warmup", "0", "--new-tokens", "2", "--device", "cpu"]) == 0
+    assert alive_at_load == [[], [False]]
+    assert loaded[1]() is None

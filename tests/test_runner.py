@@ -140,3 +140,30 @@ def test_bad_data_found_mid_run_leaves_no_results(tiny_dir, tmp_path, capsys):
     assert "malformed JSON" in capsys.readouterr().err
     assert not (out / "results.json").exists() and not (out / "predictions").exists()
     assert not list(out.glob(".staging*"))
+
+
+def test_each_precision_frees_its_model_before_the_next_loads(tiny_dir, data_root, tmp_path, monkeypatch):
+    """Nothing the runner keeps (records, costs, task contexts) holds a finished precision's model: it is
+    garbage before the next precision's weights load, so peaks do not add up across precisions. Each model
+    decodes on the static path first, as CUDA runs do (its decoders form a cycle with the LM)."""
+    import weakref
+
+    from PIL import Image
+
+    import fromage_bench.runner as runner
+
+    real_load, loaded, alive_at_load = runner.load_fromage, [], []
+
+    def load_and_decode(*args, **kwargs):
+        alive_at_load.append([ref() is not None for ref in loaded])  # no gc.collect here: the runner's job
+        model = real_load(*args, **kwargs)
+        model.generate([[Image.new("RGB", (40, 64), "red"), "A red"]], 4, decode="static")
+        loaded.extend([weakref.ref(model), weakref.ref(model.model.lm)])
+        return model
+
+    monkeypatch.setattr(runner, "load_fromage", load_and_decode)
+    assert main(["eval", "--model-dir", str(tiny_dir), "--data-root", str(data_root), "--out", str(tmp_path / "r"),
+                 "--tasks", "visdial_ranking", "--precisions", "fp32,bf16", "--device", "cpu", "--limit", "1",
+                 "--no-progress", "--no-cache"]) == 0
+    assert alive_at_load == [[], [False, False]]
+    assert all(ref() is None for ref in loaded)

@@ -66,3 +66,20 @@ def test_only_relu_opt_models_take_the_static_step():
     assert supports_static(tiny_lm())
     assert not supports_static(tiny_lm(activation_function="gelu"))
     assert not supports_static(tiny_lm().train())
+
+
+def test_a_freed_model_takes_its_static_decoders_with_it(tiny_dir, images):
+    """The decoders (KV buffers, CUDA graphs) reused across calls belong to the model: once the caller drops
+    the model, the LM and its weights are garbage, not kept alive by a cache of decoders."""
+    import gc
+    import weakref
+
+    from model import load_fromage
+
+    m = load_fromage(tiny_dir, device="cpu", precision="fp32")
+    m.generate([[images[0], "A red"]], 6, decode="static")
+    dead_model, dead_lm = weakref.ref(m), weakref.ref(m.model.lm)
+    weight = weakref.ref(m.model.lm.model.decoder.layers[0].fc1.weight)
+    del m
+    gc.collect()
+    assert dead_model() is None and dead_lm() is None and weight() is None
