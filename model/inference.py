@@ -221,7 +221,7 @@ class Fromage(nn.Module):
 
     def score_continuations(self, context: Prompt | EncodedContext, continuations: Sequence[str], *,
                             continuation_bos: bool = False, shift: bool = True, batch_size: int | None = None,
-                            naive: bool = False) -> ContinuationScores:
+                            naive: bool = False, original_rounding: bool = False) -> ContinuationScores:
         """Log-likelihood of each continuation given one shared interleaved context (KV cache reused).
         `naive=True` re-encodes the context per continuation (the reference path, for checks and benchmarks)."""
         if naive and isinstance(context, EncodedContext):
@@ -231,10 +231,14 @@ class Fromage(nn.Module):
             context = self.encode_context(context)
         if naive:
             scores = score_continuations_naive(self.model, context, continuations, continuation_bos=continuation_bos,
-                                               shift=shift)
+                                               shift=shift, original_rounding=original_rounding)
+            per_pass = 20
         else:
             scores = score_continuations(self.model, context, continuations, continuation_bos=continuation_bos,
-                                         shift=shift, batch_size=batch_size)
+                                         shift=shift, batch_size=batch_size, original_rounding=original_rounding)
+            per_pass = batch_size or len(continuations)
+        self.counters["scoring_calls"] += 1
+        self.counters["scoring_passes"] += -(-len(continuations) // max(1, per_pass))  # forward passes (ceil)
         self.counters["continuations_scored"] += len(continuations)
         self.counters["tokens_scored"] += int(scores.num_tokens.sum())
         return scores

@@ -66,9 +66,10 @@ class FakeModel:
     def encode_context(self, context, previous=None):
         return {"prompt": context, "previous": previous}
 
-    def score_continuations(self, context, continuations, *, continuation_bos=False, shift=True, batch_size=None):
+    def score_continuations(self, context, continuations, *, continuation_bos=False, shift=True, batch_size=None,
+                            original_rounding=False):
         self.calls.append(dict(context=context, options=list(continuations), continuation_bos=continuation_bos,
-                               shift=shift, batch_size=batch_size))
+                               shift=shift, batch_size=batch_size, original_rounding=original_rounding))
         sums = torch.tensor([-float(len(c)) for c in continuations])
         counts = torch.tensor([max(1, len(c.split())) for c in continuations])
         return ContinuationScores(sums, counts)
@@ -162,18 +163,22 @@ def test_ranking_end_to_end_tiny(tiny, short):
     # the two protocols score differently (own BOS + unshifted sum vs shifted mean)
     assert [p["top5"] for p in results[0].predictions] != [p["top5"] for p in results[1].predictions]
 
-    # and each is the model's scoring of the original's context for that round
+    # and each is the model's scoring of that round's context: the original's for paper; for corrected the
+    # context ends at "A:" and each option is scored with a leading space
     d = vd.load_dialogues(info["dialogs"])[0]
     visual = tiny.encode_images([try_load(info["image_paths"][0])[0]], "captioning")[0]
     r = 2
-    context = [visual, vd.ranking_context_text(d, r)]
-    direct = {"paper": tiny.score_continuations(context, d.rounds[r].options, continuation_bos=True,
+    paper_context = [visual, "\n".join(f"Q: {x.question}?\nA: {x.answer}" for x in d.rounds[:r])
+                     + f"\nQ: {d.rounds[r].question}?\nA: "]
+    corrected_context = [visual, paper_context[1][:-1]]
+    assert corrected_context[1].endswith("?\nA:")
+    direct = {"paper": tiny.score_continuations(paper_context, d.rounds[r].options, continuation_bos=True,
                                                 shift=False).sum_logprob,
-              "corrected": tiny.score_continuations(context, d.rounds[r].options, continuation_bos=False,
-                                                    shift=True).mean_logprob}
+              "corrected": tiny.score_continuations(corrected_context, [" " + o for o in d.rounds[r].options],
+                                                    continuation_bos=False, shift=True).mean_logprob}
     for result in results:
         scores = direct[result.protocol]
-        assert result.predictions[r]["top5"] == vd.top_k(scores)
+        assert result.predictions[r]["top5"] == torch.sort(scores, descending=True, stable=True).indices[:5].tolist()
         assert result.predictions[r]["rank"] == int(ranks_from_scores(scores[None], [d.rounds[r].gt_index])[0])
 
 
@@ -316,38 +321,46 @@ def test_ranking_arguments_and_scores_through_run(synth):
     """With a fake model (sum = -characters, tokens = words) the task's ranks follow each protocol's rule."""
     root, info = synth
     model = FakeModel()
-    ctx = RunContext(model=model, data_root=root, progress=False, limit=1, batch_size=32)
+    ctx = RunContext(model=model, data_root=root, progress=False, limit=1, batch_size=32, option_batch_size=7)
     paper, corrected = vd.RANKING.run(ctx, "val", ("paper", "corrected"))
     d = vd.load_dialogues(info["dialogs"])[0]
-    # one call per round and protocol, with the original's context: the image tokens then the text, encoded
-    # once per round for both protocols, continuing from the previous round's encoding
+    # one call per round and protocol, `option_batch_size` options per pass. The corrected context is encoded
+    # first, continuing from the previous round's last context; the paper context extends the corrected one.
     assert len(model.calls) == 20
     for r in range(10):
-        for call, bos, shift in ((model.calls[2 * r], True, False), (model.calls[2 * r + 1], False, True)):
-            assert (call["continuation_bos"], call["shift"], call["batch_size"]) == (bos, shift, 32)
-            assert call["context"] is model.calls[2 * r]["context"]
-            assert call["context"]["previous"] is (model.calls[2 * r - 2]["context"] if r else None)
-            visual, text = call["context"]["prompt"]
+        paper_call, corrected_call = model.calls[2 * r], model.calls[2 * r + 1]
+        assert [(c["continuation_bos"], c["shift"], c["batch_size"], c["original_rounding"])
+                for c in (paper_call, corrected_call)] == [(True, False, 7, True), (False, True, 7, False)]
+        assert paper_call["context"]["previous"] is corrected_call["context"]
+        assert corrected_call["context"]["previous"] is (model.calls[2 * r - 2]["context"] if r else None)
+        for call in (paper_call, corrected_call):
+            visual, _ = call["context"]["prompt"]
             assert visual.shape == (2, 8) and visual.dtype == torch.float32
-            assert text == vd.ranking_context_text(d, r)
-            assert call["options"] == list(d.rounds[r].options)
+        paper_text, corrected_text = paper_call["context"]["prompt"][1], corrected_call["context"]["prompt"][1]
+        assert paper_text == vd.ranking_context_text(d, r) and paper_text.endswith("?\nA: ")
+        assert corrected_text == paper_text[:-1]
+        assert paper_call["options"] == list(d.rounds[r].options)
+        assert corrected_call["options"] == [" " + o for o in d.rounds[r].options]
     for r, rnd in enumerate(d.rounds):
         by_sum = torch.tensor([-float(len(o)) for o in rnd.options])
-        by_mean = torch.tensor([-len(o) / max(1, len(o.split())) for o in rnd.options])
-        for result, s in ((paper, by_sum), (corrected, by_mean)):
-            expected = 1 + sum(1 for j, v in enumerate(s.tolist())
-                               if v > s[rnd.gt_index] or (v == s[rnd.gt_index] and j < rnd.gt_index))
-            assert result.predictions[r]["rank"] == expected
+        by_mean = torch.tensor([-(len(o) + 1) / max(1, len(o.split())) for o in rnd.options])
+        # paper: the original's ranking, the position in `topk(100)` of the float32 scores (its tie order)
+        assert paper.predictions[r]["rank"] == by_sum.topk(100).indices.tolist().index(rnd.gt_index) + 1
+        # corrected: ties by lower index
+        s = by_mean
+        expected = 1 + sum(1 for j, v in enumerate(s.tolist())
+                           if v > s[rnd.gt_index] or (v == s[rnd.gt_index] and j < rnd.gt_index))
+        assert corrected.predictions[r]["rank"] == expected
     assert [p["rank"] for p in paper.predictions] != [p["rank"] for p in corrected.predictions]
 
 
 def test_empty_option_without_bos_ranks_last():
     model = FakeModel()
     options = ["yes", "", "no"] + ["x"] * 97
-    paper = vd._score_options(model, ["ctx"], options, "paper", 100)
-    corrected = vd._score_options(model, ["ctx"], options, "corrected", 100)
-    assert model.calls[0]["options"] == options and "" not in model.calls[1]["options"]
-    assert paper[1] == 0.0 and corrected[1] == -math.inf and corrected[0] == -3.0
+    paper = vd.score_options(model, ["ctx"], options, "paper", 100)
+    corrected = vd.score_options(model, ["ctx"], options, "corrected", 100)
+    assert model.calls[0]["options"] == options and " " not in model.calls[1]["options"]
+    assert paper[1] == 0.0 and corrected[1] == -math.inf and corrected[0] == -4.0  # " yes": 4 characters, 1 word
 
 
 # -- quirk 3 (ranking): dense annotations at flat round i*10 + round_id ---------------------------------
