@@ -184,11 +184,14 @@ class Fromage(nn.Module):
         return projected[:, 0] if mode == "retrieval" else projected
 
     @torch.inference_mode()
-    def retrieval_embeddings(self, prompts_batch: Sequence[Prompt], batch_size: int = 16) -> torch.Tensor:
-        """(B, shared_dim) normalised embeddings at the last `[RET]` token of each interleaved prompt.
+    def retrieval_embeddings(self, prompts_batch: Sequence[Prompt], batch_size: int = 16,
+                             normalize_in: torch.dtype = torch.float32) -> torch.Tensor:
+        """(B, shared_dim) normalised embeddings at the last `[RET]` token of each interleaved prompt, float32.
 
         Prompts are sorted by length and run in right-padded batches: causal attention never sees the
-        padding after a prompt, so each embedding equals the one of that prompt run alone.
+        padding after a prompt, so each embedding equals the one of that prompt run alone. `normalize_in`: the
+        dtype of the normalisation; the model's dtype divides by the norm as the original VIST script does
+        (`x / x.norm()` in bf16 on GPU), rounding both.
         """
         embedded = [embed_prompt(self.model, p) for p in prompts_batch]
         self.counters["retrieval_queries"] += len(embedded)
@@ -208,7 +211,12 @@ class Fromage(nn.Module):
             mapped = self.model.retrieval_space(hidden)
             picks = torch.tensor([ret_at[i] for i in rows], device=mapped.device)
             chosen = mapped[torch.arange(len(rows), device=mapped.device), picks]
-            result[torch.tensor(rows, device=result.device)] = F.normalize(chosen.float(), dim=-1)
+            if normalize_in == torch.float32:
+                normalized = F.normalize(chosen.float(), dim=-1)
+            else:
+                chosen = chosen.to(normalize_in)
+                normalized = chosen / chosen.norm(dim=-1, keepdim=True)
+            result[torch.tensor(rows, device=result.device)] = normalized.float()
         return result
 
     def encode_context(self, context: Prompt, previous: EncodedContext | None = None) -> EncodedContext:

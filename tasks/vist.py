@@ -195,10 +195,30 @@ def build_prompt(protocol: str, tokenizer, captions: Sequence[str], context: Seq
 
 
 # -- scoring ----------------------------------------------------------------------------------------------
-def scaled_pool(pool_embeddings: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
-    """exp(logit_scale) * L2-normalised pool retrieval embeddings (P, D), float32."""
-    scale = torch.as_tensor(logit_scale, dtype=torch.float32).exp()
-    return scale.to(pool_embeddings.device) * F.normalize(pool_embeddings.float(), dim=-1)
+def score_dtype(protocol: str, model_dtype: torch.dtype) -> torch.dtype:
+    """What a protocol scores in: paper in the model's dtype, as the original builds its pool matrix and
+    queries in `logit_scale.dtype` (bf16 on GPU) and multiplies them in it; corrected in float32."""
+    return model_dtype if protocol == "paper" else torch.float32
+
+
+def scaled_pool(pool_embeddings: torch.Tensor, logit_scale: torch.Tensor | float,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """exp(logit_scale) * L2-normalised pool retrieval embeddings (P, D), every step computed (and rounded)
+    in `dtype`: the normalisation, the exponential of the scale, their product."""
+    if dtype == torch.float32:
+        scale = torch.as_tensor(logit_scale, dtype=torch.float32).exp()
+        return scale.to(pool_embeddings.device) * F.normalize(pool_embeddings.float(), dim=-1)
+    pool = pool_embeddings.to(dtype)
+    scale = torch.as_tensor(logit_scale).to(device=pool.device, dtype=dtype).exp()
+    return scale * (pool / pool.norm(dim=-1, keepdim=True))
+
+
+def pool_scores(queries: torch.Tensor, pool_matrix: torch.Tensor, context_columns: Sequence[Sequence[int]]
+                ) -> torch.Tensor:
+    """(B, P) float32 scores: query @ pool matrix in the matrix's dtype (float32 accumulation, one rounding
+    to it), the context photos masked in that dtype too (the original subtracts 10000 from its bf16 scores)."""
+    scores = (queries.float() @ pool_matrix.float().T).to(pool_matrix.dtype).cpu()
+    return mask_context(scores, context_columns).float()
 
 
 def mask_context(scores: torch.Tensor, context_columns: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -226,8 +246,9 @@ def story_metrics(ranks: torch.Tensor) -> dict[str, float]:
 def query_embeddings(model, stories: Sequence[Story], setting: str, protocol: str,
                      features: dict[str, torch.Tensor], batch_size: int,
                      context_embeddings: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """(B, shared_dim) normalised query embeddings of stories; `features` are pooled CLIP features by
-    photo id, `context_embeddings` (optional) their captioning projections, computed here if absent."""
+    """(B, shared_dim) normalised query embeddings of stories (normalised in the protocol's `score_dtype`);
+    `features` are pooled CLIP features by photo id, `context_embeddings` (optional) their captioning
+    projections, computed here if absent."""
     if context_embeddings is None:
         context_embeddings = context_projections(model, stories, setting, features)
     tokenizer = model.model.tokenizer
@@ -236,7 +257,8 @@ def query_embeddings(model, stories: Sequence[Story], setting: str, protocol: st
         captions, n_images = setting_parts(setting, story)
         context = [context_embeddings[pid] for pid in story.context[:n_images]]
         prompts.append(build_prompt(protocol, tokenizer, captions, context))
-    return model.retrieval_embeddings(prompts, batch_size=batch_size)
+    return model.retrieval_embeddings(prompts, batch_size=batch_size,
+                                      normalize_in=score_dtype(protocol, model.model.dtype))
 
 
 def context_projections(model, stories: Sequence[Story], setting: str,
@@ -296,7 +318,9 @@ def run(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> list[TaskR
         predictions: dict[str, list[dict]] = {p: [] for p in protocols}
         if queries:
             pool_embeddings = model.project_images(torch.stack([features[pid] for pid in pool]), "retrieval")[:, 0]
-            pool_matrix = scaled_pool(pool_embeddings, model.model.logit_scale.detach().float())
+            logit_scale = model.model.logit_scale.detach()
+            pool_matrix = {protocol: scaled_pool(pool_embeddings, logit_scale, score_dtype(protocol, logit_scale.dtype))
+                           for protocol in protocols}
             size = max(1, ctx.batch_size)
 
             def embed(chunk: list[Story]) -> list[dict[str, list[float]]]:
@@ -316,8 +340,8 @@ def run(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> list[TaskR
                 context_columns = [[column[pid] for pid in s.context] for s in chunk]
                 for protocol in protocols:
                     q = torch.tensor([e[protocol] for e in embedded[start:start + size]], dtype=torch.float32,
-                                     device=pool_matrix.device)
-                    scores = mask_context((q @ pool_matrix.T).cpu(), context_columns)
+                                     device=pool_matrix[protocol].device)
+                    scores = pool_scores(q, pool_matrix[protocol], context_columns)
                     chunk_ranks = ranks_from_scores(scores, targets)
                     best = top_k(scores, TOP_K)
                     ranks[protocol].append(chunk_ranks)

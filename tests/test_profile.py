@@ -68,7 +68,8 @@ def test_a_failing_path_is_recorded_and_the_others_still_run(tiny_dir, tmp_path,
     assert (f"profile decode fp32 (batch_size=1, prompt_tokens=32, new_tokens=3): "
             f"{ok_decode['cost']['seconds_per_token'] * 1000:.2f} ms/token") in err
     assert "profile decode fp32 (batch_size=1, prompt_tokens=32, new_tokens=3, path=static): error: RuntimeError" in err
-    assert "profile option_scoring fp32 (options=4, context_tokens=120, option_tokens=7): median " in err
+    assert ("profile option_scoring fp32 (options=4, context_tokens=120, option_tokens=7, option_batch_size=100): "
+            "median ") in err
     assert "error: RuntimeError: compiler exploded" in (out / "report.html").read_text()
 
 
