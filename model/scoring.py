@@ -168,9 +168,17 @@ def _score_packed(model: FromageModel, ctx_cache, ctx_len: int, ctx_last_logits:
         previous = torch.arange(len(offset)) - 1
         first = (offset == 0).to(device)
         logits = torch.where(first[:, None], ctx_last_logits[None].to(logits.dtype), logits[previous.clamp(min=0)])
+    return summed_logprobs(logits, packed, segment, n, original_rounding)
+
+
+def summed_logprobs(logits: torch.Tensor, targets: torch.Tensor, segment: torch.Tensor, n: int,
+                    original_rounding: bool = False) -> torch.Tensor:
+    """(n,) float32 sums of log p(target) per continuation; `segment[i]` is the continuation of token i.
+    `original_rounding`: each token's log-probability and each sum rounded to the logits' dtype."""
     dtype = logits.dtype if original_rounding else None
-    token_logp = round_like_original(target_logprobs(logits, packed), dtype)
-    return round_like_original(torch.zeros(n, device=device).index_add_(0, segment.to(device), token_logp), dtype)
+    token_logp = round_like_original(target_logprobs(logits, targets), dtype)
+    sums = torch.zeros(n, device=logits.device).index_add_(0, segment.to(logits.device), token_logp)
+    return round_like_original(sums, dtype)
 
 
 def round_like_original(values: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
