@@ -244,7 +244,7 @@ def cmd_profile(args) -> int:
             setattr(cfg, attr, values)
     if args.options:
         cfg.options = args.options
-    if args.option_batch_size:
+    if args.option_batch_size is not None:
         cfg.option_batch_size = args.option_batch_size
     path = run_profile(cfg)
     print(f"wrote {path}")

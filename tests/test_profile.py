@@ -108,6 +108,7 @@ def test_paper_architecture_small_random_init(tmp_path):
     (["--precisions", "fp64"], "unknown precision"),
     (["--new-tokens", "1"], "must be >= 2"),
     (["--decode-paths", "auto,warp"], "unknown decode path"),
+    (["--option-batch-size", "0"], "--option-batch-size: must be >= 1"),
 ])
 def test_bad_profile_arguments(tiny_dir, tmp_path, capsys, argv, message):
     assert main(["profile", "--model-dir", str(tiny_dir), "--out", str(tmp_path / "o"), *argv]) == 2
