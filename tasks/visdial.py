@@ -14,11 +14,15 @@ Protocols (both computed in one invocation; the expensive work is shared):
 `visdial_ranking`
   * paper: as the original script. Context = image (captioning mapping) + "Q: q1?\\nA: a1\\n...Q: qk?\\nA: "
     (tokenised with BOS); each option tokenised with its own BOS, scored WITHOUT the next-token shift
-    (each position's logits against the token at that position) and summed; dense annotations read at
-    the flat round index `i * 10 + round_id` (the 1-based round id used as a 0-based index: one round
-    late, and round 10 spills into the next dialogue's first round).
-  * corrected: options without BOS, next-token (shifted) log-probabilities averaged over the option's
-    tokens; dense annotations at round `round_id - 1` of dialogue i (the VisDial challenge's definition).
+    (each position's logits against the token at that position) and summed, each token's loss and the sum
+    rounded to the logits' dtype (the original's bf16 cross-entropy and sum); ranked in the tie order of the
+    original's `topk(100)` (MRR, R@k) and `sort` (NDCG); dense annotations read at the flat round index
+    `i * 10 + round_id` (the 1-based round id used as a 0-based index: one round late, and round 10 spills
+    into the next dialogue's first round).
+  * corrected: context ending at "\\nA:" and options scored as " " + option (so no lone-space token sits
+    between them), without BOS, next-token (shifted) float32 log-probabilities averaged over the option's
+    tokens, ties by option index; dense annotations at round `round_id - 1` of dialogue i (the VisDial
+    challenge's definition).
 """
 from __future__ import annotations
 
@@ -227,9 +231,9 @@ class OptionScoring:
     description: str
 
 
-# The original's context ends in "A: " and its options start without a space, so (with the option's own BOS in
-# between) an OPT tokenizer ends the context on a lone-space token, which OPT rarely sees; without the BOS the
-# corrected protocol must not repeat that: its context ends at "A:" and the space opens the option (" yes").
+# The original's context ends in "A: ", which an OPT tokenizer ends with a lone-space token, and its options
+# start without a space (after their own BOS). Without that BOS an option would be scored right after the lone
+# space, which OPT rarely sees; so the corrected context ends at "A:" and the space opens the option (" yes").
 SCORING = {
     "paper": OptionScoring(True, False, "sum", "\nA: ", "", True,
                            "options with their own BOS after a context ending in 'A: ', unshifted logits, summed "

@@ -22,15 +22,18 @@ cached); context photos go through the captioning mapping, pool photos through t
 Scoring (both protocols): the query is the normalised retrieval embedding at the prompt's last position,
 which is its `[RET]` token; pool scores are ``query @ (exp(logit_scale) * normalised pool embeddings)``;
 the story's own context photos (its first four) get -10000 in every setting, as the original masks
-``story_data[:-1]``; ranking is by score, ties by pool index. Scores are computed in float32.
+``story_data[:-1]``; ranking is by score, ties by pool index (as the original's CUDA ``topk(10)`` takes them).
 
-Protocols: the only difference is the per-caption BOS.
+Protocols: the per-caption BOS, and the dtype of the scoring.
   * ``paper`` - exactly the original: every caption is tokenised on its own with special tokens, so each
     one starts with its own BOS ``</s>``; ``[RET]`` is appended to the last caption with no space
-    (``caption + "[RET]"``) before tokenising.
+    (``caption + "[RET]"``) before tokenising. Pool matrix, query normalisation, product and mask are
+    computed in the model's dtype (bf16/fp16 at those precisions), as the original does in
+    ``logit_scale.dtype``; bf16 makes many candidates tie.
   * ``corrected`` - the interleaving used everywhere else by the model API: the captions are strings and
     only the first text of the prompt keeps its BOS (captions 2-5 have none); ``[RET]`` is appended the
-    same way. For ``1cap`` both protocols build the same prompt.
+    same way. Scores in float32. For ``1cap`` both protocols build the same prompt (and at float32 the same
+    scores).
 """
 from __future__ import annotations
 
