@@ -122,7 +122,7 @@ def eval_config_from_args(args):
     flags = {"tasks": args.tasks, "out": args.out, "data_root": args.data_root, "model_dir": args.model_dir,
              "opt_version": args.opt_version, "visual_model": args.visual_model, "device": args.device,
              "protocols": args.protocol, "limit": args.limit, "batch_size": args.batch_size, "seed": args.seed,
-             "image_workers": args.image_workers,
+             "option_batch_size": args.option_batch_size, "image_workers": args.image_workers,
              "retrieval_set": args.retrieval_set}
     values.update({k: v for k, v in flags.items() if v is not None})  # flags win over the file
     precisions = _split(args.precisions or args.precision) or values.get("precisions") or []
@@ -244,6 +244,8 @@ def cmd_profile(args) -> int:
             setattr(cfg, attr, values)
     if args.options:
         cfg.options = args.options
+    if args.option_batch_size is not None:
+        cfg.option_batch_size = args.option_batch_size
     path = run_profile(cfg)
     print(f"wrote {path}")
     _write_report(path.parent)
@@ -298,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", help="paper, corrected or both (default: every protocol a task has)")
     p.add_argument("--limit", type=int, help="first N examples of each task")
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--option-batch-size", type=int,
+                   help="VisDial answer options scored per forward pass (default 100: a round's options in one; "
+                        "halved on CUDA out-of-memory)")
     p.add_argument("--image-workers", type=int,
                    help="processes decoding image files (default: the cores beyond two, up to 8; 0 decodes "
                         "in this process)")
@@ -331,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "graph, compiled")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--options", type=int, help="answer options per context (default 100)")
+    p.add_argument("--option-batch-size", type=int,
+                   help="options per scoring pass, as `eval --option-batch-size` (default 100)")
     p.add_argument("--pool-sizes", help="retrieval pool sizes, default 1000,100000")
     p.add_argument("--bandwidth", type=float, help="device memory bandwidth in bytes/s for the decode roofline")
     p.add_argument("--naive", action="store_true",

@@ -20,6 +20,7 @@ from model.errors import require_known
 from model.prompts import EmbeddedPrompt, pad_batch
 from model.generation import DECODE_PATHS, STATIC_PATHS, generate
 from model.static_decode import supports_static
+from tasks.visdial import PROTOCOLS as VISDIAL_PROTOCOLS, Dialogue, Round, ranking_context_text, score_round
 
 from .environment import describe_environment
 from .results import write_results
@@ -54,6 +55,7 @@ class ProfileConfig:
     options: int = 100
     option_tokens: int = 7
     option_context_tokens: int = 120
+    option_batch_size: int = 100  # options per scoring pass, as `eval --option-batch-size`
     pool_sizes: list[int] = field(default_factory=lambda: [1000, 100000])
     seed: int = 0
     bandwidth: float | None = None  # bytes/s, overrides the nominal table
@@ -147,14 +149,21 @@ def scenario_decode(model, cfg, gen):
 
 
 def scenario_option_scoring(model, cfg, gen):
+    """One VisDial round exactly as `eval` scores it (`tasks.visdial.score_round`: each protocol's context,
+    options in passes of `option_batch_size`), for a question of random tokens and random options."""
     features = model.model.vision_features(_pixels(model, 1, gen).to(model.model.device))
     image = model.model.project_visual(features, "captioning")[0]
-    context = [image, _random_text(model, cfg.option_context_tokens, gen)]
-    options = [_random_text(model, cfg.option_tokens, gen)[1:] for _ in range(cfg.options)]
-    texts = [model.model.tokenizer.decode(o) for o in options]
-    params = {"options": cfg.options, "context_tokens": cfg.option_context_tokens, "option_tokens": cfg.option_tokens}
-    yield params, (lambda: model.score_continuations(context, texts)), {"options": cfg.options}
+    decode = model.model.tokenizer.decode
+    question = decode(_random_text(model, cfg.option_context_tokens, gen)[1:])
+    texts = tuple(decode(_random_text(model, cfg.option_tokens, gen)[1:]) for _ in range(cfg.options))
+    dialogue = Dialogue(0, 0, "", (Round(question, "", texts, 0),))
+    params = {"options": cfg.options, "context_tokens": cfg.option_context_tokens, "option_tokens": cfg.option_tokens,
+              "option_batch_size": cfg.option_batch_size}
+    visuals = {protocol: image for protocol in VISDIAL_PROTOCOLS}  # eval's two preprocessings cost the same
+    yield (params, (lambda: score_round(model, visuals, dialogue, 0, VISDIAL_PROTOCOLS, cfg.option_batch_size)),
+           {"options": cfg.options * len(VISDIAL_PROTOCOLS)})
     if cfg.naive:  # the original script's way: the whole context re-encoded for each option, batches of 20
+        context = [image, ranking_context_text(dialogue, 0)]
         yield ({**params, "path": "naive_per_option"}, (lambda: model.score_continuations(context, texts, naive=True)),
                {"options": cfg.options})
 
@@ -298,13 +307,26 @@ def _measure(model, cfg: ProfileConfig, scenario: str, precision: str, params: d
         record["cost"]["full_generate_seconds"] = _summary(full)
         if params["batch_size"] == 1:
             record["roofline"] = _decode_roofline(model, times[0], *bandwidths)
-    if scenario == "option_scoring" and params["options"] == 100:
-        # one timed unit is one VisDial round (100 options): project the full val set from it
+    if scenario == "option_scoring" and params["options"] == 100 and "path" not in params:
+        # one timed unit is one VisDial round (100 options, both protocols): project the full val set from it
+        per_round = work_of(model, work)
         record["projection"] = {"visdial_val_rounds": VISDIAL_VAL_ROUNDS,
                                 "projected_minutes": statistics.median(times) * VISDIAL_VAL_ROUNDS / 60,
+                                "work_per_round": per_round,
+                                "projected_work": {k: v * VISDIAL_VAL_ROUNDS for k, v in per_round.items()},
                                 "assumes": "every round's whole context encoded anew; the task reuses the previous "
                                            "round's prefix, so this bounds it from above"}
     return record
+
+
+ROUND_WORK = ("scoring_calls", "scoring_passes", "continuations_scored")  # what `eval` counts in `cost.work`
+
+
+def work_of(model, work: Callable[[], object]) -> dict[str, int]:
+    """The model's work counters that one more call of `work` adds (the chunking shows in scoring_passes)."""
+    before = dict(model.counters)
+    work()
+    return {k: model.counters[k] - before.get(k, 0) for k in ROUND_WORK}
 
 
 def run_profile(cfg: ProfileConfig) -> Path:
@@ -313,6 +335,8 @@ def run_profile(cfg: ProfileConfig) -> Path:
     require_known("precision", cfg.precisions, PRECISIONS, "precision")
     if cfg.model_dir is None and not cfg.random_init:
         raise FromageInputError("--model-dir", "required (or --random-init)")
+    if cfg.option_batch_size < 1:
+        raise FromageInputError("--option-batch-size", "must be >= 1")
     if cfg.new_tokens < 2:
         raise FromageInputError("--new-tokens", "must be >= 2 (decode cost is the difference of two lengths)")
     from .runner import _check_output_dir

@@ -41,6 +41,7 @@ class EvalConfig:
     protocols: str | None = None
     limit: int | None = None
     batch_size: int = 16
+    option_batch_size: int = 100  # VisDial answer options per packed scoring pass (100: a round in one pass)
     image_workers: int | None = None  # None: model.images.default_workers
     seed: int = 0
     random_init: bool = False
@@ -78,6 +79,8 @@ def validate(config: EvalConfig) -> list:
     require_known("precision", config.precisions, PRECISIONS, "precision")
     if config.limit is not None and config.limit < 1:
         raise FromageInputError("--limit", "must be >= 1")
+    if config.option_batch_size < 1:
+        raise FromageInputError("--option-batch-size", "must be >= 1")
     if config.image_workers is not None and config.image_workers < 0:
         raise FromageInputError("--image-workers", "must be >= 0 (0 decodes images in the main process)")
     if config.model_dir is None and not config.random_init:
@@ -185,7 +188,7 @@ def _run_cell(config: EvalConfig, model, task, setting: str, precision: str, loa
     protocols = parse_protocols(config.protocols, task)
     ctx = RunContext(model=model, data_root=config.data_root, limit=config.limit, cache=cache,
                      progress=config.progress and group.rank == 0, batch_size=config.batch_size,
-                     image_workers=config.image_workers, latencies=[],
+                     option_batch_size=config.option_batch_size, image_workers=config.image_workers, latencies=[],
                      journal_dir=journal, task_key=f"{task.name}:{setting}:{config.limit}:{config.batch_size}",
                      work={})
     model.counters.clear()

@@ -191,11 +191,14 @@ class Fromage(nn.Module):
         return projected[:, 0] if mode == "retrieval" else projected
 
     @torch.inference_mode()
-    def retrieval_embeddings(self, prompts_batch: Sequence[Prompt], batch_size: int = 16) -> torch.Tensor:
-        """(B, shared_dim) normalised embeddings at the last `[RET]` token of each interleaved prompt.
+    def retrieval_embeddings(self, prompts_batch: Sequence[Prompt], batch_size: int = 16,
+                             normalize_in: torch.dtype = torch.float32) -> torch.Tensor:
+        """(B, shared_dim) normalised embeddings at the last `[RET]` token of each interleaved prompt, float32.
 
         Prompts are sorted by length and run in right-padded batches: causal attention never sees the
-        padding after a prompt, so each embedding equals the one of that prompt run alone.
+        padding after a prompt, so each embedding equals the one of that prompt run alone. `normalize_in`: the
+        dtype of the normalisation; the model's dtype divides by the norm as the original VIST script does
+        (`x / x.norm()` in bf16 on GPU), rounding both.
         """
         embedded = [embed_prompt(self.model, p) for p in prompts_batch]
         self.counters["retrieval_queries"] += len(embedded)
@@ -215,7 +218,12 @@ class Fromage(nn.Module):
             mapped = self.model.retrieval_space(hidden)
             picks = torch.tensor([ret_at[i] for i in rows], device=mapped.device)
             chosen = mapped[torch.arange(len(rows), device=mapped.device), picks]
-            result[torch.tensor(rows, device=result.device)] = F.normalize(chosen.float(), dim=-1)
+            if normalize_in == torch.float32:
+                normalized = F.normalize(chosen.float(), dim=-1)
+            else:
+                chosen = chosen.to(normalize_in)
+                normalized = chosen / chosen.norm(dim=-1, keepdim=True)
+            result[torch.tensor(rows, device=result.device)] = normalized.float()
         return result
 
     def encode_context(self, context: Prompt, previous: EncodedContext | None = None) -> EncodedContext:
@@ -228,7 +236,7 @@ class Fromage(nn.Module):
 
     def score_continuations(self, context: Prompt | EncodedContext, continuations: Sequence[str], *,
                             continuation_bos: bool = False, shift: bool = True, batch_size: int | None = None,
-                            naive: bool = False) -> ContinuationScores:
+                            naive: bool = False, original_rounding: bool = False) -> ContinuationScores:
         """Log-likelihood of each continuation given one shared interleaved context (KV cache reused).
         `naive=True` re-encodes the context per continuation (the reference path, for checks and benchmarks)."""
         if naive and isinstance(context, EncodedContext):
@@ -238,10 +246,14 @@ class Fromage(nn.Module):
             context = self.encode_context(context)
         if naive:
             scores = score_continuations_naive(self.model, context, continuations, continuation_bos=continuation_bos,
-                                               shift=shift)
+                                               shift=shift, original_rounding=original_rounding)
+            per_pass = 20
         else:
             scores = score_continuations(self.model, context, continuations, continuation_bos=continuation_bos,
-                                         shift=shift, batch_size=batch_size)
+                                         shift=shift, batch_size=batch_size, original_rounding=original_rounding)
+            per_pass = batch_size or len(continuations)
+        self.counters["scoring_calls"] += 1
+        self.counters["scoring_passes"] += -(-len(continuations) // max(1, per_pass))  # forward passes (ceil)
         self.counters["continuations_scored"] += len(continuations)
         self.counters["tokens_scored"] += int(scores.num_tokens.sum())
         return scores

@@ -115,7 +115,8 @@ def embed_continuations(model: FromageModel, continuations: Sequence[str], with_
 @torch.inference_mode()
 def score_continuations(model: FromageModel, context: Prompt | EmbeddedPrompt | EncodedContext,
                         continuations: Sequence[str], *,
-                        continuation_bos: bool = False, shift: bool = True, batch_size: int | None = None) -> ContinuationScores:
+                        continuation_bos: bool = False, shift: bool = True, batch_size: int | None = None,
+                        original_rounding: bool = False) -> ContinuationScores:
     """Log-likelihood of each continuation after one shared interleaved `context`.
 
     The context goes through the LM once. The continuations are then packed end to end into ONE sequence
@@ -127,6 +128,9 @@ def score_continuations(model: FromageModel, context: Prompt | EmbeddedPrompt | 
     position's logits with the token AT that position. `continuation_bos` keeps each continuation's own BOS
     token (the original tokenised options with special tokens). `batch_size` continuations are packed per
     forward pass (default: all). An `EncodedContext` (see `encode_context`) is used as it is.
+    `original_rounding` rounds each token's log-probability and each continuation's sum to the logits' dtype
+    (bf16/fp16 at those precisions), as the original VisDial script does (see `round_like_original`); by
+    default both stay float32.
     """
     encoded = context if isinstance(context, EncodedContext) else encode_context(model, context)
     ctx_cache, ctx_len, ctx_last_logits = encoded.layers, len(encoded), encoded.last_logits
@@ -136,13 +140,14 @@ def score_continuations(model: FromageModel, context: Prompt | EmbeddedPrompt | 
     sums, counts = [], []
     for start in range(0, len(continuations), batch_size):
         chunk_ids, chunk_len = ids[start:start + batch_size], lengths[start:start + batch_size]
-        sums.append(_score_packed(model, ctx_cache, ctx_len, ctx_last_logits, chunk_ids, chunk_len, shift))
+        sums.append(_score_packed(model, ctx_cache, ctx_len, ctx_last_logits, chunk_ids, chunk_len, shift,
+                                  original_rounding))
         counts.append(chunk_len)
     return ContinuationScores(torch.cat(sums).cpu(), torch.cat(counts).cpu())
 
 
 def _score_packed(model: FromageModel, ctx_cache, ctx_len: int, ctx_last_logits: torch.Tensor, ids: torch.Tensor,
-                  lengths: torch.Tensor, shift: bool) -> torch.Tensor:
+                  lengths: torch.Tensor, shift: bool, original_rounding: bool = False) -> torch.Tensor:
     """Summed log-probabilities of right-padded continuations `ids` (n, T), packed into one sequence."""
     n = ids.shape[0]
     real = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
@@ -163,8 +168,27 @@ def _score_packed(model: FromageModel, ctx_cache, ctx_len: int, ctx_last_logits:
         previous = torch.arange(len(offset)) - 1
         first = (offset == 0).to(device)
         logits = torch.where(first[:, None], ctx_last_logits[None].to(logits.dtype), logits[previous.clamp(min=0)])
-    token_logp = target_logprobs(logits, packed)
-    return torch.zeros(n, device=device).index_add_(0, segment.to(device), token_logp)
+    return summed_logprobs(logits, packed, segment, n, original_rounding)
+
+
+def summed_logprobs(logits: torch.Tensor, targets: torch.Tensor, segment: torch.Tensor, n: int,
+                    original_rounding: bool = False) -> torch.Tensor:
+    """(n,) float32 sums of log p(target) per continuation; `segment[i]` is the continuation of token i.
+    `original_rounding`: each token's log-probability and each sum rounded to the logits' dtype."""
+    dtype = logits.dtype if original_rounding else None
+    token_logp = round_like_original(target_logprobs(logits, targets), dtype)
+    sums = torch.zeros(n, device=logits.device).index_add_(0, segment.to(logits.device), token_logp)
+    return round_like_original(sums, dtype)
+
+
+def round_like_original(values: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """float32 `values` rounded to `dtype` (and back to float32); None leaves them as they are.
+
+    The original VisDial script takes the cross-entropy of the model-dtype (bf16) logits, which returns
+    each token's loss in that dtype, and sums the losses in that dtype: a float32 accumulation rounded once.
+    Rounding float32 log-probabilities computed from the same logits, and then their float32 sum, reproduces
+    both roundings (round-to-nearest is symmetric in sign, so log-probabilities round like losses)."""
+    return values if dtype is None or dtype == torch.float32 else values.to(dtype).float()
 
 
 def _attention_mask_4d(lm, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -178,7 +202,8 @@ def _attention_mask_4d(lm, allowed: torch.Tensor, dtype: torch.dtype) -> torch.T
 
 @torch.inference_mode()
 def score_continuations_naive(model: FromageModel, context: Prompt, continuations: Sequence[str], *,
-                              continuation_bos: bool = False, shift: bool = True, batch_size: int = 20) -> ContinuationScores:
+                              continuation_bos: bool = False, shift: bool = True, batch_size: int = 20,
+                              original_rounding: bool = False) -> ContinuationScores:
     """Reference path, the way the original VisDial script works: every continuation gets the whole context
     re-encoded in front of it; the full sequences run in right-padded batches of `batch_size` (20 there)."""
     ctx = embed_prompt(model, context)
@@ -193,6 +218,7 @@ def score_continuations_naive(model: FromageModel, context: Prompt, continuation
             logits, labels = logits[:, :-1], batch.labels[:, 1:]
         else:
             labels = batch.labels
-        sums.append(target_logprobs(logits, labels).sum(dim=1))
+        dtype = logits.dtype if original_rounding else None
+        sums.append(round_like_original(round_like_original(target_logprobs(logits, labels), dtype).sum(dim=1), dtype))
         counts.append((labels != IGNORE_INDEX).sum(dim=1))
     return ContinuationScores(torch.cat(sums).cpu(), torch.cat(counts).cpu())

@@ -53,6 +53,7 @@ class RunContext:
     cache: Any = None              # tasks.cache.FeatureCache or None
     progress: bool = True
     batch_size: int = 16
+    option_batch_size: int = 100          # VisDial answer options per scoring pass (a round's 100: one pass)
     image_workers: int | None = None      # DataLoader processes decoding image files (None: see default_workers)
     latencies: list[float] | None = None  # seconds per example, filled by `track`
     journal_dir: Path | None = None       # where per-batch results are journalled (resume); None: no journal

@@ -16,15 +16,20 @@ original scripts do (resize to 224x224, then RGB), `corrected` centre-crops them
 `visdial_ranking`
   * paper: as the original script. Context = image (captioning mapping) + "Q: q1?\\nA: a1\\n...Q: qk?\\nA: "
     (tokenised with BOS); each option tokenised with its own BOS, scored WITHOUT the next-token shift
-    (each position's logits against the token at that position) and summed; dense annotations read at
-    the flat round index `i * 10 + round_id` (the 1-based round id used as a 0-based index: one round
-    late, and round 10 spills into the next dialogue's first round).
-  * corrected: options without BOS, next-token (shifted) log-probabilities averaged over the option's
-    tokens; dense annotations at round `round_id - 1` of dialogue i (the VisDial challenge's definition).
+    (each position's logits against the token at that position) and summed, each token's loss and the sum
+    rounded to the logits' dtype (the original's bf16 cross-entropy and sum); ranked in the tie order of the
+    original's `topk(100)` (MRR, R@k) and `sort` (NDCG); dense annotations read at the flat round index
+    `i * 10 + round_id` (the 1-based round id used as a 0-based index: one round late, and round 10 spills
+    into the next dialogue's first round).
+  * corrected: context ending at "\\nA:" and options scored as " " + option (so no lone-space token sits
+    between them), without BOS, next-token (shifted) float32 log-probabilities averaged over the option's
+    tokens, ties by option index; dense annotations at round `round_id - 1` of dialogue i (the VisDial
+    challenge's definition).
 """
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +55,7 @@ N_OPTIONS = 100
 ROUNDS_PER_DIALOGUE = 10  # VisDial v1.0 val; the original's flat index `i * 10 + round_id` assumes it
 RET = "[RET]"
 PROTOCOLS = ("paper", "corrected")
+log = logging.getLogger(__name__)
 
 
 # -- data -----------------------------------------------------------------------------------------------
@@ -194,14 +200,15 @@ def retrieval_text(dialogue: Dialogue) -> str:
     return " ".join(parts) + RET
 
 
-def ranking_context_text(dialogue: Dialogue, round_index: int) -> str:
-    """The original's context for round `round_index` (0-based): earlier rounds as "Q: q?" / "A: a" lines,
-    the current question, then "\\nA: " (no caption)."""
+def ranking_context_text(dialogue: Dialogue, round_index: int, protocol: str = "paper") -> str:
+    """The context for round `round_index` (0-based): earlier rounds as "Q: q?" / "A: a" lines, the current
+    question, then the protocol's answer cue (no caption): the original's "\\nA: " (paper) or "\\nA:"
+    (corrected, whose options carry the space)."""
     lines = []
     for j in range(round_index):
         lines += [f"Q: {dialogue.rounds[j].question}?", f"A: {dialogue.rounds[j].answer}"]
     lines.append(f"Q: {dialogue.rounds[round_index].question}?")
-    return "\n".join(lines) + "\nA: "
+    return "\n".join(lines) + SCORING[protocol].context_end
 
 
 # -- protocol logic (pure) ------------------------------------------------------------------------------
@@ -221,15 +228,25 @@ def retrieval_scores(image_embs: torch.Tensor, text_embs: torch.Tensor, protocol
 
 @dataclass(frozen=True)
 class OptionScoring:
-    continuation_bos: bool  # each option tokenised with its own BOS
-    shift: bool             # next-token scoring (False: each position's logits vs the token at that position)
-    reduce: str             # "sum" or "mean" of the option's token log-probabilities
+    continuation_bos: bool   # each option tokenised with its own BOS
+    shift: bool              # next-token scoring (False: each position's logits vs the token at that position)
+    reduce: str              # "sum" or "mean" of the option's token log-probabilities
+    context_end: str         # the context's last characters, after the current question
+    option_prefix: str       # put before each option's text
+    original_numerics: bool  # as the original: token losses and sums rounded to the logits' dtype, its tie order
     description: str
 
 
+# The original's context ends in "A: ", which an OPT tokenizer ends with a lone-space token, and its options
+# start without a space (after their own BOS). Without that BOS an option would be scored right after the lone
+# space, which OPT rarely sees; so the corrected context ends at "A:" and the space opens the option (" yes").
 SCORING = {
-    "paper": OptionScoring(True, False, "sum", "options with their own BOS, unshifted logits, summed log-probs"),
-    "corrected": OptionScoring(False, True, "mean", "options without BOS, next-token log-probs, mean per token"),
+    "paper": OptionScoring(True, False, "sum", "\nA: ", "", True,
+                           "options with their own BOS after a context ending in 'A: ', unshifted logits, summed "
+                           "log-probs, rounded in the model dtype as the original"),
+    "corrected": OptionScoring(False, True, "mean", "\nA:", " ", False,
+                               "' ' + option without BOS after a context ending in 'A:', next-token log-probs "
+                               "(float32), mean per token"),
 }
 
 
@@ -264,16 +281,41 @@ def dense_rounds(annotations: Sequence[DenseAnnotation], round_counts: Sequence[
     return out
 
 
+def option_order(scores: torch.Tensor, protocol: str, call: str = "topk") -> torch.Tensor:
+    """All options of a round, best first.
+
+    corrected: by score, ties by lower index (the metrics' convention). paper: in the order of the original's
+    own calls on the float32 scores on CPU, ties included: `scores.topk(100)` for MRR / R@k / ranks and
+    `scores[None].sort(1, descending=True)` for NDCG (`call="sort"`). Their tie orders are neither by index nor
+    the same as each other (std::nth_element / std::sort in PyTorch's CPU kernels); ties are common where bf16
+    rounds the summed losses, so the original's ranks depend on them."""
+    scores = scores.float().cpu()
+    if not SCORING[protocol].original_numerics:
+        return torch.sort(scores, descending=True, stable=True).indices
+    if call == "topk":
+        return scores.topk(len(scores)).indices
+    return scores[None].sort(1, descending=True).indices[0]
+
+
+def _in_order(order: torch.Tensor) -> torch.Tensor:
+    """Strictly decreasing stand-in scores that rank the options in `order` (for the metric functions)."""
+    out = torch.empty(len(order))
+    out[order] = -torch.arange(len(order), dtype=torch.float32)
+    return out
+
+
 def ranking_metrics(scores: dict[tuple[int, int], torch.Tensor], gt: dict[tuple[int, int], int],
-                    annotations: Sequence[DenseAnnotation], targets: Sequence[tuple[int, int] | None]
-                    ) -> tuple[dict[str, float], dict[tuple[int, int], int], int]:
+                    annotations: Sequence[DenseAnnotation], targets: Sequence[tuple[int, int] | None],
+                    protocol: str = "corrected") -> tuple[dict[str, float], dict[tuple[int, int], int], int]:
     """Metrics over the scored rounds (keys (dialogue, round)): MRR / R@k / mean rank over every scored round,
-    NDCG over the dense annotations whose target round was scored. Returns (metrics, rank by round, n NDCG rounds)."""
+    NDCG over the dense annotations whose target round was scored, options ordered by `option_order`.
+    Returns (metrics, rank by round, n NDCG rounds)."""
     keys = sorted(scores)
-    matrix = torch.stack([scores[k] for k in keys])
+    matrix = torch.stack([_in_order(option_order(scores[k], protocol)) for k in keys])
     ranks = ranks_from_scores(matrix, torch.tensor([gt[k] for k in keys]))
     metrics: dict[str, float] = {}
-    pairs = [(scores[t], a.relevance) for a, t in zip(annotations, targets) if t is not None and t in scores]
+    pairs = [(_in_order(option_order(scores[t], protocol, "sort")), a.relevance)
+             for a, t in zip(annotations, targets) if t is not None and t in scores]
     if pairs:
         metrics["NDCG"] = visdial_ndcg(torch.stack([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs]))
     else:
@@ -284,9 +326,9 @@ def ranking_metrics(scores: dict[tuple[int, int], torch.Tensor], gt: dict[tuple[
     return metrics, dict(zip(keys, ranks.tolist())), len(pairs)
 
 
-def top_k(scores: torch.Tensor, k: int = 5) -> list[int]:
-    """Indices of the k best scores, ties by lower index (the metrics' convention)."""
-    return torch.sort(scores, descending=True, stable=True).indices[:k].tolist()
+def top_k(scores: torch.Tensor, k: int = 5, protocol: str = "corrected") -> list[int]:
+    """Indices of the k best scores, in the protocol's order (`option_order`)."""
+    return option_order(scores, protocol)[:k].tolist()
 
 
 # -- visdial_retrieval ----------------------------------------------------------------------------------
@@ -346,7 +388,6 @@ def run_ranking(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> li
     annotations = load_dense(RANKING.path(ctx, "dense", setting), all_dialogues)
     dialogues = limited(all_dialogues, ctx.limit)
     annotations = annotations[:len(dialogues)]
-    batch_size = ctx.batch_size or N_OPTIONS
 
     with torch.inference_mode():
         features, kept, skipped = _readable(ctx, RANKING.path(ctx, "images", setting), dialogues,
@@ -356,15 +397,14 @@ def run_ranking(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> li
             """Per dialogue, per round, per protocol: the 100 option scores (float32 as Python floats)."""
             out = []
             for d in batch:
-                rounds = [{} for _ in d.rounds]
-                for protocol in protocols:  # each protocol sees the image as its code path prepares it
-                    visual = model.project_images(features[RANKING.preprocessing(protocol)][d.index][None],
-                                                  "captioning")[0]
-                    context = None
-                    for r, rnd in enumerate(d.rounds):
-                        # each round's context extends the previous round's (its KV cache is reused)
-                        context = model.encode_context([visual, ranking_context_text(d, r)], previous=context)
-                        rounds[r][protocol] = _score_options(model, context, rnd.options, protocol, batch_size).tolist()
+                visuals = {protocol: model.project_images(features[RANKING.preprocessing(protocol)][d.index][None],
+                                                          "captioning")[0]
+                           for protocol in protocols}  # each protocol sees the image as its code path prepares it
+                rounds, contexts = [], None
+                for r in range(len(d.rounds)):
+                    by_protocol, contexts = score_round(model, visuals, d, r, protocols, ctx.option_batch_size,
+                                                        contexts)
+                    rounds.append({protocol: values.tolist() for protocol, values in by_protocol.items()})
                 out.append(rounds)
             return out
 
@@ -381,11 +421,11 @@ def run_ranking(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> li
     results = []
     for protocol in protocols:
         targets = dense_rounds(annotations, round_counts, protocol)
-        metrics, ranks, n_dense = ranking_metrics(scores[protocol], gt, annotations, targets)
+        metrics, ranks, n_dense = ranking_metrics(scores[protocol], gt, annotations, targets, protocol)
         predictions = []
         for d in kept:
             for r, rnd in enumerate(d.rounds):
-                best = top_k(scores[protocol][(d.index, r)])
+                best = top_k(scores[protocol][(d.index, r)], protocol=protocol)
                 predictions.append({"image_id": d.image_id, "dialogue": d.index, "round_id": r + 1,
                                     "question": rnd.question, "gt_index": rnd.gt_index, "rank": ranks[(d.index, r)],
                                     "top5": best, "answer": rnd.answer, "predicted": rnd.options[best[0]]})
@@ -398,16 +438,62 @@ def run_ranking(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> li
     return results
 
 
-def _score_options(model, context: EncodedContext, options: Sequence[str], protocol: str, batch_size: int) -> torch.Tensor:
-    """One round's 100 option scores. Without BOS an empty option has no token to score: it gets -inf."""
+def round_contexts(model, visuals: dict[str, torch.Tensor], dialogue: Dialogue, round_index: int,
+                   protocols: Sequence[str], previous: dict[str, EncodedContext] | None = None
+                   ) -> dict[str, EncodedContext]:
+    """Each protocol's encoded context of a round (its image's captioning embedding `visuals[protocol]`, then its
+    text), continuing from that protocol's context of the previous round (`previous`): the next round's text
+    shares all of this round's corrected context ("...A:") and all but the lone-space token of the paper one
+    ("...A: "). The protocols prepare the image differently (squash, crop), so they share no inputs."""
+    previous = previous or {}
+    return {protocol: model.encode_context([visuals[protocol], ranking_context_text(dialogue, round_index, protocol)],
+                                           previous=previous.get(protocol))
+            for protocol in protocols}
+
+
+def score_round(model, visuals: dict[str, torch.Tensor], dialogue: Dialogue, round_index: int,
+                protocols: Sequence[str], option_batch_size: int, previous: dict[str, EncodedContext] | None = None
+                ) -> tuple[dict[str, torch.Tensor], dict[str, EncodedContext]]:
+    """One round of `visdial_ranking`: its 100 option scores per protocol, and the contexts the next round
+    continues from. `fromage-bench profile` times this very function (its VisDial projection)."""
+    contexts = round_contexts(model, visuals, dialogue, round_index, protocols, previous)
+    options = dialogue.rounds[round_index].options
+    scores = {protocol: score_options(model, contexts[protocol], options, protocol, option_batch_size)
+              for protocol in protocols}
+    return scores, contexts
+
+
+def score_options(model, context: EncodedContext, options: Sequence[str], protocol: str,
+                  option_batch_size: int = N_OPTIONS) -> torch.Tensor:
+    """One round's option scores, `option_batch_size` options per forward pass (halved on CUDA out of memory).
+    Without BOS an empty option has no token to score: it gets -inf."""
     how = SCORING[protocol]
     usable = [j for j, o in enumerate(options) if how.continuation_bos or o]
     out = torch.full((len(options),), -math.inf)
     if usable:
-        result = model.score_continuations(context, [options[j] for j in usable], continuation_bos=how.continuation_bos,
-                                           shift=how.shift, batch_size=batch_size)
-        out[torch.tensor(usable)] = option_scores(result, protocol)
+        texts = [how.option_prefix + options[j] for j in usable]
+
+        def score(size: int):
+            return model.score_continuations(context, texts, continuation_bos=how.continuation_bos, shift=how.shift,
+                                             batch_size=size, original_rounding=how.original_numerics)
+
+        out[torch.tensor(usable)] = option_scores(halving_on_oom(score, option_batch_size), protocol)
     return out
+
+
+def halving_on_oom(score, size: int):
+    """score(size); on a CUDA out-of-memory error, free the cache and retry with half the size, down to 1.
+    (The chunking changes the cost only: every option is scored on its own, whatever packs it.)"""
+    while True:
+        try:
+            return score(size)
+        except torch.OutOfMemoryError:
+            if size <= 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.warning("visdial_ranking: out of memory scoring %d options per pass, retrying with %d", size, size // 2)
+            size //= 2
 
 
 # -- registration ---------------------------------------------------------------------------------------

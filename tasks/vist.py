@@ -22,17 +22,19 @@ cached); context photos go through the captioning mapping, pool photos through t
 Scoring (both protocols): the query is the normalised retrieval embedding at the prompt's last position,
 which is its `[RET]` token; pool scores are ``query @ (exp(logit_scale) * normalised pool embeddings)``;
 the story's own context photos (its first four) get -10000 in every setting, as the original masks
-``story_data[:-1]``; ranking is by score, ties by pool index. Scores are computed in float32.
+``story_data[:-1]``; ranking is by score, ties by pool index (as the original's CUDA ``topk(10)`` takes them).
 
-Protocols differ in the per-caption BOS and in the images: ``paper`` squashes them as the original script does
-(resize to 224x224, then RGB), ``corrected`` centre-crops them as the model was trained (`model.images`), for
-the pool and the context photos alike.
+Protocols differ in the per-caption BOS, the dtype of the scoring and the images: ``paper`` squashes the
+images as the original script does (resize to 224x224, then RGB), ``corrected`` centre-crops them as the model
+was trained (`model.images`), for the pool and the context photos alike.
   * ``paper`` - exactly the original: every caption is tokenised on its own with special tokens, so each
     one starts with its own BOS ``</s>``; ``[RET]`` is appended to the last caption with no space
-    (``caption + "[RET]"``) before tokenising.
+    (``caption + "[RET]"``) before tokenising. Pool matrix, query normalisation, product and mask are
+    computed in the model's dtype (bf16/fp16 at those precisions), as the original does in
+    ``logit_scale.dtype``; bf16 makes many candidates tie.
   * ``corrected`` - the interleaving used everywhere else by the model API: the captions are strings and
     only the first text of the prompt keeps its BOS (captions 2-5 have none); ``[RET]`` is appended the
-    same way. For ``1cap`` both protocols build the same prompt (the photos still differ).
+    same way. Scores in float32. For ``1cap`` both protocols build the same prompt (the photos still differ).
 """
 from __future__ import annotations
 
@@ -138,10 +140,30 @@ def build_prompt(protocol: str, tokenizer, captions: Sequence[str], context: Seq
 
 
 # -- scoring ----------------------------------------------------------------------------------------------
-def scaled_pool(pool_embeddings: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
-    """exp(logit_scale) * L2-normalised pool retrieval embeddings (P, D), float32."""
-    scale = torch.as_tensor(logit_scale, dtype=torch.float32).exp()
-    return scale.to(pool_embeddings.device) * F.normalize(pool_embeddings.float(), dim=-1)
+def score_dtype(protocol: str, model_dtype: torch.dtype) -> torch.dtype:
+    """What a protocol scores in: paper in the model's dtype, as the original builds its pool matrix and
+    queries in `logit_scale.dtype` (bf16 on GPU) and multiplies them in it; corrected in float32."""
+    return model_dtype if protocol == "paper" else torch.float32
+
+
+def scaled_pool(pool_embeddings: torch.Tensor, logit_scale: torch.Tensor | float,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """exp(logit_scale) * L2-normalised pool retrieval embeddings (P, D), every step computed (and rounded)
+    in `dtype`: the normalisation, the exponential of the scale, their product."""
+    if dtype == torch.float32:
+        scale = torch.as_tensor(logit_scale, dtype=torch.float32).exp()
+        return scale.to(pool_embeddings.device) * F.normalize(pool_embeddings.float(), dim=-1)
+    pool = pool_embeddings.to(dtype)
+    scale = torch.as_tensor(logit_scale).to(device=pool.device, dtype=dtype).exp()
+    return scale * (pool / pool.norm(dim=-1, keepdim=True))
+
+
+def pool_scores(queries: torch.Tensor, pool_matrix: torch.Tensor, context_columns: Sequence[Sequence[int]]
+                ) -> torch.Tensor:
+    """(B, P) float32 scores: query @ pool matrix in the matrix's dtype (float32 accumulation, one rounding
+    to it), the context photos masked in that dtype too (the original subtracts 10000 from its bf16 scores)."""
+    scores = (queries.float() @ pool_matrix.float().T).to(pool_matrix.dtype).cpu()
+    return mask_context(scores, context_columns).float()
 
 
 def mask_context(scores: torch.Tensor, context_columns: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -169,8 +191,9 @@ def story_metrics(ranks: torch.Tensor) -> dict[str, float]:
 def query_embeddings(model, stories: Sequence[Story], setting: str, protocol: str,
                      features: dict[str, torch.Tensor], batch_size: int,
                      context_embeddings: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """(B, shared_dim) normalised query embeddings of stories; `features` are pooled CLIP features by
-    photo id, `context_embeddings` (optional) their captioning projections, computed here if absent."""
+    """(B, shared_dim) normalised query embeddings of stories (normalised in the protocol's `score_dtype`);
+    `features` are pooled CLIP features by photo id, `context_embeddings` (optional) their captioning
+    projections, computed here if absent."""
     if context_embeddings is None:
         context_embeddings = context_projections(model, stories, setting, features)
     tokenizer = model.model.tokenizer
@@ -179,7 +202,8 @@ def query_embeddings(model, stories: Sequence[Story], setting: str, protocol: st
         captions, n_images = setting_parts(setting, story)
         context = [context_embeddings[pid] for pid in story.context[:n_images]]
         prompts.append(build_prompt(protocol, tokenizer, captions, context))
-    return model.retrieval_embeddings(prompts, batch_size=batch_size)
+    return model.retrieval_embeddings(prompts, batch_size=batch_size,
+                                      normalize_in=score_dtype(protocol, model.model.dtype))
 
 
 def context_projections(model, stories: Sequence[Story], setting: str,
@@ -242,10 +266,12 @@ def run(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> list[TaskR
         ranks = {p: [] for p in protocols}
         predictions: dict[str, list[dict]] = {p: [] for p in protocols}
         if queries:
-            logit_scale = model.model.logit_scale.detach().float()
-            pool_matrix = {p: scaled_pool(model.project_images(torch.stack([by_id[pid] for pid in pool]),
-                                                               "retrieval")[:, 0], logit_scale)
-                           for p, by_id in features.items()}
+            logit_scale = model.model.logit_scale.detach()
+            pool_matrix = {}
+            for protocol in protocols:
+                by_id = features[preprocess[protocol]]
+                embeddings = model.project_images(torch.stack([by_id[pid] for pid in pool]), "retrieval")[:, 0]
+                pool_matrix[protocol] = scaled_pool(embeddings, logit_scale, score_dtype(protocol, logit_scale.dtype))
             size = max(1, ctx.batch_size)
 
             def embed(chunk: list[Story]) -> list[dict[str, list[float]]]:
@@ -265,10 +291,9 @@ def run(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> list[TaskR
                 targets = torch.tensor([column[s.target] for s in chunk])
                 context_columns = [[column[pid] for pid in s.context] for s in chunk]
                 for protocol in protocols:
-                    matrix = pool_matrix[preprocess[protocol]]
                     q = torch.tensor([e[protocol] for e in embedded[start:start + size]], dtype=torch.float32,
-                                     device=matrix.device)
-                    scores = mask_context((q @ matrix.T).cpu(), context_columns)
+                                     device=pool_matrix[protocol].device)
+                    scores = pool_scores(q, pool_matrix[protocol], context_columns)
                     chunk_ranks = ranks_from_scores(scores, targets)
                     best = top_k(scores, TOP_K)
                     ranks[protocol].append(chunk_ranks)

@@ -68,7 +68,8 @@ def test_a_failing_path_is_recorded_and_the_others_still_run(tiny_dir, tmp_path,
     assert (f"profile decode fp32 (batch_size=1, prompt_tokens=32, new_tokens=3): "
             f"{ok_decode['cost']['seconds_per_token'] * 1000:.2f} ms/token") in err
     assert "profile decode fp32 (batch_size=1, prompt_tokens=32, new_tokens=3, path=static): error: RuntimeError" in err
-    assert "profile option_scoring fp32 (options=4, context_tokens=120, option_tokens=7): median " in err
+    assert ("profile option_scoring fp32 (options=4, context_tokens=120, option_tokens=7, option_batch_size=100): "
+            "median ") in err
     assert "error: RuntimeError: compiler exploded" in (out / "report.html").read_text()
 
 
@@ -107,6 +108,7 @@ def test_paper_architecture_small_random_init(tmp_path):
     (["--precisions", "fp64"], "unknown precision"),
     (["--new-tokens", "1"], "must be >= 2"),
     (["--decode-paths", "auto,warp"], "unknown decode path"),
+    (["--option-batch-size", "0"], "--option-batch-size: must be >= 1"),
 ])
 def test_bad_profile_arguments(tiny_dir, tmp_path, capsys, argv, message):
     assert main(["profile", "--model-dir", str(tiny_dir), "--out", str(tmp_path / "o"), *argv]) == 2
@@ -134,3 +136,30 @@ def test_each_precision_frees_its_model_before_the_next_loads(tiny_dir, tmp_path
                  "--warmup", "0", "--new-tokens", "2", "--device", "cpu"]) == 0
     assert alive_at_load == [[], [False]]
     assert loaded[1]() is None
+
+
+def test_option_scoring_projection_predicts_the_evals_work(tiny_dir, tmp_path):
+    """`profile`'s VisDial round is `eval`'s: per round the same scoring calls, forward passes (the chunking)
+    and options; the projection scales that per-round work to VisDial val."""
+    from fromage_bench.profiler import ROUND_WORK, VISDIAL_VAL_ROUNDS
+    from fromage_bench.synth.visdial import write_visdial
+
+    data = tmp_path / "data"
+    write_visdial(data, n=2, seed=2, n_rounds=3)
+    eval_out, prof_out = tmp_path / "eval", tmp_path / "prof"
+    assert main(["eval", "--model-dir", str(tiny_dir), "--data-root", str(data), "--out", str(eval_out),
+                 "--tasks", "visdial_ranking", "--precisions", "fp32", "--device", "cpu", "--no-progress",
+                 "--no-cache", "--option-batch-size", "7"]) == 0
+    results = read_results(eval_out)
+    assert results["config"]["option_batch_size"] == 7
+    work = results["records"][0]["cost"]["work"]
+    assert main(["profile", "--model-dir", str(tiny_dir), "--out", str(prof_out), "--precisions", "fp32",
+                 "--scenarios", "option_scoring", "--option-batch-size", "7", "--repeats", "1", "--warmup", "0",
+                 "--device", "cpu"]) == 0
+    (record,) = read_results(prof_out)["records"]
+    assert record["params"]["option_batch_size"] == 7
+    projection = record["projection"]
+    rounds = 2 * 3
+    assert projection["work_per_round"] == {"scoring_calls": 2, "scoring_passes": 2 * 15, "continuations_scored": 200}
+    assert {k: work[k] for k in ROUND_WORK} == {k: rounds * v for k, v in projection["work_per_round"].items()}
+    assert projection["projected_work"] == {k: VISDIAL_VAL_ROUNDS * v for k, v in projection["work_per_round"].items()}

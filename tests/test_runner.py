@@ -119,6 +119,7 @@ def test_config_file_and_flag_precedence(tiny_dir, data_root, tmp_path):
     (["--tasks", "vist_retrieval:7cap"], "unknown setting"),
     (["--tasks", "visdial_ranking", "--protocol", "fancy"], "unknown protocol"),
     (["--tasks", "visdial_ranking", "--precisions", "fp64"], "unknown precision"),
+    (["--tasks", "visdial_ranking", "--option-batch-size", "0"], "--option-batch-size: must be >= 1"),
     (["--tasks", "image_text_retrieval:cc3m"], "cc3m_val.tsv: missing"),
 ])
 def test_bad_arguments_fail_before_any_work(tiny_dir, data_root, tmp_path, capsys, argv, message):

@@ -132,3 +132,64 @@ def _common_prefix(a, b) -> int:
     while n < min(len(a), len(b)) and torch.equal(a.embeds[n], b.embeds[n]):
         n += 1
     return min(n, len(b) - 1)
+
+
+def _original_option_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The original VisDial script's arithmetic on CUDA, written out: a right-padded (options, T) label matrix
+    with -100 at padding, `CrossEntropyLoss(reduction='none')` on the model-dtype logits, reshaped per option
+    and summed in that dtype (float accumulation, one rounding); the score is minus the loss cast to float.
+    The cross-entropy is log_softmax + nll_loss; CUDA's log_softmax kernel computes in float32 and rounds its
+    output once, which is spelled out here because the CPU's bf16 kernel rounds differently (by one bf16 step
+    on about one token in ten)."""
+    log_probs = F.log_softmax(logits.float(), dim=-1).to(logits.dtype)  # what CUDA's kernel returns
+    losses = F.nll_loss(log_probs.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                        reduction="none").reshape(labels.shape)
+    assert losses.dtype == logits.dtype
+    return -losses.sum(axis=1).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_original_rounding_reproduces_the_originals_low_precision_losses(dtype):
+    """The same model-dtype logits: our per-continuation sums with `original_rounding` equal the original's
+    bf16/fp16 cross-entropy sums exactly, ties included; without it they stay float32."""
+    from model.scoring import summed_logprobs
+
+    g = torch.Generator().manual_seed(3)
+    n, vocab = 100, 50
+    lengths = torch.randint(2, 7, (n,), generator=g)
+    labels = torch.full((n, int(lengths.max())), -100)
+    for i, k in enumerate(lengths.tolist()):
+        labels[i, :k] = torch.randint(0, vocab, (k,), generator=g)
+    logits = (torch.randn(*labels.shape, vocab, generator=g) * 3).to(dtype)
+    real = labels != -100
+    segment = torch.repeat_interleave(torch.arange(n), lengths)
+    ours = summed_logprobs(logits[real], labels[real], segment, n, original_rounding=True)
+    expected = _original_option_losses(logits, labels)
+    assert torch.equal(ours, expected)
+    ties = n - len(set(ours.tolist()))  # the rounding makes options tie exactly (bf16: many)
+    assert ties >= (10 if dtype == torch.bfloat16 else 1)
+    exact = summed_logprobs(logits[real], labels[real], segment, n)
+    assert not torch.equal(exact, ours) and len(set(exact.tolist())) > len(set(ours.tolist()))
+    torch.testing.assert_close(exact, ours, atol=0.5, rtol=1e-2)
+    # at float32 the rounding is a no-op: the scores of today's float32 path
+    logits32 = logits.float()
+    assert torch.equal(summed_logprobs(logits32[real], labels[real], segment, n, original_rounding=True),
+                       summed_logprobs(logits32[real], labels[real], segment, n))
+
+
+def test_original_rounding_through_the_model_at_bf16(tiny_dir, images):
+    """Through the packed path of a bf16 model: every sum is a bf16 value and close to the float32 one; the
+    naive path (the original's full sequences) rounds the same way."""
+    from model import load_fromage
+
+    model = load_fromage(tiny_dir, device="cpu", precision="bf16")
+    context = [images[0], "Q: what colour is it?\nA: "]
+    options = OPTIONS * 20
+    rounded = model.score_continuations(context, options, continuation_bos=True, shift=False, original_rounding=True)
+    plain = model.score_continuations(context, options, continuation_bos=True, shift=False)
+    assert torch.equal(rounded.sum_logprob, rounded.sum_logprob.bfloat16().float())
+    assert not torch.equal(plain.sum_logprob, plain.sum_logprob.bfloat16().float())
+    torch.testing.assert_close(rounded.sum_logprob, plain.sum_logprob, atol=0.25, rtol=1e-2)
+    naive = model.score_continuations(context, options, continuation_bos=True, shift=False, original_rounding=True,
+                                      naive=True)
+    assert torch.equal(naive.sum_logprob, naive.sum_logprob.bfloat16().float())

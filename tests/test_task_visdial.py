@@ -66,9 +66,10 @@ class FakeModel:
     def encode_context(self, context, previous=None):
         return {"prompt": context, "previous": previous}
 
-    def score_continuations(self, context, continuations, *, continuation_bos=False, shift=True, batch_size=None):
+    def score_continuations(self, context, continuations, *, continuation_bos=False, shift=True, batch_size=None,
+                            original_rounding=False):
         self.calls.append(dict(context=context, options=list(continuations), continuation_bos=continuation_bos,
-                               shift=shift, batch_size=batch_size))
+                               shift=shift, batch_size=batch_size, original_rounding=original_rounding))
         sums = torch.tensor([-float(len(c)) for c in continuations])
         counts = torch.tensor([max(1, len(c.split())) for c in continuations])
         return ContinuationScores(sums, counts)
@@ -162,18 +163,22 @@ def test_ranking_end_to_end_tiny(tiny, short):
     # the two protocols score differently (own BOS + unshifted sum vs shifted mean)
     assert [p["top5"] for p in results[0].predictions] != [p["top5"] for p in results[1].predictions]
 
-    # and each is the model's scoring of the original's context for that round
+    # and each is the model's scoring of that round's context: the original's for paper; for corrected the
+    # context ends at "A:" and each option is scored with a leading space
     d = vd.load_dialogues(info["dialogs"])[0]
     visual = tiny.encode_images([try_load(info["image_paths"][0])[0]], "captioning")[0]
     r = 2
-    context = [visual, vd.ranking_context_text(d, r)]
-    direct = {"paper": tiny.score_continuations(context, d.rounds[r].options, continuation_bos=True,
+    paper_context = [visual, "\n".join(f"Q: {x.question}?\nA: {x.answer}" for x in d.rounds[:r])
+                     + f"\nQ: {d.rounds[r].question}?\nA: "]
+    corrected_context = [visual, paper_context[1][:-1]]
+    assert corrected_context[1].endswith("?\nA:")
+    direct = {"paper": tiny.score_continuations(paper_context, d.rounds[r].options, continuation_bos=True,
                                                 shift=False).sum_logprob,
-              "corrected": tiny.score_continuations(context, d.rounds[r].options, continuation_bos=False,
-                                                    shift=True).mean_logprob}
+              "corrected": tiny.score_continuations(corrected_context, [" " + o for o in d.rounds[r].options],
+                                                    continuation_bos=False, shift=True).mean_logprob}
     for result in results:
         scores = direct[result.protocol]
-        assert result.predictions[r]["top5"] == vd.top_k(scores)
+        assert result.predictions[r]["top5"] == torch.sort(scores, descending=True, stable=True).indices[:5].tolist()
         assert result.predictions[r]["rank"] == int(ranks_from_scores(scores[None], [d.rounds[r].gt_index])[0])
 
 
@@ -316,39 +321,46 @@ def test_ranking_arguments_and_scores_through_run(synth):
     """With a fake model (sum = -characters, tokens = words) the task's ranks follow each protocol's rule."""
     root, info = synth
     model = FakeModel()
-    ctx = RunContext(model=model, data_root=root, progress=False, limit=1, batch_size=32)
+    ctx = RunContext(model=model, data_root=root, progress=False, limit=1, batch_size=32, option_batch_size=7)
     paper, corrected = vd.RANKING.run(ctx, "val", ("paper", "corrected"))
     d = vd.load_dialogues(info["dialogs"])[0]
-    # one call per round and protocol, with the original's context: the image tokens then the text; each
-    # protocol's chain of contexts (its own image preprocessing) continues from its previous round's encoding
+    # one call per round and protocol, `option_batch_size` options per pass. Each protocol's context (its own
+    # image preprocessing: paper squashes, corrected crops) continues from its own previous round's context.
     assert len(model.calls) == 20
-    assert model.preprocessings == ["squash", "crop"]  # paper: the original script's squash; corrected: crop
-    for p, (bos, shift) in enumerate(((True, False), (False, True))):
-        for r in range(10):
-            call = model.calls[10 * p + r]
-            assert (call["continuation_bos"], call["shift"], call["batch_size"]) == (bos, shift, 32)
-            assert call["context"]["previous"] is (model.calls[10 * p + r - 1]["context"] if r else None)
-            visual, text = call["context"]["prompt"]
+    assert model.preprocessings == ["squash", "crop"]
+    for r in range(10):
+        paper_call, corrected_call = model.calls[2 * r], model.calls[2 * r + 1]
+        assert [(c["continuation_bos"], c["shift"], c["batch_size"], c["original_rounding"])
+                for c in (paper_call, corrected_call)] == [(True, False, 7, True), (False, True, 7, False)]
+        for k, call in enumerate((paper_call, corrected_call)):
+            assert call["context"]["previous"] is (model.calls[2 * r - 2 + k]["context"] if r else None)
+            visual, _ = call["context"]["prompt"]
             assert visual.shape == (2, 8) and visual.dtype == torch.float32
-            assert text == vd.ranking_context_text(d, r)
-            assert call["options"] == list(d.rounds[r].options)
+        paper_text, corrected_text = paper_call["context"]["prompt"][1], corrected_call["context"]["prompt"][1]
+        assert paper_text == vd.ranking_context_text(d, r) and paper_text.endswith("?\nA: ")
+        assert corrected_text == paper_text[:-1]
+        assert paper_call["options"] == list(d.rounds[r].options)
+        assert corrected_call["options"] == [" " + o for o in d.rounds[r].options]
     for r, rnd in enumerate(d.rounds):
         by_sum = torch.tensor([-float(len(o)) for o in rnd.options])
-        by_mean = torch.tensor([-len(o) / max(1, len(o.split())) for o in rnd.options])
-        for result, s in ((paper, by_sum), (corrected, by_mean)):
-            expected = 1 + sum(1 for j, v in enumerate(s.tolist())
-                               if v > s[rnd.gt_index] or (v == s[rnd.gt_index] and j < rnd.gt_index))
-            assert result.predictions[r]["rank"] == expected
+        by_mean = torch.tensor([-(len(o) + 1) / max(1, len(o.split())) for o in rnd.options])
+        # paper: the original's ranking, the position in `topk(100)` of the float32 scores (its tie order)
+        assert paper.predictions[r]["rank"] == by_sum.topk(100).indices.tolist().index(rnd.gt_index) + 1
+        # corrected: ties by lower index
+        s = by_mean
+        expected = 1 + sum(1 for j, v in enumerate(s.tolist())
+                           if v > s[rnd.gt_index] or (v == s[rnd.gt_index] and j < rnd.gt_index))
+        assert corrected.predictions[r]["rank"] == expected
     assert [p["rank"] for p in paper.predictions] != [p["rank"] for p in corrected.predictions]
 
 
 def test_empty_option_without_bos_ranks_last():
     model = FakeModel()
     options = ["yes", "", "no"] + ["x"] * 97
-    paper = vd._score_options(model, ["ctx"], options, "paper", 100)
-    corrected = vd._score_options(model, ["ctx"], options, "corrected", 100)
-    assert model.calls[0]["options"] == options and "" not in model.calls[1]["options"]
-    assert paper[1] == 0.0 and corrected[1] == -math.inf and corrected[0] == -3.0
+    paper = vd.score_options(model, ["ctx"], options, "paper", 100)
+    corrected = vd.score_options(model, ["ctx"], options, "corrected", 100)
+    assert model.calls[0]["options"] == options and " " not in model.calls[1]["options"]
+    assert paper[1] == 0.0 and corrected[1] == -math.inf and corrected[0] == -4.0  # " yes": 4 characters, 1 word
 
 
 # -- quirk 3 (ranking): dense annotations at flat round i*10 + round_id ---------------------------------
@@ -444,3 +456,157 @@ def test_paper_retrieval_squashes_like_the_original_script_and_corrected_crops(t
     assert [p["rank"] for p in paper.predictions] == expected_paper
     assert [p["rank"] for p in corrected.predictions] == expected_corrected
     assert not torch.allclose(squashed, cropped, atol=1e-3)  # the two preprocessings really differ here
+
+
+# -- option scoring in chunks (--option-batch-size) -----------------------------------------------------
+def test_option_chunk_size_changes_the_work_not_the_rankings(tiny, short):
+    root, _ = short
+    runs = {}
+    for size in (100, 7, 1):
+        ctx = RunContext(model=tiny, data_root=root, progress=False, option_batch_size=size, work={})
+        tiny.counters.clear()
+        results = vd.RANKING.run(ctx, "val", ("paper", "corrected"))
+        runs[size] = ({r.protocol: ([(p["rank"], p["top5"]) for p in r.predictions], r.metrics) for r in results},
+                      dict(tiny.counters))
+    rounds = 6  # 2 readable dialogues x 3 rounds
+    for size, (by_protocol, counters) in runs.items():
+        assert by_protocol == runs[100][0]
+        # one call per round and protocol, each in ceil(100 / size) forward passes
+        assert counters["scoring_calls"] == rounds * 2
+        assert counters["scoring_passes"] == rounds * 2 * -(-100 // size)
+        assert counters["continuations_scored"] == rounds * 2 * 100
+        assert counters["tokens_scored"] == runs[100][1]["tokens_scored"]
+
+
+def test_option_scoring_halves_its_chunk_on_out_of_memory():
+    class Tight(FakeModel):
+        def score_continuations(self, context, continuations, **kw):
+            if kw["batch_size"] > 25:
+                self.calls.append({"oom": kw["batch_size"]})
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return super().score_continuations(context, continuations, **kw)
+
+    model = Tight()
+    options = [f"option {j}" for j in range(100)]
+    scores = vd.score_options(model, ["ctx"], options, "corrected", 100)
+    assert [c.get("oom", c.get("batch_size")) for c in model.calls] == [100, 50, 25]
+    assert torch.equal(scores, vd.score_options(FakeModel(), ["ctx"], options, "corrected", 25))
+    tried = []
+
+    def always_oom(size):
+        tried.append(size)
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):  # down to one option per pass, then it is a real error
+        vd.halving_on_oom(always_oom, 4)
+    assert tried == [4, 2, 1]
+
+
+# -- corrected context: no lone-space token -------------------------------------------------------------
+def test_corrected_context_ends_at_the_colon_and_options_carry_the_space(tiny):
+    tok = tiny.model.tokenizer
+    d = vd.Dialogue(0, 7, "", (vd.Round("is it sunny", "yes", ("yes",) * 100, 0),
+                               vd.Round("how many cats", "two cats", ("two cats",) * 100, 0)))
+    paper = tok(vd.ranking_context_text(d, 1, "paper")).input_ids
+    corrected = tok(vd.ranking_context_text(d, 1, "corrected")).input_ids
+    assert vd.ranking_context_text(d, 1, "corrected") == "Q: is it sunny?\nA: yes\nQ: how many cats?\nA:"
+    assert tok.convert_ids_to_tokens(paper[-1]) == "Ġ"             # the original's artefact, kept in paper
+    assert corrected == paper[:-1] and tok.convert_ids_to_tokens(corrected[-1]) == ":"
+    from model.scoring import tokenize_continuations
+    ids, lengths = tokenize_continuations(tiny.model, [" two cats", " yes"], with_bos=False)
+    first = tok.convert_ids_to_tokens(ids[:, 0].tolist())
+    assert all(t.startswith("Ġ") and len(t) > 1 for t in first)    # " two", " yes": a space-prefixed word
+    assert tok.convert_tokens_to_string(tok.convert_ids_to_tokens(ids[0, :lengths[0]].tolist())) == " two cats"
+
+
+def test_corrected_and_next_round_contexts_reuse_the_prefix(tiny, images):
+    """The next round's context shares all of this round's corrected context ("...A:") and all but the lone
+    space of the paper one ("...A: "), protocol by protocol; reused caches score as fresh encodings."""
+    from model.scoring import encode_context
+
+    visual = tiny.encode_images([images[1]], "captioning")[0]
+    visuals = {"paper": visual, "corrected": visual}
+    options = tuple(f"{w} {j}" for j, w in enumerate(["red", "blue", "two", "no", "yes"] * 20))
+    d = vd.Dialogue(0, 1, "", (vd.Round("what colour is it", "red", options, 0),
+                               vd.Round("how many are there", "two squares", options, 0)))
+    first = vd.round_contexts(tiny, visuals, d, 0, ("paper", "corrected"))
+    assert first["paper"].reused == first["corrected"].reused == 0
+    assert len(first["corrected"]) == len(first["paper"]) - 1
+    second = vd.round_contexts(tiny, visuals, d, 1, ("paper", "corrected"), previous=first)
+    assert second["corrected"].reused == len(first["corrected"])
+    assert second["paper"].reused == len(first["paper"]) - 1
+    for protocol in ("paper", "corrected"):
+        fresh = encode_context(tiny.model, [visual, vd.ranking_context_text(d, 1, protocol)])
+        torch.testing.assert_close(vd.score_options(tiny, second[protocol], options, protocol),
+                                   vd.score_options(tiny, fresh, options, protocol), atol=1e-4, rtol=1e-5)
+
+
+# -- paper numerics: the original's rounding and tie order ----------------------------------------------
+def _original_ranks_and_ndcg(score_rows, gts, relevance_rows):
+    """The original script's final loop, written out: `topk(100)` of the float32 scores on CPU, rank = the
+    position of gt; NDCG via `scores.sort(1, descending=True)` (its scores_to_ranks), top k = non-zero count."""
+    ranks = []
+    for scores, gt in zip(score_rows, gts):
+        _, preds = torch.tensor(scores).topk(100)
+        ranks.append(preds.tolist().index(gt) + 1)
+    ndcgs = []
+    for scores, rel in zip(score_rows, relevance_rows):
+        _, ranked_idx = torch.tensor(scores)[None].sort(1, descending=True)
+        rel = torch.tensor(rel)
+        k = int((rel != 0).sum())
+        discounts = torch.log2(torch.arange(k).float() + 2)
+        dcg = (rel[ranked_idx[0][:k]] / discounts).sum()
+        best = (rel.sort(descending=True).values[:k] / discounts).sum()
+        ndcgs.append(float(dcg / best))
+    return ranks, 100 * sum(ndcgs) / len(ndcgs)
+
+
+def test_paper_ranks_ties_in_the_originals_topk_order():
+    g = torch.Generator().manual_seed(0)
+    # summed losses as bf16 rounds them: a handful of distinct values over 100 options
+    rows = [(-torch.randint(20, 26, (100,), generator=g).float() * 0.25) for _ in range(6)]
+    gts = [3, 50, 99, 0, 17, 64]
+    rels = [[float(torch.randint(0, 3, (1,), generator=g)) / 2 for _ in range(100)] for _ in rows]
+    scores = {(0, r): row for r, row in enumerate(rows)}
+    gt = {(0, r): gts[r] for r in range(6)}
+    notes = [annotation(0, r + 1, rels[r]) for r in range(6)]
+    targets = [(0, r) for r in range(6)]
+    metrics, ranks, _ = vd.ranking_metrics(scores, gt, notes, targets, "paper")
+    expected_ranks, expected_ndcg = _original_ranks_and_ndcg([r.tolist() for r in rows], gts, rels)
+    assert [ranks[(0, r)] for r in range(6)] == expected_ranks
+    assert metrics["NDCG"] == pytest.approx(expected_ndcg, abs=1e-4)  # the reference sums in float32
+    assert metrics["MRR"] == pytest.approx(100 * sum(1 / x for x in expected_ranks) / 6)
+    assert vd.top_k(rows[0], protocol="paper") == torch.tensor(rows[0].tolist()).topk(100).indices[:5].tolist()
+    # the index rule (corrected) ranks these ties differently: the tie order matters
+    by_index, by_index_ranks, _ = vd.ranking_metrics(scores, gt, notes, targets, "corrected")
+    assert by_index_ranks != ranks and by_index["NDCG"] != metrics["NDCG"]
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16(tiny_dir):
+    from model import load_fromage
+
+    return load_fromage(tiny_dir, device="cpu", precision="bf16")
+
+
+def test_paper_scores_round_in_bf16_and_corrected_stays_float32(tiny_bf16, tiny, short, images):
+    root, info = short
+    d = vd.load_dialogues(info["dialogs"])[0]
+    for model, low in ((tiny_bf16, True), (tiny, False)):
+        visual = model.encode_images([images[0]], "captioning")[0]
+        scores, _ = vd.score_round(model, {"paper": visual, "corrected": visual}, d, 1, ("paper", "corrected"), 100)
+        paper_is_bf16 = torch.equal(scores["paper"], scores["paper"].bfloat16().float())
+        assert paper_is_bf16 == low
+        assert not torch.equal(scores["corrected"], scores["corrected"].bfloat16().float())
+        if low:
+            assert len(set(scores["paper"].tolist())) < 95  # ties
+    ctx = RunContext(model=tiny_bf16, data_root=root, progress=False)
+    paper, = vd.RANKING.run(ctx, "val", ("paper",))
+    features, _, _ = vd._readable(ctx, root / vd.IMAGE_DIR, [d], ["squash"])  # the task's own image features
+    visual = tiny_bf16.project_images(features["squash"][0][None], "captioning")[0]
+    previous, by_round = None, []
+    for r in range(len(d.rounds)):
+        s, previous = vd.score_round(tiny_bf16, {"paper": visual}, d, r, ("paper",), 100, previous)
+        by_round.append(s["paper"])
+    for r, s in enumerate(by_round):
+        assert paper.predictions[r]["rank"] == s.topk(100).indices.tolist().index(d.rounds[r].gt_index) + 1

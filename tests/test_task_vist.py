@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -16,8 +17,8 @@ from tasks.base import RunContext
 from tasks.cache import FeatureCache
 from tasks.images import ImageDir
 from tasks.vist import (MASK_PENALTY, build_prompt, corrected_prompt, load_stories, mask_context,
-                        paper_prompt, pool_candidates, query_embeddings, read_pool, run, scaled_pool,
-                        story_metrics, top_k)
+                        paper_prompt, pool_candidates, pool_scores, query_embeddings, read_pool, run,
+                        scaled_pool, score_dtype, story_metrics, top_k)
 from tests.conftest import solid_image
 
 CAPTIONS = ("we saw a red circle .", "then there was a blue square .", "next to it stood a green star .",
@@ -301,3 +302,69 @@ def test_png_and_jpg_mixed_in_a_hand_made_story(tmp_path, tiny):
     assert result.n_examples == 1 and result.skipped.total == 0 and result.extra["pool_size"] == 5  # p5 unused
     pred = result.predictions[0]
     assert pred["top10"][0] == "p4" and pred["rank"] == 1 and sorted(pred["top10"][1:]) == ["p0", "p1", "p2", "p3"]
+
+
+# -- paper numerics at low precision ---------------------------------------------------------------------
+def _original_vist_scores(pool: torch.Tensor, query: torch.Tensor, logit_scale: torch.Tensor, context: list[int]):
+    """The original script's scoring, written out, in `logit_scale.dtype`: the float32 pool features back in
+    that dtype, normalised, times exp(logit_scale); the query normalised in it; one product; -10000 on the
+    story's context photos, in that dtype."""
+    emb_matrix = torch.tensor(pool.float().numpy(), dtype=logit_scale.dtype)
+    emb_matrix = emb_matrix / emb_matrix.norm(dim=-1, keepdim=True)
+    emb_matrix = logit_scale.exp() * emb_matrix
+    ret_emb = query[None] / query[None].norm(dim=1, keepdim=True)
+    scores = ret_emb.squeeze() @ emb_matrix.squeeze().T
+    for column in context:
+        scores[column] -= 10000
+    return scores
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_paper_scores_round_as_the_original_in_the_model_dtype(dtype):
+    g = torch.Generator().manual_seed(0)
+    pool = torch.randn(400, 16, generator=g).to(dtype)
+    raw_queries = torch.randn(3, 16, generator=g).to(dtype)
+    logit_scale = torch.tensor(math.log(1 / 0.07), dtype=dtype)
+    context = [[0, 5, 7, 9], [1, 2, 3, 4], [10, 11, 12, 13]]
+    matrix = scaled_pool(pool, logit_scale, score_dtype("paper", dtype))
+    queries = raw_queries / raw_queries.norm(dim=-1, keepdim=True)  # as retrieval_embeddings(normalize_in=dtype)
+    ours = pool_scores(queries.float(), matrix, context)
+    for row in range(3):
+        expected = _original_vist_scores(pool, raw_queries[row], logit_scale, context[row])
+        assert torch.equal(ours[row], expected.float())
+    if dtype == torch.bfloat16:
+        assert len(set(ours[0].tolist())) < 350  # bf16 makes candidates tie exactly
+    # the original's CUDA `topk(10)` takes tied candidates in pool order (its radix-select gather writes the
+    # strictly larger ones, then the first equal ones seen, in index order; the <=32-element sort is stable):
+    # the pool-index rule of `top_k` / `ranks_from_scores`
+    for row in range(3):
+        s = ours[row]
+        expected_top = sorted(range(len(s)), key=lambda j: (-s[j].item(), j))[:10]
+        assert top_k(ours, 10)[row].tolist() == expected_top
+
+
+def test_float32_scoring_is_unchanged():
+    g = torch.Generator().manual_seed(1)
+    pool, query = torch.randn(50, 8, generator=g), F.normalize(torch.randn(2, 8, generator=g), dim=-1)
+    logit_scale = torch.tensor(math.log(1 / 0.07))
+    for protocol in ("paper", "corrected"):
+        assert score_dtype(protocol, torch.float32) == torch.float32
+        matrix = scaled_pool(pool, logit_scale, score_dtype(protocol, torch.float32))
+        assert torch.equal(matrix, logit_scale.exp() * F.normalize(pool, dim=-1))
+        assert torch.equal(pool_scores(query, matrix, [[0], [1]]), mask_context(query @ matrix.T, [[0], [1]]))
+    assert score_dtype("corrected", torch.bfloat16) == torch.float32
+
+
+def test_bf16_model_paper_queries_normalised_in_bf16_corrected_in_float32(tiny_dir, synth):
+    from model import load_fromage
+
+    model = load_fromage(tiny_dir, device="cpu", precision="bf16")
+    stories, listed = load_stories(synth["json"])
+    pool, features, failed = read_pool(model, stories, listed, ImageDir(synth["image_dir"]))
+    story = next(s for s in stories if s.story_id not in synth["skipped"])
+    paper = query_embeddings(model, [story], "5cap4img", "paper", features["crop"], batch_size=2)
+    corrected = query_embeddings(model, [story], "5cap4img", "corrected", features["crop"], batch_size=2)
+    assert torch.equal(paper, paper.bfloat16().float())
+    assert not torch.equal(corrected, corrected.bfloat16().float())
+    results = run(_ctx(model, synth["root"]), "5cap4img", ("paper", "corrected"))
+    assert all(0 <= r.metrics["R@1"] <= r.metrics["R@10"] <= 100 for r in results)
