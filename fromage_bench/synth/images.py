@@ -27,7 +27,7 @@ SHORT_SIDES = (96, 120, 144, 192)  # ordinary files: the scene's side is one of 
 LARGE_LONG_SIDE = 3000             # a very large file: long side 3000 (3000x2000 at 3:2), kept rare: slow to write
 LARGE_MAX_PIXELS = 3000 * 2000     # ... and at most 6 MP (a square one is 2449x2449)
 TINY_LONG_SIDE = 20                # a very small file (20x15 at 4:3): thumbnails, broken downloads
-SIZE_CLASSES = (("ordinary", 97), ("large", 1), ("tiny", 2))
+SIZE_CLASSES = (("ordinary", 97.5), ("large", 0.5), ("tiny", 2))
 # (format, mode, weight): mostly RGB JPEGs; greyscale and CMYK JPEGs, RGBA / palette / greyscale PNGs
 ENCODINGS = (("JPEG", "RGB", 78), ("JPEG", "L", 3), ("JPEG", "CMYK", 2), ("PNG", "RGB", 10), ("PNG", "RGBA", 3),
              ("PNG", "P", 3), ("PNG", "L", 1))
@@ -136,7 +136,7 @@ def encode(image: Image.Image, look: ImageLook) -> bytes:
     if look.format == "JPEG":
         converted.save(buffer, format="JPEG", quality=JPEG_QUALITY)
     else:
-        converted.save(buffer, format="PNG", optimize=False)
+        converted.save(buffer, format="PNG", compress_level=1)  # fast; the level does not change the pixels
     return buffer.getvalue()
 
 
