@@ -92,22 +92,26 @@ def choose_look(rng: random.Random, formats: tuple[str, ...] = ("JPEG", "PNG")) 
 
 
 def _clutter(canvas: Image.Image, look: ImageLook, rng: random.Random) -> None:
-    """Bars and blocks in the margins beside the centre square, some touching the image's edge."""
+    """Bars and blocks in the margins beside the centre square, some touching the image's outer edge."""
     left, top, side = look.content_box
     draw = ImageDraw.Draw(canvas)
-    margins = []
+    margins = []  # (box, whether its outer edge is at x (left / right margins) or at y)
     if left > 0:
-        margins += [(0, 0, left, look.height), (left + side, 0, look.width, look.height)]
+        margins += [((0, 0, left, look.height), True), ((left + side, 0, look.width, look.height), True)]
     if top > 0:
-        margins += [(0, 0, look.width, top), (0, top + side, look.width, look.height)]
-    for x0, y0, x1, y1 in margins:
+        margins += [((0, 0, look.width, top), False), ((0, top + side, look.width, look.height), False)]
+    for (x0, y0, x1, y1), outer_x in margins:
         w, h = x1 - x0, y1 - y0
         for _ in range(rng.randint(1, 3)):
-            bw, bh = max(1, round(w * rng.uniform(0.3, 0.9))), max(1, round(h * rng.uniform(0.15, 0.6)))
+            bw = max(1, round(w * rng.uniform(0.3, 0.9) if outer_x else w * rng.uniform(0.15, 0.6)))
+            bh = max(1, round(h * rng.uniform(0.15, 0.6) if outer_x else h * rng.uniform(0.3, 0.9)))
             bx = x0 + rng.randint(0, w - bw)
             by = y0 + rng.randint(0, h - bh)
-            if rng.random() < 0.5:  # touch the outer edge
-                bx = x0 if x0 == 0 else x1 - bw
+            if rng.random() < 0.5:  # against the image's outer edge
+                if outer_x:
+                    bx = x0 if x0 == 0 else x1 - bw
+                else:
+                    by = y0 if y0 == 0 else y1 - bh
             draw.rectangle((bx, by, bx + bw - 1, by + bh - 1), fill=rng.choice(CLUTTER))
 
 
