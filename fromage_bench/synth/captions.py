@@ -85,8 +85,8 @@ def _pick_faults(rng: random.Random, n: int, **counts: int) -> dict[str, list[in
 
 def _write_image(colour: str, shape: str, background: str, offset: int, path: Path, look: images.ImageLook,
                  fault: str | None, png_faults: list) -> Path | None:
-    """The shape drawn in the centre square of `look`'s canvas (an image of its own look stream), saved as
-    JPEG, or as PNG under a .png name for the `png` fault (the k-th one in palette / RGBA / RGB mode)."""
+    """The shape drawn in the centre square of `look`'s canvas, saved as JPEG, or as PNG under a .png name
+    for the `png` fault (the k-th one in palette / RGBA / RGB mode)."""
     if fault == "png":
         look = images.png_fault_look(look, len(png_faults))
         png_faults.append(path)
