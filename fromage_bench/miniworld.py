@@ -1,8 +1,10 @@
 """Miniworld: a small world of coloured shapes, and every dataset the benchmark reads, written from it.
 
 A *scene* is 1-3 objects, each with a shape, a colour, a size (small / large) and a position (left, right,
-top, bottom, middle: five cells of a 3x3 grid), drawn with PIL on a plain grey 96x96 canvas and saved as
-PNG. Every text is generated from the scene it goes with, so text and pixels agree:
+top, bottom, middle: five cells of a 3x3 grid), laid out on a 96x96 grid and drawn with PIL, scaled, in the
+centre square of a plain grey canvas whose size, aspect ratio, file format and mode vary like a real photo
+collection's (mostly JPEG; see `fromage_bench.synth.images`; the margins hold clutter no text mentions).
+Every text is generated from the scene it goes with, so text and pixels agree:
 
 * captions ("a small red circle on the left and a large blue star in the middle.");
 * five-image stories in which one object changes colour, moves or changes size at every step
@@ -14,14 +16,15 @@ PNG. Every text is generated from the scene it goes with, so text and pixels agr
 
 `write_miniworld(out, seed, scale)` writes them in the real datasets' layouts (see `fromage-bench tasks`):
 
-    cc3m/cc3m_train.tsv, cc3m/training/*.png            training pairs (FROMAGe and the stand-in backbones)
-    cc3m/cc3m_val.tsv, cc3m/validation/*.png            image_text_retrieval / captioning (cc3m)
-    coco/dataset_coco.json, coco/val2014/*.png          Karpathy-style test split (coco)
-    vist/sis/val.story-in-sequence.json, vist/images/val/*.png            vist_retrieval
-    vist/sis/train.story-in-sequence.json, vist/images/train/*.png        training stories (train --stories)
+    cc3m/cc3m_train.tsv, cc3m/training/*.jpg|png        training pairs (FROMAGe and the stand-in backbones)
+    cc3m/cc3m_val.tsv, cc3m/validation/*.jpg|png        image_text_retrieval / captioning (cc3m)
+    coco/dataset_coco.json, coco/val2014/*.jpg          Karpathy-style test split (coco)
+    vist/sis/val.story-in-sequence.json, vist/images/val/*.jpg|png        vist_retrieval
+    vist/sis/train.story-in-sequence.json, vist/images/train/*.jpg|png    training stories (train --stories)
     visdial/visdial_1.0_val.json, visdial/visdial_1.0_val_dense_annotations.json,
-    visdial/VisualDialog_val2018/*.png                                    visdial_retrieval / visdial_ranking
-    miniworld/manifest.json        seed, scale, counts and the scene of every image written
+    visdial/VisualDialog_val2018/*.jpg                                    visdial_retrieval / visdial_ranking
+    miniworld/manifest.json        seed, scale, counts, the scene and the look (size, format, mode, scene box)
+                                   of every image written
     miniworld/lm_train.jsonl       text documents for the stand-in LM (training captions, stories, dialogues)
     miniworld/lm_heldout.jsonl     the benchmark's own texts (val captions, VIST stories, VisDial dialogues)
 
@@ -43,7 +46,10 @@ from typing import Iterable, Sequence
 
 from PIL import Image, ImageDraw
 
-VERSION = 2  # 2: a VIST train split (vist/sis/train.story-in-sequence.json)
+from .synth import formats, images
+
+VERSION = 3  # 2: a VIST train split (vist/sis/train.story-in-sequence.json); 3: files like a real collection
+            # (JPEG / PNG, many sizes and aspect ratios, odd modes; TSV names mostly with extension)
 IMAGE_SIZE = 96
 CELL = IMAGE_SIZE // 3
 BACKGROUND = (150, 150, 150)
@@ -186,9 +192,24 @@ def variant(scene: Scene, rng: random.Random) -> Scene:
 
 
 # -- drawing --------------------------------------------------------------------------------------------
-def centre(obj: Obj) -> tuple[int, int]:
+# Scenes are laid out on a 96x96 grid (IMAGE_SIZE) and drawn on a square of any `side`, scaled: the writer
+# puts that square in the centre of a canvas of the file's own size (see fromage_bench.synth.images).
+def _scale(side: int) -> float:
+    return side / IMAGE_SIZE
+
+
+def centre(obj: Obj, side: int = IMAGE_SIZE) -> tuple[int, int]:
     gx, gy = GRID[obj.position]
-    return gx * CELL + CELL // 2 + obj.dx, gy * CELL + CELL // 2 + obj.dy
+    k = _scale(side)
+    return round((gx * CELL + CELL // 2 + obj.dx) * k), round((gy * CELL + CELL // 2 + obj.dy) * k)
+
+
+def _radius(obj: Obj, side: int) -> int:
+    return max(1, round(RADIUS[obj.size] * _scale(side)))
+
+
+def _ring_width(r: int, side: int) -> int:
+    return max(round(3 * _scale(side)), round(r * 0.4), 1)
 
 
 def _star(cx: int, cy: int, r: int) -> list[tuple[float, float]]:
@@ -200,9 +221,9 @@ def _star(cx: int, cy: int, r: int) -> list[tuple[float, float]]:
     return points
 
 
-def draw_object(draw: ImageDraw.ImageDraw, obj: Obj) -> None:
-    cx, cy = centre(obj)
-    r = RADIUS[obj.size]
+def draw_object(draw: ImageDraw.ImageDraw, obj: Obj, side: int = IMAGE_SIZE) -> None:
+    cx, cy = centre(obj, side)
+    r = _radius(obj, side)
     fill = COLOURS[obj.colour]
     if obj.shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
@@ -216,31 +237,33 @@ def draw_object(draw: ImageDraw.ImageDraw, obj: Obj) -> None:
     elif obj.shape == "diamond":
         draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
     elif obj.shape == "cross":
-        t = max(2, round(r * 0.35))
+        t = max(round(2 * _scale(side)), round(r * 0.35), 1)
         draw.rectangle((cx - r, cy - t, cx + r, cy + t), fill=fill)
         draw.rectangle((cx - t, cy - r, cx + t, cy + r), fill=fill)
     elif obj.shape == "ring":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=fill, width=max(3, round(r * 0.4)))
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=fill, width=_ring_width(r, side))
     else:
         raise ValueError(f"unknown shape {obj.shape!r}")
 
 
-def probe_point(obj: Obj) -> tuple[int, int]:
-    """A pixel that drawing `obj` paints in its colour (the centre, except for the ring: on its band)."""
-    cx, cy = centre(obj)
-    r = RADIUS[obj.size]
+def probe_point(obj: Obj, side: int = IMAGE_SIZE) -> tuple[int, int]:
+    """A pixel (of the `side` square) that drawing `obj` paints in its colour (the centre, except for the
+    ring: on its band, and the triangle: below its centre)."""
+    cx, cy = centre(obj, side)
+    r = _radius(obj, side)
     if obj.shape == "ring":
-        return cx + r - max(3, round(r * 0.4)) // 2, cy
+        return cx + r - _ring_width(r, side) // 2, cy
     if obj.shape == "triangle":
         return cx, cy + r // 2
     return cx, cy
 
 
-def render(scene: Scene) -> Image.Image:
-    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+def render(scene: Scene, side: int = IMAGE_SIZE) -> Image.Image:
+    """The scene on a plain `side` x `side` square (the content of every miniworld image file)."""
+    image = Image.new("RGB", (side, side), BACKGROUND)
     draw = ImageDraw.Draw(image)
     for obj in scene:
-        draw_object(draw, obj)
+        draw_object(draw, obj, side)
     return image
 
 
@@ -345,10 +368,7 @@ def random_story(rng: random.Random) -> Story:
     return Story(tuple(scenes), tuple(sentences), summary)
 
 
-def original_text(text: str) -> str:
-    """VIST's `original_text` for a `text`: capitalised, no space before the full stop."""
-    text = text.replace(" .", ".").replace(" ,", ",")
-    return text[0].upper() + text[1:]
+original_text = formats.original_text  # VIST `original_text` of a `text`
 
 
 # -- dialogues ------------------------------------------------------------------------------------------
@@ -514,15 +534,27 @@ def doc_texts(doc: dict) -> list[str]:
 
 # -- writers --------------------------------------------------------------------------------------------
 class _Writer:
-    def __init__(self, root: Path):
-        self.root = root
-        self.scenes: dict[str, list] = {}
+    """Writes the image files (through the one image writer, fromage_bench.synth.images) and texts, and
+    records each image's scene and look for the manifest."""
 
-    def image(self, relative: str, scene: Scene) -> None:
-        path = self.root / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        render(scene).save(path, format="PNG", optimize=False)
+    def __init__(self, root: Path, seed: int):
+        self.root, self.seed = root, seed
+        self.scenes: dict[str, list] = {}
+        self.looks: dict[str, dict] = {}
+
+    def image(self, stem: str, scene: Scene, formats: tuple[str, ...] = ("JPEG", "PNG")) -> str:
+        """Write the image of `scene` at `stem` + the extension of its look; returns the relative path."""
+        rng = random.Random(f"miniworld-image:{self.seed}:{stem}")  # the look: its own stream per file
+        look = images.choose_look(rng, formats)
+        picture = images.compose(look, BACKGROUND, lambda side: render(scene, side), rng)
+        relative = stem + look.ext
+        images.save_image(picture, self.root / relative, look)
         self.scenes[relative] = [o.to_list() for o in scene]
+        self.looks[relative] = look.to_dict()
+        return relative
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
 
     def text(self, relative: str, content: str) -> Path:
         path = self.root / relative
@@ -555,19 +587,16 @@ def training_pair(rng: random.Random) -> tuple[Scene, str]:
 
 def _cc3m(w: _Writer, rng: random.Random, n: int, tsv: str, image_dir: str,
           pairs: Sequence[Scene | tuple[Scene, str]]) -> list[str]:
-    """Images + a `caption<TAB>image` TSV (names without extension, as the released val TSV); a scene without
-    a text gets a caption."""
-    from model.datasets import cc3m_tsv_text  # (lazily: the package `model` loads transformers)
-
-    rows, captions = [], []  # (caption, image name)
+    """Images + a `caption<TAB>image` TSV (most names with their extension, some without, as released
+    files); a scene without a text gets a caption."""
+    files, captions = [], []
     for i, item in enumerate(pairs[:n]):
         scene, text = item if isinstance(item[-1], str) else (item, None)
         name = f"{i}_{rng.randrange(10 ** 9, 10 ** 10)}"
-        w.image(f"{image_dir}/{name}.png", scene)
-        text = caption(scene, rng) if text is None else text
-        rows.append((text, name))
-        captions.append(text)
-    w.text(tsv, cc3m_tsv_text(rows))
+        files.append(Path(w.image(f"{image_dir}/{name}", scene)).name)
+        captions.append(caption(scene, rng) if text is None else text)
+    names = formats.tsv_image_names(files, _rng(w.seed, f"{tsv}:names"))
+    formats.write_cc3m_tsv(w.path(tsv), captions, names)
     return captions
 
 
@@ -576,21 +605,15 @@ def _coco(w: _Writer, rng: random.Random, n: int, n_other: int) -> None:
     for j in range(n_other):
         splits.insert(rng.randrange(len(splits) + 1), ("train", "restval", "val")[j % 3])
     scenes = unique_scenes(rng, len(splits))
-    entries, sentid = [], 0
+    entries = []
     for imgid, (split, scene) in enumerate(zip(splits, scenes)):
         cocoid = 100000 + 37 * imgid + rng.randrange(30)
         filepath = "train2014" if split == "train" else "val2014"
-        filename = f"COCO_{filepath}_{cocoid:012d}.png"
-        w.image(f"coco/{filepath}/{filename}", scene)
-        sentences = []
-        for t in range(5):
-            raw = caption(scene, rng, template=t % len(CAPTION_TEMPLATES) if t < 4 else None)
-            tokens = raw.lower().replace(",", " ").replace(".", " ").split()
-            sentences.append({"tokens": tokens, "raw": raw, "imgid": imgid, "sentid": sentid})
-            sentid += 1
-        entries.append({"filepath": filepath, "sentids": [s["sentid"] for s in sentences], "filename": filename,
-                        "imgid": imgid, "split": split, "sentences": sentences, "cocoid": cocoid})
-    w.text(COCO_JSON, json.dumps({"images": entries, "dataset": "coco"}))
+        stem = formats.coco_filename(filepath, cocoid, ext="")
+        filename = Path(w.image(f"coco/{filepath}/{stem}", scene, formats=("JPEG",))).name
+        raws = tuple(caption(scene, rng, template=t % len(CAPTION_TEMPLATES) if t < 4 else None) for t in range(5))
+        entries.append(formats.CocoImage(filepath, filename, cocoid, split, raws))
+    formats.write_coco_karpathy_json(w.path(COCO_JSON), entries)
 
 
 def _vist(w: _Writer, rng: random.Random, n: int, json_path: str = VIST_JSON, image_dir: str = VIST_IMAGES,
@@ -599,59 +622,41 @@ def _vist(w: _Writer, rng: random.Random, n: int, json_path: str = VIST_JSON, im
     photo_ids = [str(i) for i in rng.sample(range(1_000_000_000, 9_999_999_999), 5 * n)]
     album_ids = [str(72157600000000000 + rng.randrange(10 ** 10)) for _ in range(n)]
     story_ids = [str(40000 + 5 * i + rng.randrange(5)) for i in range(n)]
-    images_json, albums_json, annotations = [], [], []
+    photos, albums, annotated = [], [], []
     for s, story in enumerate(stories):
-        photos = photo_ids[5 * s:5 * s + 5]
-        for k, (pid, scene) in enumerate(zip(photos, story.scenes)):
-            w.image(f"{image_dir}/{pid}.png", scene)
-            images_json.append({"datetaken": f"2015-0{1 + s % 9}-1{k} 12:00:00", "license": "5",
-                                "title": " ".join(o.shape for o in scene), "text": "", "album_id": album_ids[s],
-                                "longitude": "0", "latitude": "0",
-                                "url_o": f"https://farm1.staticflickr.com/1/{pid}_miniworld_o.png",
-                                "secret": f"{rng.randrange(16 ** 10):010x}", "media": "photo", "id": pid,
-                                "tags": " ".join(f"{o.colour} {o.shape}" for o in scene)})
-            annotations.append([{"original_text": original_text(story.sentences[k]), "album_id": album_ids[s],
-                                 "photo_flickr_id": pid, "setting": "first-2-pick-and-tell",
-                                 "worker_id": f"MINIWORLD{s % 7:02d}", "story_id": story_ids[s],
-                                 "tier": "story-in-sequence", "worker_arranged_photo_order": k,
-                                 "text": story.sentences[k], "storylet_id": str(200000 + 5 * s + k)}])
-        albums_json.append({"description": "miniworld shapes", "title": f"album {s}", "farm": "1",
-                            "date_update": "1400000000", "primary": photos[0], "server": "1",
-                            "date_create": "1400000000", "photos": "5", "secret": f"{rng.randrange(16 ** 10):010x}",
-                            "owner": "00000000@N00", "vist_label": "shapes", "id": album_ids[s]})
-    document = {"info": {"description": f"miniworld VIST SIS {split} set (fromage-bench)", "version": "1"},
-                "type": "story_in_sequence", "albums": albums_json, "images": images_json, "annotations": annotations}
-    w.text(json_path, json.dumps(document, indent=1))
+        pids = tuple(photo_ids[5 * s:5 * s + 5])
+        for k, (pid, scene) in enumerate(zip(pids, story.scenes)):
+            ext = Path(w.image(f"{image_dir}/{pid}", scene)).suffix
+            photos.append(formats.VistPhoto(pid, album_ids[s], " ".join(o.shape for o in scene),
+                                            " ".join(f"{o.colour} {o.shape}" for o in scene),
+                                            f"2015-0{1 + s % 9}-1{k} 12:00:00", ext))
+        albums.append(formats.VistAlbum(album_ids[s], f"album {s}", pids, "miniworld shapes"))
+        annotated.append(formats.VistStory(story_ids[s], pids, story.sentences,
+                                           tuple(original_text(t) for t in story.sentences),
+                                           f"MINIWORLD{s % 7:02d}", 200000 + 5 * s))
+    formats.write_vist_sis(w.path(json_path), f"miniworld VIST SIS {split} set (fromage-bench)", albums, photos,
+                           annotated)
     return stories
 
 
 def _visdial(w: _Writer, rng: random.Random, n: int) -> list[tuple[Scene, str, list[QA]]]:
     pool = answer_pool()
-    answer_index = {a: i for i, a in enumerate(pool)}
-    questions: list[str] = []
-    question_index: dict[str, int] = {}
-    dialogs, dense, out = [], [], []
+    dialogues, out = [], []
     for d, scene in enumerate(unique_scenes(rng, n)):
         image_id = 185000 + 37 * d + rng.randrange(30)
-        w.image(f"{VISDIAL_IMAGES}/VisualDialog_val2018_{image_id:012d}.png", scene)
+        w.image(f"{VISDIAL_IMAGES}/{formats.visdial_image_name(image_id, ext='')}", scene, formats=("JPEG",))
         cap = caption(scene, rng, template=0).rstrip(".")
         qas = random_dialogue(rng, scene)
         rounds, relevances = [], []
         for qa in qas:
-            if qa.question not in question_index:
-                question_index[qa.question] = len(questions)
-                questions.append(qa.question)
             options, gt_index, relevance = answer_options(rng, qa, pool)
-            rounds.append({"question": question_index[qa.question], "answer": answer_index[qa.answer],
-                           "answer_options": [answer_index[o] for o in options], "gt_index": gt_index})
+            rounds.append(formats.VisdialRound(qa.question, qa.answer, tuple(options), gt_index))
             relevances.append(relevance)
-        dialogs.append({"image_id": image_id, "caption": cap, "dialog": rounds})
         round_id = rng.randint(1, len(qas))
-        dense.append({"image_id": image_id, "round_id": round_id, "gt_relevance": relevances[round_id - 1]})
+        dialogues.append(formats.VisdialDialogue(image_id, cap, tuple(rounds), round_id,
+                                                 tuple(relevances[round_id - 1])))
         out.append((scene, cap, qas))
-    document = {"version": "1.0", "split": "val", "data": {"questions": questions, "answers": pool, "dialogs": dialogs}}
-    w.text(VISDIAL_JSON, json.dumps(document))
-    w.text(VISDIAL_DENSE, json.dumps(dense))
+    formats.write_visdial_val(w.path(VISDIAL_JSON), w.path(VISDIAL_DENSE), pool, dialogues)
     return out
 
 
@@ -678,7 +683,7 @@ def write_miniworld(out: str | Path, seed: int = 0, scale: str = "small", *, cle
         for top in ("cc3m", "coco", "vist", "visdial", "miniworld"):
             shutil.rmtree(root / top, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
-    w = _Writer(root)
+    w = _Writer(root, seed)
 
     # CC3M: validation scenes are distinct from each other; training scenes are free (repeats allowed)
     val_rng = _rng(seed, "cc3m_val")
@@ -721,7 +726,8 @@ def write_miniworld(out: str | Path, seed: int = 0, scale: str = "small", *, cle
                            "images": len(w.scenes)},
                 "image_size": IMAGE_SIZE, "background": BACKGROUND_NAME, "colours": COLOURS, "shapes": list(SHAPES),
                 "sizes": list(SIZES), "positions": list(POSITIONS),
-                "scene_fields": ["shape", "colour", "size", "position", "dx", "dy"], "scenes": w.scenes}
+                "scene_fields": ["shape", "colour", "size", "position", "dx", "dy"], "scenes": w.scenes,
+                "looks": w.looks}
     w.text(MANIFEST, json.dumps(manifest, indent=0))
     return manifest
 

@@ -4,7 +4,7 @@
   the NAME: an absolute name or one with a `..` component is bad input; links are followed, so an image
   directory that is a symlink to shared storage, or that holds per-file symlinks, reads like a plain folder.
   Paths are returned as logical paths (the directory joined with the name, links not resolved).
-* CC3M-style TSVs (`read_cc3m_rows`; `cc3m_tsv_text` writes them): read with pandas as the original's
+* CC3M-style TSVs (`read_cc3m_rows`; `fromage_bench.synth.formats.write_cc3m_tsv` writes them): read with pandas as the original's
   `pd.read_csv(path, sep='\\t')` reads them, so CSV quoting is honoured (pandas writes a caption holding `"`
   or a tab quoted, its inner quotes doubled). Every field is read as the string written: a caption "nan" or
   "null" and an image "0001" stay so (the original let pandas turn the first two into NaN, which it then
@@ -17,7 +17,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
 from .errors import FromageInputError, read_json
 
@@ -123,15 +123,6 @@ def read_cc3m_rows(tsv: str | Path) -> list[CaptionRow]:
     if not rows:
         raise FromageInputError(tsv, "no data rows after the header", CC3M_HINT)
     return rows
-
-
-def cc3m_tsv_text(rows: Iterable[tuple[str, str]]) -> str:
-    """The text of a CC3M-style TSV of (caption, image name) rows, as pandas writes it (`to_csv(sep='\\t',
-    index=False)`): a field holding a tab, a quote or a line break is quoted. `read_cc3m_rows` reads it back."""
-    import pandas as pd
-
-    table = pd.DataFrame(list(rows), columns=list(CC3M_COLUMNS), dtype=str)
-    return table.to_csv(sep="\t", index=False, lineterminator="\n")
 
 
 def _record_lines(body, first: int):

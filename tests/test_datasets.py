@@ -15,7 +15,7 @@ from fromage_bench.synth.captions import write_cc3m, write_coco_karpathy
 from fromage_bench.synth.visdial import write_visdial
 from fromage_bench.synth.vist import IMAGE_DIR as VIST_IMAGES
 from fromage_bench.synth.vist import write_vist
-from model.datasets import ImageDir, cc3m_tsv_text, read_cc3m_rows
+from model.datasets import ImageDir, read_cc3m_rows
 from model.errors import FromageInputError
 from model.train_data import CaptionDataset
 from tasks import get_task
@@ -157,8 +157,9 @@ def test_task_training_and_standins_read_the_same_rows(awkward_tsv):
 
 
 def test_the_tsv_writer_writes_what_pandas_reads_back(tmp_path):
-    tsv = tmp_path / "w.tsv"
-    tsv.write_text(cc3m_tsv_text(AWKWARD), encoding="utf-8")
+    from fromage_bench.synth.formats import write_cc3m_tsv
+
+    tsv = write_cc3m_tsv(tmp_path / "w.tsv", [c for c, _ in AWKWARD], [i for _, i in AWKWARD])
     read = pandas.read_csv(tsv, sep="\t", dtype=str, keep_default_na=False)
     assert list(read.itertuples(index=False, name=None)) == AWKWARD
 

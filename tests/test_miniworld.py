@@ -1,6 +1,8 @@
 """The offline miniworld (`data synth`) and the stand-in backbones (`make-standins`)."""
 from __future__ import annotations
 
+import collections
+import functools
 import hashlib
 import json
 import re
@@ -26,22 +28,59 @@ def world(tmp_path_factory) -> Path:
     return root
 
 
+def _manifest(root: Path) -> dict:
+    return json.loads((root / mw.MANIFEST).read_text())
+
+
 def _scenes(root: Path) -> dict[str, list[mw.Obj]]:
-    manifest = json.loads((root / mw.MANIFEST).read_text())
-    return {path: [mw.Obj(*o) for o in objs] for path, objs in manifest["scenes"].items()}
+    return {path: [mw.Obj(*o) for o in objs] for path, objs in _manifest(root)["scenes"].items()}
+
+
+def _file(scenes: dict, image_dir: str, name: str) -> str:
+    """The written file (relative path) of a TSV image name, which may lack its extension."""
+    for rel in (f"{image_dir}/{name}", f"{image_dir}/{name}.jpg", f"{image_dir}/{name}.png"):
+        if rel in scenes:
+            return rel
+    raise AssertionError(f"no file for {name!r}")
+
+
+TOLERANCE = 40  # JPEG (quality 90) moves the drawn pixels' channels by up to about 25 here
+SHOWS_COLOURS = 48  # greyscale files and scenes drawn smaller than this cannot show what the texts say
+
+
+def _scene_square(root: Path, rel: str) -> Image.Image | None:
+    """The centre square holding the scene, on the 96-pixel grid (nearest neighbour), or None for a file
+    that cannot show the colours (greyscale, or too small)."""
+    look = _manifest_looks(root)[rel]
+    x0, y0, side = look["content_box"]
+    if look["mode"] == "L" or side < SHOWS_COLOURS:
+        return None
+    with Image.open(root / rel) as image:
+        square = image.convert("RGB").crop((x0, y0, x0 + side, y0 + side))
+    return square.resize((mw.IMAGE_SIZE, mw.IMAGE_SIZE), Image.Resampling.NEAREST)
+
+
+@functools.cache
+def _manifest_looks(root: Path) -> dict:
+    return _manifest(root)["looks"]
+
+
+def _close(px, colour, tolerance: int = TOLERANCE) -> bool:
+    return max(abs(a - b) for a, b in zip(px, colour)) <= tolerance
 
 
 def _cell_colour_count(image: Image.Image, position: str, colour: str) -> int:
     gx, gy = mw.GRID[position]
     cell = image.crop((gx * mw.CELL, gy * mw.CELL, (gx + 1) * mw.CELL, (gy + 1) * mw.CELL))
-    return sum(1 for px in cell.getdata() if px == mw.COLOURS[colour])
+    return sum(1 for px in cell.getdata() if _close(px, mw.COLOURS[colour]))
 
 
 def _occupied_cells(image: Image.Image) -> list[str]:
+    """Cells with something drawn in them: at least 10 pixels far from the background (JPEG noise is not)."""
     out = []
     for position, (gx, gy) in mw.GRID.items():
         cell = image.crop((gx * mw.CELL, gy * mw.CELL, (gx + 1) * mw.CELL, (gy + 1) * mw.CELL))
-        if any(px != mw.BACKGROUND for px in cell.getdata()):
+        if sum(1 for px in cell.getdata() if not _close(px, mw.BACKGROUND, 60)) >= 10:
             out.append(position)
     return out
 
@@ -76,12 +115,13 @@ def test_the_task_loaders_read_every_dataset(world):
     assert len(coco) == counts["coco"] and all(it.path.is_file() and len(it.captions) == 5 for it in coco)
     stories, listed = load_stories(world / mw.VIST_JSON)
     assert len(stories) == counts["stories"] and len(pool_candidates(stories, listed)) == 5 * counts["stories"]
-    assert all((world / mw.VIST_IMAGES / f"{pid}.png").is_file() for s in stories for pid in s.photo_ids)
+    scenes = _scenes(world)
+    assert all(_file(scenes, mw.VIST_IMAGES, pid) for s in stories for pid in s.photo_ids)
     dialogues = load_dialogues(world / mw.VISDIAL_JSON)
     assert len(dialogues) == counts["dialogues"]
     for d in dialogues:
         assert len(d.rounds) == 10
-        assert (world / mw.VISDIAL_IMAGES / f"VisualDialog_val2018_{d.image_id:012d}.png").is_file()
+        assert (world / mw.VISDIAL_IMAGES / f"VisualDialog_val2018_{d.image_id:012d}.jpg").is_file()
         for r in d.rounds:
             assert len(set(r.options)) == 100 and r.options[r.gt_index] == r.answer
     dense = json.loads((world / mw.VISDIAL_DENSE).read_text())
@@ -93,12 +133,12 @@ def test_the_task_loaders_read_every_dataset(world):
             assert rel == (1.0 if option == rnd.answer else 0.5 if same else 0.0)
     train_stories, _ = load_stories(world / mw.VIST_TRAIN_JSON)  # the training stories: other photos, other stories
     assert len(train_stories) == counts["train_stories"]
-    assert all((world / mw.VIST_TRAIN_IMAGES / f"{pid}.png").is_file() for s in train_stories for pid in s.photo_ids)
+    assert all(_file(scenes, mw.VIST_TRAIN_IMAGES, pid) for s in train_stories for pid in s.photo_ids)
     assert not {s.captions for s in train_stories} & {s.captions for s in stories}
     assert not {p for s in train_stories for p in s.photo_ids} & {p for s in stories for p in s.photo_ids}
     train = (world / mw.CC3M_TRAIN_TSV).read_text().splitlines()
     assert train[0] == "caption\timage" and len(train) == counts["train"] + 1
-    assert all((world / mw.CC3M_TRAIN_IMAGES / (line.split("\t")[1] + ".png")).is_file() for line in train[1:])
+    assert all((world / _file(scenes, mw.CC3M_TRAIN_IMAGES, line.split("\t")[1])).is_file() for line in train[1:])
 
 
 def test_eval_runs_every_task_on_the_miniworld(world, tiny_dir, tmp_path):
@@ -119,23 +159,214 @@ def test_eval_runs_every_task_on_the_miniworld(world, tiny_dir, tmp_path):
         assert r["metrics"] and r["n_examples"] > 0, r
 
 
+# -- files like a real collection ----------------------------------------------------------------------
+def _opened(root: Path, relatives) -> list[dict]:
+    """What PIL reads from each file (not what the manifest says)."""
+    out = []
+    for rel in relatives:
+        with Image.open(root / rel) as image:
+            out.append({"rel": rel, "format": image.format, "mode": image.mode, "size": image.size})
+    return out
+
+
+def test_the_collection_has_the_mix_of_real_photos(world):
+    looks = _manifest_looks(world)
+    files = _opened(world, sorted(looks))
+    assert len(files) == _manifest(world)["counts"]["images"]
+    formats = collections.Counter(f["format"] for f in files)
+    assert formats["JPEG"] > 0.75 * len(files) and formats["PNG"] > 0.05 * len(files), formats
+    modes = collections.Counter((f["format"], f["mode"]) for f in files)
+    for odd in (("JPEG", "L"), ("JPEG", "CMYK"), ("PNG", "RGBA"), ("PNG", "P")):
+        assert 1 <= modes[odd] <= 0.1 * len(files), (odd, modes)
+    ratios = collections.Counter(round(w / h, 1) for f in files for w, h in [f["size"]])
+    for ratio in (1.3, 0.8, 1.8):  # 4:3, 3:4, 16:9 (one of 3:4 rounds to 0.8)
+        assert ratios[ratio] >= 0.1 * len(files), ratios
+    assert 1 <= ratios[3.0] + ratios[0.3] <= 0.15 * len(files), ratios  # panoramas, either way up
+    large = [f for f in files if max(f["size"]) >= 2000]
+    tiny = [f for f in files if max(f["size"]) <= 20]
+    assert large and tiny and len(large) + len(tiny) <= 0.08 * len(files)
+    assert all(max(f["size"]) <= 3000 and f["size"][0] * f["size"][1] <= 3000 * 2000 for f in large)
+    for f in files:  # the suffix says the format; the manifest agrees with the file
+        assert Path(f["rel"]).suffix == {"JPEG": ".jpg", "PNG": ".png"}[f["format"]], f
+        look = looks[f["rel"]]
+        assert (look["format"], look["mode"], tuple(look["size"])) == (f["format"], f["mode"], f["size"])
+    for folder in (mw.VISDIAL_IMAGES, "coco/"):  # released as .jpg files
+        assert all(f["format"] == "JPEG" for f in files if f["rel"].startswith(folder))
+
+
+def test_centre_crop_keeps_the_scene_and_squash_shows_the_margins(world):
+    """A centre crop of a wide or tall file is the scene square; squashing it also shows margin clutter."""
+    looks = _manifest_looks(world)
+    scenes = _scenes(world)
+    checked = 0
+    for rel, look in looks.items():
+        x0, y0, side = look["content_box"]
+        width, height = look["size"]
+        if width == height or look["mode"] == "L" or side < SHOWS_COLOURS:
+            continue
+        with Image.open(world / rel) as image:
+            rgb = image.convert("RGB")
+        assert (x0, y0) == ((width - side) // 2, (height - side) // 2)  # the centre square
+        margin = rgb.crop((0, 0, x0, height) if x0 else (0, 0, width, y0))
+        assert sum(1 for px in margin.getdata() if not _close(px, mw.BACKGROUND, 30)) > 0, rel  # clutter
+        square = _scene_square(world, rel)
+        assert sorted(_occupied_cells(square)) == sorted(o.position for o in scenes[rel]), rel
+        crop = rgb.crop((x0, y0, x0 + side, y0 + side)).resize((64, 64))
+        squash = rgb.resize((64, 64))
+        assert list(crop.getdata()) != list(squash.getdata())
+        checked += 1
+    assert checked >= len(looks) // 2
+
+
+def test_the_tsvs_are_pandas_files_naming_most_images_with_their_extension(world):
+    import pandas as pd
+
+    scenes = _scenes(world)
+    for tsv, image_dir in ((mw.CC3M_VAL_TSV, mw.CC3M_VAL_IMAGES), (mw.CC3M_TRAIN_TSV, mw.CC3M_TRAIN_IMAGES)):
+        frame = pd.read_csv(world / tsv, sep="\t", dtype=str, keep_default_na=False)
+        assert list(frame.columns) == ["caption", "image"]
+        with_ext = [name for name in frame["image"] if Path(name).suffix in (".jpg", ".png")]
+        assert 0.6 * len(frame) <= len(with_ext) < len(frame), tsv  # a mix: most with, some without
+        assert all(_file(scenes, image_dir, name) for name in frame["image"])
+    held = [d["segments"][0] for d in mw.read_lm_docs(world / mw.LM_HELDOUT) if d["kind"] == "caption"]
+    assert pd.read_csv(world / mw.CC3M_VAL_TSV, sep="\t", dtype=str)["caption"].tolist() == held
+
+
+def test_the_miniworld_and_the_fixtures_share_the_writers(tmp_path, monkeypatch):
+    """Each format has one writer: the miniworld and the fixture builders both call it, and the task loaders
+    read both outputs."""
+    from fromage_bench.synth import captions, formats, images, visdial, vist
+    from tasks.caption_data import load_cc3m, load_karpathy
+    from tasks.visdial import load_dialogues
+    from tasks.vist import load_stories
+
+    calls = collections.Counter()
+    for name in ("write_cc3m_tsv", "write_coco_karpathy_json", "write_vist_sis", "write_visdial_val"):
+        original = getattr(formats, name)
+        monkeypatch.setattr(formats, name, lambda *a, _f=original, _n=name, **k: (calls.update([_n]), _f(*a, **k))[1])
+    original_save = images.save_image
+    monkeypatch.setattr(images, "save_image", lambda *a, **k: (calls.update(["save_image"]), original_save(*a, **k))[1])
+
+    small = dict(train=4, val=3, coco=2, coco_other=1, stories=1, train_stories=1, dialogues=2, lm_stories=1,
+                 lm_dialogues=1)
+    mw.write_miniworld(tmp_path / "mini", seed=0, scale="tiny", **small)
+    from_miniworld = dict(calls)
+    assert from_miniworld == {"write_cc3m_tsv": 2, "write_coco_karpathy_json": 1, "write_vist_sis": 2,
+                              "write_visdial_val": 1, "save_image": 4 + 3 + 3 + 5 + 5 + 2}
+    calls.clear()
+    fixtures = tmp_path / "fixtures"
+    cc3m = captions.write_cc3m(fixtures, n=3)
+    coco = captions.write_coco_karpathy(fixtures, n=2, n_other=1)
+    story = vist.write_vist(fixtures, n=2)
+    dialog = visdial.write_visdial(fixtures, n=2)
+    assert {k: v for k, v in calls.items() if k != "save_image"} == {
+        "write_cc3m_tsv": 1, "write_coco_karpathy_json": 1, "write_vist_sis": 1, "write_visdial_val": 1}
+    assert calls["save_image"] == 3 + 3 + len(story["pool"]) + len(story["unused"]) + 2
+
+    mini = tmp_path / "mini"
+    for tsv, image_dir in ((mini / mw.CC3M_VAL_TSV, mini / mw.CC3M_VAL_IMAGES), (cc3m["tsv"], cc3m["image_dir"])):
+        assert all(item.path.is_file() for item in load_cc3m(tsv, image_dir))
+    for path, image_root in ((mini / mw.COCO_JSON, mini / "coco"), (coco["json"], coco["image_root"])):
+        assert all(item.path.suffix == ".jpg" and item.path.is_file() for item in load_karpathy(path, image_root))
+    for path in (mini / mw.VIST_JSON, story["json"]):
+        stories, _ = load_stories(path)
+        assert stories and all(len(s.photo_ids) == 5 for s in stories)
+    for path in (mini / mw.VISDIAL_JSON, dialog["dialogs"]):
+        assert all(len(r.options) == 100 for d in load_dialogues(path) for r in d.rounds)
+    # the same keys in both: the layout comes from one place
+    keys = [set(json.loads(Path(p).read_text())["images"][0]) for p in (mini / mw.VIST_JSON, story["json"])]
+    assert keys[0] == keys[1]
+    keys = [set(json.loads(Path(p).read_text())["images"][0]) for p in (mini / mw.COCO_JSON, coco["json"])]
+    assert keys[0] == keys[1]
+
+
+def test_fixtures_are_deterministic_and_awkward(tmp_path):
+    from fromage_bench.synth.captions import write_cc3m, write_coco_karpathy
+    from fromage_bench.synth.visdial import write_visdial
+    from fromage_bench.synth.vist import write_vist
+
+    def build(root: Path, seed: int) -> dict[str, str]:
+        write_cc3m(root, n=6, seed=seed, png=1, corrupt=1)
+        write_coco_karpathy(root, n=4, seed=seed)
+        write_vist(root, n=2, seed=seed)
+        write_visdial(root, n=3, seed=seed, png=[0])
+        return _digest(root)
+
+    first = build(tmp_path / "a", 5)
+    assert build(tmp_path / "b", 5) == first  # same bytes, file for file
+    assert build(tmp_path / "c", 6) != first
+    files = _opened(tmp_path / "a", [rel for rel in first if not rel.endswith((".tsv", ".json"))
+                                    and "cc3m" not in rel])  # (cc3m holds a truncated file)
+    assert {"L", "CMYK"} & {f["mode"] for f in files} and any(f["size"][0] != f["size"][1] for f in files)
+    assert any(f["format"] == "PNG" for f in files)
+
+
+def test_opt_in_awkward_captions_are_written_quoted_by_pandas(tmp_path):
+    import pandas as pd
+
+    from fromage_bench.synth.captions import write_cc3m
+
+    info = write_cc3m(tmp_path, n=5, seed=1, awkward_captions=2)
+    awkward = [c for c in info["captions"] if '"' in c or "\t" in c]
+    assert len(awkward) == 2
+    raw = info["tsv"].read_text()
+    assert all(f'"{c.replace(chr(34), 2 * chr(34))}"' in raw for c in awkward)  # quoted, inner quotes doubled
+    frame = pd.read_csv(info["tsv"], sep="\t", dtype=str, keep_default_na=False)
+    assert frame["caption"].tolist() == info["captions"] and frame["image"].tolist() == info["ids"]
+    assert not any('"' in c or "\t" in c for c in write_cc3m(tmp_path / "plain", n=5, seed=1)["captions"])
+
+
+def test_the_image_writer(tmp_path):
+    import random
+
+    from fromage_bench.synth import images
+
+    rng_a, rng_b = random.Random("x"), random.Random("x")
+    assert [images.choose_look(rng_a) for _ in range(50)] == [images.choose_look(rng_b) for _ in range(50)]
+    look = images.ImageLook(160, 90, "JPEG", "CMYK")
+    assert look.content_box == (35, 0, 90)
+    paint = lambda side: Image.new("RGB", (side, side), (220, 30, 30))  # noqa: E731
+    picture = images.compose(look, (150, 150, 150), paint, random.Random(0))
+    assert picture.size == (160, 90) and picture.getpixel((80, 45)) == (220, 30, 30)
+    written = images.save_image(picture, tmp_path / "a.png", look)  # the look decides the suffix
+    assert written == tmp_path / "a.jpg"
+    with Image.open(written) as back:
+        assert (back.format, back.mode, back.size) == ("JPEG", "CMYK", (160, 90))
+        assert _close(back.convert("RGB").getpixel((80, 45)), (220, 30, 30))
+    assert images.save_image(picture, tmp_path / "b.jpg", look, "missing") is None and not (tmp_path / "b.jpg").exists()
+    truncated = images.save_image(picture, tmp_path / "c.jpg", look, "corrupt")
+    assert truncated.stat().st_size == len(images.encode(picture, look)) // 2
+    with pytest.raises(ValueError, match=r"paint\(90\)"):
+        images.compose(look, (0, 0, 0), lambda side: Image.new("RGB", (10, 10)), random.Random(0))
+
+
 # -- text agrees with pixels ----------------------------------------------------------------------------
 def test_captions_agree_with_the_drawn_objects(world):
     scenes = _scenes(world)
     rows = [line.split("\t") for line in (world / mw.CC3M_VAL_TSV).read_text().splitlines()[1:]]
+    checked = 0
     for caption, name in rows:
-        rel = f"{mw.CC3M_VAL_IMAGES}/{name}.png"
-        image = Image.open(world / rel).convert("RGB")
+        rel = _file(scenes, mw.CC3M_VAL_IMAGES, name)
+        image = _scene_square(world, rel)
         objects = scenes[rel]
         words = re.findall(r"[a-z]+", caption)
         assert {w for w in words if w in mw.COLOURS} == {o.colour for o in objects}, caption
         singular = {**{s: s for s in mw.SHAPES}, **{mw.plural(s): s for s in mw.SHAPES}}
         assert {singular[w] for w in words if w in singular} == {o.shape for o in objects}, caption
-        assert sorted(_occupied_cells(image)) == sorted(o.position for o in objects)
         for o in objects:
-            assert image.getpixel(mw.probe_point(o)) == mw.COLOURS[o.colour], (caption, o)
             if "on a grey background" not in caption:
                 assert mw.PLACE[o.position] in caption
+        if image is None:  # greyscale or tiny: the text still describes the scene, the pixels cannot show it
+            continue
+        assert sorted(_occupied_cells(image)) == sorted(o.position for o in objects)
+        x0, y0, side = _manifest_looks(world)[rel]["content_box"]
+        with Image.open(world / rel) as full:
+            full = full.convert("RGB")
+        for o in objects:  # at the file's own scale: the probe pixel of the scaled drawing
+            px, py = mw.probe_point(o, side)
+            assert _close(full.getpixel((x0 + px, y0 + py)), mw.COLOURS[o.colour]), (caption, o, rel)
+        checked += 1
+    assert checked >= len(rows) // 2
 
 
 def test_dialogue_answers_agree_with_the_pixels(world):
@@ -143,7 +374,9 @@ def test_dialogue_answers_agree_with_the_pixels(world):
 
     checked = 0
     for d in load_dialogues(world / mw.VISDIAL_JSON):
-        image = Image.open(world / mw.VISDIAL_IMAGES / f"VisualDialog_val2018_{d.image_id:012d}.png").convert("RGB")
+        image = _scene_square(world, f"{mw.VISDIAL_IMAGES}/VisualDialog_val2018_{d.image_id:012d}.jpg")
+        if image is None:
+            continue
         occupied = _occupied_cells(image)
         for r in d.rounds:
             if r.question == "how many shapes are there":
@@ -176,10 +409,14 @@ def test_stories_follow_their_sentences(world):
 
     stories = [(s, mw.VIST_IMAGES) for s in load_stories(world / mw.VIST_JSON)[0]]
     stories += [(s, mw.VIST_TRAIN_IMAGES) for s in load_stories(world / mw.VIST_TRAIN_JSON)[0]]
+    scenes = _scenes(world)
     for story, image_dir in stories:
-        images = [Image.open(world / image_dir / f"{pid}.png").convert("RGB") for pid in story.photo_ids]
-        assert all(list(a.getdata()) != list(b.getdata()) for a, b in zip(images, images[1:]))
-        for text, image in zip(story.captions, images):
+        files = [_file(scenes, image_dir, pid) for pid in story.photo_ids]
+        assert all(scenes[a] != scenes[b] for a, b in zip(files, files[1:]))  # every step changes the scene
+        for text, rel in zip(story.captions, files):
+            image = _scene_square(world, rel)
+            if image is None:
+                continue
             colour = re.search(r"turned (\w+)", text)
             if colour:
                 assert any(_cell_colour_count(image, p, colour.group(1)) > 20 for p in mw.POSITIONS), text

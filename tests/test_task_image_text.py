@@ -123,7 +123,7 @@ def test_i2t_rank_is_the_best_rank_among_own_captions_with_ties():
 
 # -- loaders --------------------------------------------------------------------------------------------
 def test_cc3m_loader_resolves_extensions_and_groups_rows(tmp_path):
-    info = write_cc3m(tmp_path, n=4, seed=1, png=1)
+    info = write_cc3m(tmp_path, n=4, seed=1, png=1, extensions_in_tsv=False)  # names as the released val TSV
     tsv = info["tsv"]
     lines = tsv.read_text().splitlines()
     lines.append(f"another caption for the first image\t{info['ids'][0]}.jpg")  # same file, with its extension

@@ -3,22 +3,27 @@ Karpathy COCO split: coloured shapes drawn with PIL, captions that describe them
 
 Layouts (under `root`, as the `captioning` / `image_text_retrieval` tasks expect them by default):
 
-* ``cc3m/cc3m_val.tsv`` (header ``caption<TAB>image``; image names without extension, like the released
-  file) and images ``cc3m/validation/<name>.jpg``;
+* ``cc3m/cc3m_val.tsv`` (header ``caption<TAB>image``, written by pandas; image names mostly with their
+  extension, some without like the released file) and images ``cc3m/validation/<name>.jpg``;
 * ``coco/dataset_coco.json`` (Karpathy format: test images plus a few train/restval/val entries) and
   images ``coco/val2014/COCO_val2014_<cocoid:012d>.jpg``.
 
+The files are written by the shared writers (`formats`, `images`): JPEGs of several sizes and aspect
+ratios, about one in three of them awkward (greyscale, CMYK, 20x15, 3000x2000, a panorama); the shape is
+drawn in the centre square.
+
 Faults (counts of distinct examples, chosen by the seed and returned by id): ``missing`` (no image file),
-``corrupt`` (a truncated JPEG), ``png`` (the image saved as PNG under a `.png` name instead of `.jpg`).
+``corrupt`` (a truncated JPEG), ``png`` (the image saved as PNG, palette / RGBA / RGB, under a `.png` name
+instead of `.jpg`).
 """
 from __future__ import annotations
 
-import io
-import json
 import random
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from . import formats, images
 
 COLOURS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 119, 180), "yellow": (240, 200, 20),
            "purple": (148, 103, 189), "orange": (255, 127, 14)}
@@ -78,25 +83,34 @@ def _pick_faults(rng: random.Random, n: int, **counts: int) -> dict[str, list[in
     return out
 
 
-def _write_image(image: Image.Image, path: Path, fault: str | None) -> Path | None:
-    """Save as JPEG (or PNG for the `png` fault, under a .png name); `corrupt` keeps half of the file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if fault == "missing":
-        return None
+def _write_image(colour: str, shape: str, background: str, offset: int, path: Path, look: images.ImageLook,
+                 fault: str | None, png_faults: list) -> Path | None:
+    """The shape drawn in the centre square of `look`'s canvas, saved as JPEG, or as PNG under a .png name
+    for the `png` fault (the k-th one in palette / RGBA / RGB mode)."""
     if fault == "png":
-        path = path.with_suffix(".png")
-        image.save(path, format="PNG")
-        return path
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=90)
-    data = buffer.getvalue()
-    path.write_bytes(data[: len(data) // 2] if fault == "corrupt" else data)
-    return path
+        look = images.png_fault_look(look, len(png_faults))
+        png_faults.append(path)
+        fault = None
+    paint = lambda side: draw_shape(colour, shape, background, (side, side), round(offset * side / 96))  # noqa: E731
+    picture = images.compose(look, BACKGROUNDS[background], paint, random.Random(str(path.name)))
+    return images.save_image(picture, path, look, fault)
+
+
+AWKWARD_CAPTIONS = ('a "{colour}" {shape}, as the uploader put it', 'a {colour} {shape}\tbetween tabs')
+
+
+def _awkward(k: int, colour: str, shape: str) -> str:
+    """The k-th awkward caption (opt-in): double quotes, then a tab, by turns; pandas quotes both."""
+    return AWKWARD_CAPTIONS[k % len(AWKWARD_CAPTIONS)].format(colour=colour, shape=shape)
 
 
 def write_cc3m(root: Path, *, n: int = 12, seed: int = 0, missing: int = 0, corrupt: int = 0, png: int = 0,
-               extensions_in_tsv: bool = False) -> dict:
+               extensions_in_tsv: bool | None = None, awkward_captions: int = 0) -> dict:
     """`root/cc3m/cc3m_val.tsv` + `root/cc3m/validation/` with `n` images, one caption each.
+
+    `extensions_in_tsv`: True names every image with `.jpg` in the TSV, False none, None (default) most
+    (as real exports) and some not (as the released cc3m_val.tsv). `awkward_captions`: that many captions
+    (opt-in) hold double quotes or a tab, which pandas writes quoted.
 
     Returns ``{"tsv", "image_dir", "ids" (TSV image column, file order), "captions", "files" (id -> path
     written or None), "missing", "corrupt", "png" (ids)}``."""
@@ -106,21 +120,24 @@ def write_cc3m(root: Path, *, n: int = 12, seed: int = 0, missing: int = 0, corr
     image_dir.mkdir(parents=True, exist_ok=True)
     faults = _pick_faults(rng, n, missing=missing, corrupt=corrupt, png=png)
     fault_of = {i: f for f, idx in faults.items() for i in idx}
-    ids, captions, files = [], [], {}
+    awkward = set(rng.sample(range(n), min(n, awkward_captions))) if awkward_captions else set()
+    looks = images.fixture_looks(f"cc3m:{seed}", n)
+    names, captions, written, png_faults = [], [], [], []
     for i in range(n):
         colour, shape, background, offset = _scene(rng, i)
         name = f"{i}_{rng.randrange(10**9, 10**10)}"
-        files[name] = _write_image(draw_shape(colour, shape, background, offset=offset),
-                                   image_dir / f"{name}.jpg", fault_of.get(i))
-        ids.append(name)
-        captions.append(_captions(rng, colour, shape, background, 1)[0])
-    column = [f"{name}.jpg" if extensions_in_tsv else name for name in ids]
-    tsv = root / "cc3m" / "cc3m_val.tsv"
-    from model.datasets import cc3m_tsv_text  # (lazily: the package `model` loads transformers)
-
-    tsv.write_text(cc3m_tsv_text(zip(captions, column)), encoding="utf-8")
-    return {"tsv": tsv, "image_dir": image_dir, "ids": column, "captions": captions, "files": files,
-            **{fault: [column[i] for i in idx] for fault, idx in faults.items()}}
+        written.append(_write_image(colour, shape, background, offset, image_dir / f"{name}.jpg", looks[i],
+                                    fault_of.get(i), png_faults))
+        names.append(f"{name}.jpg")
+        text = _captions(rng, colour, shape, background, 1)[0]
+        captions.append(_awkward(sorted(awkward).index(i), colour, shape) if i in awkward else text)
+    if extensions_in_tsv is None:
+        column = formats.tsv_image_names(names, random.Random(f"cc3m-names:{seed}"))
+    else:
+        column = names if extensions_in_tsv else [Path(name).stem for name in names]
+    tsv = formats.write_cc3m_tsv(root / "cc3m" / "cc3m_val.tsv", captions, column)
+    return {"tsv": tsv, "image_dir": image_dir, "ids": column, "captions": captions,
+            "files": dict(zip(column, written)), **{fault: [column[i] for i in idx] for fault, idx in faults.items()}}
 
 
 def write_coco_karpathy(root: Path, *, n: int = 8, seed: int = 0, captions_per_image: int = 5, n_other: int = 3,
@@ -140,30 +157,24 @@ def write_coco_karpathy(root: Path, *, n: int = 8, seed: int = 0, captions_per_i
     splits = ["test"] * n
     for j in range(n_other):
         splits.insert(rng.randrange(len(splits) + 1), others[j % len(others)])
-    entries, ids, captions, files = [], [], {}, {}
-    test_index, sentid = 0, 0
+    looks = images.fixture_looks(f"coco:{seed}", len(splits))
+    entries, ids, captions, files, png_faults = [], [], {}, {}, []
+    test_index = 0
     for imgid, split in enumerate(splits):
         colour, shape, background, offset = _scene(rng, imgid)
         cocoid = 100000 + 37 * imgid + rng.randrange(30)
         filepath = "train2014" if split == "train" else "val2014"
-        filename = f"COCO_{filepath}_{cocoid:012d}.jpg"
+        filename = formats.coco_filename(filepath, cocoid)
         fault = fault_of.get(test_index) if split == "test" else None
-        written = _write_image(draw_shape(colour, shape, background, offset=offset),
-                               image_root / filepath / filename, fault)
+        written = _write_image(colour, shape, background, offset, image_root / filepath / filename, looks[imgid],
+                               fault, png_faults)
         raws = _captions(rng, colour, shape, background, captions_per_image)
-        sentences = []
-        for raw in raws:
-            tokens = raw.lower().replace(",", " ").replace(".", " ").split()
-            sentences.append({"tokens": tokens, "raw": raw, "imgid": imgid, "sentid": sentid})
-            sentid += 1
-        entries.append({"filepath": filepath, "sentids": [s["sentid"] for s in sentences], "filename": filename,
-                        "imgid": imgid, "split": split, "sentences": sentences, "cocoid": cocoid})
+        entries.append(formats.CocoImage(filepath, filename, cocoid, split, tuple(raws)))
         if split == "test":
             ids.append(str(cocoid))
             captions[str(cocoid)] = raws
             files[str(cocoid)] = written
             test_index += 1
-    path = image_root / "dataset_coco.json"
-    path.write_text(json.dumps({"images": entries, "dataset": "coco"}), encoding="utf-8")
+    path = formats.write_coco_karpathy_json(image_root / "dataset_coco.json", entries)
     return {"json": path, "image_root": image_root, "ids": ids, "captions": captions, "files": files,
             **{fault: [ids[i] for i in idx] for fault, idx in faults.items()}}

@@ -8,17 +8,20 @@ Layout under `root` (the harness's --data-root):
 
 Every dialogue has 10 rounds of questions about its picture; each round has 100 answer options (the
 ground-truth answer at `gt_index` plus 99 other answers of the set); one round per dialogue carries dense
-relevance scores. Faults can be planted by dialogue index: `missing` (no image file written), `corrupt`
-(a truncated JPEG), `png` (the image saved as .png instead of .jpg).
+relevance scores. The images are JPEGs of several sizes and aspect ratios (about one in three awkward:
+greyscale, CMYK, 20x15, 3000x2000, a panorama) with the scene in the centre square, written by the shared
+writers (`formats`, `images`). Faults can be planted by dialogue index: `missing` (no image file written),
+`corrupt` (a truncated JPEG), `png` (the image saved as .png, palette / RGBA / RGB, instead of .jpg).
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Iterable
 
 from PIL import Image, ImageDraw
+
+from . import formats, images
 
 N_OPTIONS = 100
 DIALOGS_FILE = "visdial/visdial_1.0_val.json"
@@ -32,8 +35,7 @@ PLACES = ("on the left", "on the right", "at the top", "at the bottom")
 BACKGROUNDS = {"grey": (128, 128, 128), "white": (250, 250, 250), "black": (20, 20, 20), "pink": (240, 180, 200)}
 
 
-def image_name(image_id: int, ext: str = ".jpg") -> str:
-    return f"VisualDialog_val2018_{image_id:012d}{ext}"
+image_name = formats.visdial_image_name
 
 
 def _answer_pool() -> list[str]:
@@ -49,13 +51,15 @@ def _answer_pool() -> list[str]:
     return list(dict.fromkeys(pool))
 
 
+BOXES = {"on the left": (8, 30, 40, 62), "on the right": (56, 30, 88, 62),  # on a 96-pixel square
+         "at the top": (32, 6, 64, 38), "at the bottom": (32, 56, 64, 88)}
+
+
 def _draw(shapes: list[tuple[str, str, str]], background: str, size: int = 96) -> Image.Image:
     image = Image.new("RGB", (size, size), BACKGROUNDS[background])
     draw = ImageDraw.Draw(image)
-    boxes = {"on the left": (8, 30, 40, 62), "on the right": (56, 30, 88, 62),
-             "at the top": (32, 6, 64, 38), "at the bottom": (32, 56, 64, 88)}
     for colour, shape, place in shapes:
-        x0, y0, x1, y1 = boxes[place]
+        x0, y0, x1, y1 = (round(v * size / 96) for v in BOXES[place])
         fill = COLOURS[colour]
         if shape == "circle":
             draw.ellipse((x0, y0, x1, y1), fill=fill)
@@ -104,6 +108,18 @@ def _qa(shapes: list[tuple[str, str, str]], background: str, rng: random.Random,
     return picked
 
 
+def _write_image(path: Path, shapes: list[tuple[str, str, str]], background: str, look: images.ImageLook,
+                 fault: str | None, png_faults: list) -> Path | None:
+    """The scene in the centre square of `look`'s canvas; the `png` fault writes a .png (k-th: palette, RGBA,
+    RGB), `corrupt` keeps the first third of the JPEG, `missing` writes nothing."""
+    if fault == "png":
+        look, fault = images.png_fault_look(look, len(png_faults)), None
+        png_faults.append(path)
+    picture = images.compose(look, BACKGROUNDS[background], lambda side: _draw(shapes, background, side),
+                             random.Random(path.name))
+    return images.save_image(picture, path, look, fault, keep=1 / 3)
+
+
 def write_visdial(root: Path, *, n: int = 4, seed: int = 0, n_rounds: int = 10, missing: Iterable[int] = (),
                   corrupt: Iterable[int] = (), png: Iterable[int] = ()) -> dict:
     """Write `n` dialogues (10 rounds, 100 options each) with their images and dense annotations.
@@ -120,10 +136,8 @@ def write_visdial(root: Path, *, n: int = 4, seed: int = 0, n_rounds: int = 10, 
     image_dir.mkdir(parents=True, exist_ok=True)
 
     answers = _answer_pool()
-    answer_index = {a: i for i, a in enumerate(answers)}
-    questions: list[str] = []
-    question_index: dict[str, int] = {}
-    dialogs, dense, image_ids, image_paths, round_ids = [], [], [], [], []
+    looks = images.fixture_looks(f"visdial:{seed}", n)
+    dialogues, image_ids, image_paths, round_ids, png_faults = [], [], [], [], []
     for d in range(n):
         image_id = 185000 + 37 * d + rng.randint(0, 30)
         shapes, background = _scene(rng)
@@ -131,47 +145,25 @@ def write_visdial(root: Path, *, n: int = 4, seed: int = 0, n_rounds: int = 10, 
         caption = f"{described} on a {background} background"
         rounds = []
         for question, answer in _qa(shapes, background, rng, n_rounds):
-            if question not in question_index:
-                question_index[question] = len(questions)
-                questions.append(question)
-            gt = answer_index[answer]
+            gt = answers.index(answer)
             others = rng.sample([i for i in range(len(answers)) if i != gt], N_OPTIONS - 1)
             gt_index = rng.randrange(N_OPTIONS)
-            options = others[:gt_index] + [gt] + others[gt_index:]
-            rounds.append({"question": question_index[question], "answer": gt, "answer_options": options,
-                           "gt_index": gt_index})
-        dialogs.append({"image_id": image_id, "caption": caption, "dialog": rounds})
+            options = [answers[i] for i in others[:gt_index] + [gt] + others[gt_index:]]
+            rounds.append(formats.VisdialRound(question, answer, tuple(options), gt_index))
 
         round_id = rng.randint(1, n_rounds)
-        chosen = rounds[round_id - 1]
         relevance = [0.0] * N_OPTIONS
-        relevance[chosen["gt_index"]] = 1.0
+        relevance[rounds[round_id - 1].gt_index] = 1.0
         for j in rng.sample(range(N_OPTIONS), 6):
-            if j != chosen["gt_index"]:
+            if j != rounds[round_id - 1].gt_index:
                 relevance[j] = rng.choice([0.2, 0.4, 0.6, 0.8])
-        dense.append({"image_id": image_id, "round_id": round_id, "gt_relevance": relevance})
+        dialogues.append(formats.VisdialDialogue(image_id, caption, tuple(rounds), round_id, tuple(relevance)))
         round_ids.append(round_id)
-
         image_ids.append(image_id)
-        if d in missing:
-            image_paths.append(None)
-            continue
-        path = image_dir / image_name(image_id, ".png" if d in png else ".jpg")
-        image = _draw(shapes, background)
-        if d in png:
-            image.save(path, format="PNG")
-        else:
-            image.save(path, format="JPEG", quality=90)
-        if d in corrupt:
-            data = path.read_bytes()
-            path.write_bytes(data[: len(data) // 3])
-        image_paths.append(path)
+        image_paths.append(_write_image(image_dir / image_name(image_id), shapes, background, looks[d],
+                                        "missing" if d in missing else "corrupt" if d in corrupt else
+                                        "png" if d in png else None, png_faults))
 
-    dialogs_path = root / DIALOGS_FILE
-    dense_path = root / DENSE_FILE
-    document = {"version": "1.0", "split": "val",
-                "data": {"questions": questions, "answers": answers, "dialogs": dialogs}}
-    dialogs_path.write_text(json.dumps(document))
-    dense_path.write_text(json.dumps(dense))
+    dialogs_path, dense_path = formats.write_visdial_val(root / DIALOGS_FILE, root / DENSE_FILE, answers, dialogues)
     return {"dialogs": dialogs_path, "dense": dense_path, "images": image_dir, "image_ids": image_ids,
             "image_paths": image_paths, "round_ids": round_ids}

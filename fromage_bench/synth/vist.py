@@ -9,7 +9,9 @@ As in VIST, every album holds a few photos and several stories are told over the
 are shared between stories. Each annotation is a one-element list of {story_id, storylet_id,
 photo_flickr_id, album_id, worker_arranged_photo_order, text, original_text, ...}; `text` is the
 lower-cased, space-tokenised form of `original_text`. The images are plain coloured shapes drawn with
-PIL and the sentences describe them.
+PIL in the centre square of JPEGs of several sizes and aspect ratios (about one in three awkward:
+greyscale, CMYK, 20x15, 3000x2000, a panorama), written by the shared writers (`formats`, `images`);
+the sentences describe them.
 
 Faults that can be planted: `missing` photos without a file, `corrupt` photos whose file is truncated,
 `png` photos saved as `.png`; `unused` extra photos listed in `images` (with a file) that no story uses
@@ -19,12 +21,12 @@ keeps the true order).
 """
 from __future__ import annotations
 
-import io
-import json
 import random
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from . import formats, images
 
 JSON_PATH = "vist/sis/val.story-in-sequence.json"
 IMAGE_DIR = "vist/images/val"
@@ -40,11 +42,12 @@ PHOTOS_PER_ALBUM = 7
 STORIES_PER_ALBUM = 2
 
 
-def _draw(colour: str, shape: str, size: str, background: tuple[int, int, int]) -> Image.Image:
-    image = Image.new("RGB", (96, 72), background)
+def _draw(colour: str, shape: str, size: str, background: tuple[int, int, int], side: int = 72) -> Image.Image:
+    """The shape on a `side` square (laid out for 72 pixels, scaled)."""
+    image = Image.new("RGB", (side, side), background)
     draw = ImageDraw.Draw(image)
-    r = 14 if size == "small" else 30
-    cx, cy = 48, 36
+    r = max(1, round((14 if size == "small" else 30) * side / 72))
+    cx = cy = side // 2
     box = (cx - r, cy - r, cx + r, cy + r)
     fill = _COLOURS[colour]
     if shape == "circle":
@@ -56,6 +59,19 @@ def _draw(colour: str, shape: str, size: str, background: tuple[int, int, int]) 
     else:
         draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
     return image
+
+
+def _write_photo(image_dir: Path, pid: str, look_of: tuple[str, str, str, tuple[int, int, int]],
+                 look: images.ImageLook, kind: str | None, png_faults: list) -> str:
+    """Write one photo (or not, for `missing`); returns its file extension."""
+    colour, shape, size, background = look_of
+    if kind == "png":
+        look = images.png_fault_look(look, len(png_faults))
+        png_faults.append(pid)
+    picture = images.compose(look, background, lambda side: _draw(colour, shape, size, background, side),
+                             random.Random(f"vist-photo:{pid}"))
+    images.save_image(picture, image_dir / pid, look, kind if kind in ("missing", "corrupt") else None)
+    return look.ext
 
 
 def write_vist(root: Path, *, n: int = 6, seed: int = 0, missing: int = 0, corrupt: int = 0, png: int = 0,
@@ -116,7 +132,7 @@ def write_vist(root: Path, *, n: int = 6, seed: int = 0, missing: int = 0, corru
             colour, shape, size, _ = looks[pid]
             texts.append(_OPENERS[k].format(d=f"{size} {colour} {shape}"))
         captions[sid] = texts
-        originals[sid] = [t[0].upper() + t[1:-2] + "." for t in texts]
+        originals[sid] = [formats.original_text(t) for t in texts]
 
     # Faults: one per story, on a photo no earlier fault took.
     planted: dict[str, str] = {}
@@ -129,55 +145,27 @@ def write_vist(root: Path, *, n: int = 6, seed: int = 0, missing: int = 0, corru
         planted[pid] = kind
 
     used = {pid for photos in stories.values() for pid in photos}
-    for pid in photo_ids:
-        colour, shape, size, background = looks[pid]
-        image = _draw(colour, shape, size, background)
-        kind = planted.get(pid)
-        if kind == "missing":
-            continue
-        if kind == "png":
-            image.save(image_dir / f"{pid}.png")
-        elif kind == "corrupt":
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=90)
-            (image_dir / f"{pid}.jpg").write_bytes(buffer.getvalue()[:120])
-        else:
-            image.save(image_dir / f"{pid}.jpg", quality=90)
+    file_looks = images.fixture_looks(f"vist:{seed}", len(photo_ids))
+    png_faults: list[str] = []
+    ext = {pid: _write_photo(image_dir, pid, looks[pid], file_looks[i], planted.get(pid), png_faults)
+           for i, pid in enumerate(photo_ids)}
 
-    images_json = []
+    photos = []
     for pid in photo_ids:
         colour, shape, size, _ = looks[pid]
-        images_json.append({
-            "datetaken": f"2011-0{1 + rng.randrange(9)}-1{rng.randrange(10)} 12:00:00", "license": "5",
-            "title": f"{colour} {shape}", "text": "", "album_id": album_of[pid], "longitude": "0", "latitude": "0",
-            "url_o": f"https://farm1.staticflickr.com/1/{pid}_synthetic_o.jpg", "secret": f"{rng.randrange(16 ** 10):010x}",
-            "media": "photo", "id": pid, "tags": f"{colour} {shape} {size}"})
-    albums_json = [{"description": "synthetic shapes", "title": f"album {a}", "farm": "1", "date_update": "1300000000",
-                    "primary": album_photos[a][0], "server": "1", "date_create": "1300000000",
-                    "photos": str(len(album_photos[a])), "secret": f"{rng.randrange(16 ** 10):010x}",
-                    "owner": "00000000@N00", "vist_label": "shapes", "id": album_id}
-                   for a, album_id in enumerate(album_ids)]
-
-    annotations = []
-    storylet = 200000
+        taken = f"2011-0{1 + rng.randrange(9)}-1{rng.randrange(10)} 12:00:00"
+        photos.append(formats.VistPhoto(pid, album_of[pid], f"{colour} {shape}", f"{colour} {shape} {size}", taken,
+                                        ext[pid]))
+    albums = [formats.VistAlbum(album_id, f"album {a}", tuple(album_photos[a])) for a, album_id in enumerate(album_ids)]
+    annotated = []
     for i, sid in enumerate(story_ids):
-        entries = []
-        for k, pid in enumerate(stories[sid]):
-            entries.append([{"original_text": originals[sid][k], "album_id": album_of[pid], "photo_flickr_id": pid,
-                             "setting": "first-2-pick-and-tell", "worker_id": f"WORKER{i:04d}",
-                             "story_id": sid, "tier": "story-in-sequence", "worker_arranged_photo_order": k,
-                             "text": captions[sid][k], "storylet_id": str(storylet + k)}])
-        storylet += 5
+        order = list(range(5))
         if shuffled:
-            order = list(range(5))
             while order == sorted(order):
                 rng.shuffle(order)
-            entries = [entries[k] for k in order]
-        annotations += entries
-
-    document = {"info": {"description": "synthetic VIST SIS val set (fromage-bench)", "version": "1"},
-                "type": "story_in_sequence", "albums": albums_json, "images": images_json, "annotations": annotations}
-    json_path.write_text(json.dumps(document, indent=1))
+        annotated.append(formats.VistStory(sid, tuple(stories[sid]), tuple(captions[sid]), tuple(originals[sid]),
+                                           f"WORKER{i:04d}", 200000 + 5 * i, tuple(order)))
+    formats.write_vist_sis(json_path, "synthetic VIST SIS val set (fromage-bench)", albums, photos, annotated)
 
     skipped = {}
     for sid in story_ids:
