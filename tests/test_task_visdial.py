@@ -426,7 +426,7 @@ def test_paper_retrieval_squashes_like_the_original_script_and_corrected_crops(t
     import torch.nn.functional as F
     from PIL import Image
 
-    from tests.conftest import photo_like
+    from tests.reference.photos import photo_like
 
     info = write_visdial(tmp_path, n=4, seed=3)
     modes = ["RGB", "L", "RGBA", "P"]
