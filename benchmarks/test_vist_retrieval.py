@@ -12,7 +12,7 @@ from fromage_bench.synth.vist import write_vist
 from model.images import SQUASH, open_image, pixel_values
 from model.prompts import embed_prompt
 from tasks.base import RunContext
-from tasks.images import ImageDir
+from model.datasets import ImageDir
 from tasks.metrics import ranks_from_scores
 from tasks.vist import TASK, load_stories, mask_context, paper_prompt, pool_candidates, run, scaled_pool
 

@@ -8,10 +8,10 @@ from typing import Sequence
 import torch
 from safetensors.torch import load_file, save
 
+from model.datasets import content_hash
 from model.files import atomic_write_bytes
 from model.images import CROP, check_preprocess
 
-from .images import content_hash
 
 
 class FeatureCache:

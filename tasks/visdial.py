@@ -38,13 +38,13 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from model.datasets import ImageDir
 from model.errors import FromageInputError, read_json
 from model.images import SQUASH
 from model.scoring import EncodedContext
 
 from .base import RunContext, Skipped, Task, TaskResult, limited, register
 from .cache import load_features_per_preprocess
-from .images import ImageDir
 from .metrics import ranks_from_scores, recall_at_k, mean_rank, mean_reciprocal_rank, median_rank, visdial_ndcg
 
 DIALOGS_FILE = "visdial/visdial_1.0_val.json"

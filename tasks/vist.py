@@ -43,13 +43,12 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from model.datasets import Story, load_stories
+from model.datasets import ImageDir, Story, load_stories
 from model.errors import FromageInputError
 from model.images import CROP, SQUASH
 
 from .base import RunContext, Skipped, Task, TaskResult, register
 from .cache import load_features_per_preprocess
-from .images import ImageDir
 from .metrics import mean_rank, mean_reciprocal_rank, ranks_from_scores, recall_at_k
 
 RET_TOKEN = "[RET]"

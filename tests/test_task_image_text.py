@@ -16,7 +16,7 @@ from tasks.cache import FeatureCache
 from tasks.caption_data import load_cc3m, load_karpathy
 from tasks.image_text import (TASK, image_to_text_ranks, retrieval_prefix, retrieval_query_ids, run, summarise,
                               text_to_image_ranks)
-from tasks.images import ImageDir
+from model.datasets import ImageDir
 
 
 @pytest.fixture(scope="module")

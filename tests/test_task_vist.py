@@ -15,7 +15,7 @@ from model.prompts import embed_prompt
 from tasks import get_task
 from tasks.base import RunContext
 from tasks.cache import FeatureCache
-from tasks.images import ImageDir
+from model.datasets import ImageDir
 from tasks.vist import (MASK_PENALTY, build_prompt, corrected_prompt, load_stories, mask_context,
                         paper_prompt, pool_candidates, pool_scores, query_embeddings, read_pool, run,
                         scaled_pool, score_dtype, story_metrics, top_k)
