@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# One device run for issue 6's GPU targets: CUDA tests (CUDA-graph and compiled decoding), the bf16
+# One device run for issue 6's GPU targets and issue 14's memory check: CUDA tests (CUDA-graph and compiled
+# decoding; fp32, bf16, fp16 and int8 loaded one after another in one process, each precision's allocated and
+# peak memory printed, -rP, as issue 14 asks for docs/reference-runs), the bf16
 # paper-scale profile (batch-1 decode on the graph and compiled paths against the roofline; VisDial option
 # scoring, packed, against the original's per-option way, projected to val), and an operator trace.
 # Budget: at most 8 minutes (timeouts 120 + 300 + 60 s), about 5 expected; compiling the two layer halves for
@@ -14,7 +16,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/env.txt" 2>&1
 python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)" >> "$OUT/env.txt" 2>&1
-timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_generation.py \
+timeout 120 python3 -m pytest -q -x -rP -p no:cacheprovider tests/test_cuda.py tests/test_generation.py \
     tests/test_static_decode.py > "$OUT/cuda-tests.log" 2>&1
 echo "cuda tests exit $?" >> "$OUT/cuda-tests.log"
 PAPER="--random-init --opt-version facebook/opt-6.7b --visual-model openai/clip-vit-large-patch14"
