@@ -64,6 +64,10 @@ class VisionSettings:
     lr: float = 1e-3
     warmup: int = 30
     hard_negatives: int = 0    # groups of two scenes that differ only in places / colour binding (off: see docs)
+    # Share of the training images shown squashed (resize to 224x224, as the original VIST / VisDial scripts feed
+    # CLIP) instead of centre-cropped. The real CLIP, pretrained on 400M web photos, gives a squashed photo
+    # nearly the features of its crop; a tower this small learns that only from seeing both.
+    squashed_share: float = 1 / 3
 
 
 PRESETS = {
@@ -278,12 +282,21 @@ def image_processor(image_size: int):
     return Processor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 
 
-def encode_images(processor, images: Sequence, batch_size: int = 256) -> torch.Tensor:
-    """Pixel values as CLIP was pretrained and FROMAGe trained: shortest edge resized, centre crop."""
-    from model.images import CROP, pixel_values
+def encode_images(processor, images: Sequence, batch_size: int = 256, squashed: Sequence[bool] = ()) -> torch.Tensor:
+    """Pixel values as CLIP was pretrained and FROMAGe trained (shortest edge resized, centre crop), or squashed
+    (`model.images`) where `squashed[i]` is true."""
+    from model.images import CROP, SQUASH, pixel_values
 
-    return torch.cat([pixel_values(processor, images[i:i + batch_size], CROP)
-                      for i in range(0, len(images), batch_size)])
+    squashed = list(squashed) + [False] * (len(images) - len(squashed))
+    out = None
+    for way, flag in ((CROP, False), (SQUASH, True)):
+        rows = [i for i, s in enumerate(squashed) if s == flag]
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            pixels = pixel_values(processor, [images[i] for i in chunk], way)
+            out = pixels.new_empty((len(images), *pixels.shape[1:])) if out is None else out
+            out[chunk] = pixels
+    return out
 
 
 def _contrastive(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -313,20 +326,22 @@ def pretrain_vision(train_pairs: Sequence[tuple[object, str]], heldout_pairs: Se
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     from model.files import save_pretrained
-    from model.images import load_image
+    from model.images import open_image
 
     start = time.perf_counter()
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     processor = image_processor(settings.image_size)
 
-    def pixels_and_ids(pairs):
-        images = [p if not isinstance(p, (str, Path)) else load_image(p) for p, _ in pairs]
+    def pixels_and_ids(pairs, squashed_share: float = 0.0):
+        images = [p if not isinstance(p, (str, Path)) else open_image(p) for p, _ in pairs]
         ids = [tokenizer(c, add_special_tokens=True).input_ids for _, c in pairs]
+        pick = random.Random(f"squash:{seed}")
+        squashed = [pick.random() < squashed_share for _ in images]
         # float16 in memory (halves it); every batch is cast back to float32
-        return encode_images(processor, images).half() if images else torch.zeros(0), ids
+        return encode_images(processor, images, squashed=squashed).half() if images else torch.zeros(0), ids
 
-    train_pixels, train_ids = pixels_and_ids(train_pairs)
+    train_pixels, train_ids = pixels_and_ids(train_pairs, settings.squashed_share)
     held_pixels, held_ids = pixels_and_ids(heldout_pairs)
     n_hard_groups = len(hard_pairs) // 2
     probe_groups = min(200, n_hard_groups // 5)  # held out: never trained on
