@@ -409,7 +409,9 @@ def run_ranking(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> li
             return out
 
         # one dialogue per batch: its 10 rounds x 100 options x protocols are plenty of work per journal line
-        per_dialogue = ctx.map_batches(f"option_scores:{','.join(protocols)}", kept, key=_dialogue_key,
+        # the step names each protocol's image preprocessing: a journal of another preprocessing is not reused
+        step = "option_scores:" + ",".join(f"{p}/{RANKING.preprocessing(p)}" for p in protocols)
+        per_dialogue = ctx.map_batches(step, kept, key=_dialogue_key,
                                        compute=score, batch_size=1, desc="visdial_ranking")
     scores: dict[str, dict[tuple[int, int], torch.Tensor]] = {
         protocol: {(d.index, r): torch.tensor(values[protocol], dtype=torch.float32)

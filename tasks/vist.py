@@ -282,7 +282,9 @@ def run(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> list[TaskR
                                for protocol in protocols}
                 return [{protocol: by_protocol[protocol][i] for protocol in protocols} for i in range(len(chunk))]
 
-            embedded = ctx.map_batches(f"query_embeddings:{','.join(protocols)}", queries,
+            # the step names each protocol's image preprocessing: a journal of another preprocessing is not reused
+            step = "query_embeddings:" + ",".join(f"{p}/{preprocess[p]}" for p in protocols)
+            embedded = ctx.map_batches(step, queries,
                                        key=lambda story: story.story_id, compute=embed, batch_size=size,
                                        desc=f"vist {setting}")
             for start in range(0, len(queries), size):  # scored in the same chunks as they were embedded
