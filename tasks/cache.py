@@ -13,7 +13,6 @@ from model.files import atomic_write_bytes
 from model.images import CROP, check_preprocess
 
 
-
 class FeatureCache:
     def __init__(self, root: Path, fingerprint: str):
         self.dir = Path(root) / fingerprint
@@ -39,21 +38,27 @@ class FeatureCache:
         atomic_write_bytes(f, save({"features": features.detach().float().cpu().contiguous()}))
 
 
+def content_hashes(paths: Sequence[Path | None], cache: FeatureCache | None) -> list[str | None]:
+    """The cache keys of `paths` (None without a cache, or for a file that is not there)."""
+    return [content_hash(p) if cache is not None and p is not None and Path(p).is_file() else None for p in paths]
+
+
 def load_features(model, paths: Sequence[Path | None], cache: FeatureCache | None = None, batch_size: int = 32,
-                  workers: int | None = None, preprocess: str = CROP) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
+                  workers: int | None = None, preprocess: str = CROP, digests: Sequence[str | None] | None = None
+                  ) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
     """Pooled CLIP features (float32, CPU) of image files prepared as `preprocess` says, by index, and the reason
     for each file that could not be used ("missing image" / "corrupt image" / "image too large"). Cached features
-    skip decoding altogether; the
-    rest are decoded by `workers` DataLoader processes (see `Fromage.image_file_features`) and cached as
-    each batch comes, so an interrupted run keeps what it computed."""
+    skip decoding altogether; the rest are decoded by `workers` DataLoader processes (see
+    `Fromage.image_file_features`) and cached as each batch comes, so an interrupted run keeps what it computed.
+    `digests`: the files' `content_hashes`, when the caller has them already."""
     features: dict[int, torch.Tensor] = {}
     failures: dict[int, str] = {}
     todo: list[tuple[int, str | None, Path]] = []  # (index, content hash, path) of files to decode
-    for i, path in enumerate(paths):
+    digests = content_hashes(paths, cache) if digests is None else digests
+    for i, (path, digest) in enumerate(zip(paths, digests, strict=True)):
         if path is None or not Path(path).is_file():
             failures[i] = "missing image"
             continue
-        digest = content_hash(path) if cache is not None else None
         cached = cache.get(digest, preprocess) if cache is not None else None
         if cached is not None:
             features[i] = cached
@@ -82,8 +87,10 @@ def load_features_per_preprocess(model, paths: Sequence[Path | None], preprocess
     preprocessing, then by index, for the indices readable under all of them, and the failures of the others
     (so that every protocol sees the same examples)."""
     by_preprocess, failures = {}, {}
+    digests = content_hashes(paths, cache)  # each file read once for its hash, whatever the preprocessings
     for preprocess in dict.fromkeys(preprocessings):
-        by_preprocess[preprocess], failed = load_features(model, paths, cache, batch_size, workers, preprocess)
+        by_preprocess[preprocess], failed = load_features(model, paths, cache, batch_size, workers, preprocess,
+                                                          digests)
         failures.update({i: reason for i, reason in failed.items() if i not in failures})
     return ({preprocess: {i: f for i, f in features.items() if i not in failures}
              for preprocess, features in by_preprocess.items()}, failures)
