@@ -284,21 +284,16 @@ def image_processor(image_size: int):
     return Processor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 
 
-def encode_images(processor, images: Sequence, batch_size: int = 256, squashed: Sequence[bool] = ()) -> torch.Tensor:
+def encode_images(processor, images: Sequence, batch_size: int = 256,
+                  squashed: Sequence[bool] | None = None) -> torch.Tensor:
     """Pixel values as CLIP was pretrained and FROMAGe trained (shortest edge resized, centre crop), or squashed
     (`model.images`) where `squashed[i]` is true."""
-    from model.images import CROP, SQUASH, pixel_values
+    from model.images import CROP, SQUASH, prepare
 
-    squashed = list(squashed) + [False] * (len(images) - len(squashed))
-    out = None
-    for way, flag in ((CROP, False), (SQUASH, True)):
-        rows = [i for i, s in enumerate(squashed) if s == flag]
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            pixels = pixel_values(processor, [images[i] for i in chunk], way)
-            out = pixels.new_empty((len(images), *pixels.shape[1:])) if out is None else out
-            out[chunk] = pixels
-    return out
+    squashed = squashed if squashed is not None else [False] * len(images)
+    prepared = [prepare(image, SQUASH if squash else CROP) for image, squash in zip(images, squashed, strict=True)]
+    return torch.cat([processor(prepared[i:i + batch_size], return_tensors="pt").pixel_values
+                      for i in range(0, len(prepared), batch_size)])
 
 
 def _contrastive(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
