@@ -23,7 +23,7 @@ from PIL import Image
 
 from .datasets import ImageDir, read_cc3m_rows, resolve_image
 from .errors import FromageInputError
-from .images import load_image
+from .images import try_load
 
 MAX_LEN = 24  # the original's --max-len
 
@@ -60,9 +60,10 @@ class CaptionDataset(torch.utils.data.Dataset):
         """The row's image, None when it is missing, unreadable or named outside the image directory (such a
         row is skipped like a missing image: one bad name should not stop a long run)."""
         try:
-            return load_image(resolve_image(self.images, self.rows[index][1], f"{self.tsv}, row {index}"))
+            path = resolve_image(self.images, self.rows[index][1], f"{self.tsv}, row {index}")
         except FromageInputError:
             return None
+        return try_load(path)[0]  # any decoding failure (a bomb, a decoder bug) skips the row, as in evaluation
 
     def __getitem__(self, index: int) -> dict:
         for skipped in range(len(self.rows)):
