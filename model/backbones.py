@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import CLIPVisionConfig, CLIPVisionModel, GPT2Tokenizer, OPTConfig, OPTForCausalLM
+from transformers import AddedToken, CLIPVisionConfig, CLIPVisionModel, GPT2Tokenizer, OPTConfig, OPTForCausalLM
 
 from .errors import FromageInputError
 from .precision import INT8_OUTLIER_THRESHOLD, Placement, quantize_linear_layers_int8
@@ -85,7 +85,11 @@ def load_tokenizer(path: Path | None) -> GPT2Tokenizer:
             raise FromageInputError(path, f"cannot read the tokenizer (vocab.json/merges.txt): {err}") from None
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer.add_special_tokens({"cls_token": IMAGE_TOKEN})
-    tokenizer.add_tokens(RET_TOKEN)
+    # The original (transformers 4.21, slow GPT2Tokenizer) stripped the whitespace on both sides of a plain added
+    # token when it split the text: "drawing [RET]\nQ:" became "drawing", "[RET]", "Q:". Current tokenizers keep
+    # a lone-space (and newline) token unless the token says it strips; so say it. Re-adding an existing [RET]
+    # (a tokenizer saved with it) updates its flags in place and keeps its id.
+    tokenizer.add_tokens(AddedToken(RET_TOKEN, lstrip=True, rstrip=True, normalized=False))
     return tokenizer
 
 

@@ -11,7 +11,9 @@ Behaviour reproduced (see /work/shared/spec/fromage-reference.md):
 
 * tokenizer: ``GPT2Tokenizer`` of the LM dir, pad = eos, cls ``<|image|>`` added as a
   special token, ``[RET]`` added as a normal token; its id is recomputed (the
-  value stored in ``model_args.json`` is ignored, as the original does);
+  value stored in ``model_args.json`` is ignored, as the original does); text is
+  split on ``[RET]`` and the whitespace on both sides of it stripped, as the
+  original's transformers 4.21 did for a plain added token (``tokenize_as_421``);
 * LM ``resize_token_embeddings(len(tokenizer))``; the checkpoint's trained tensors
   loaded non-strictly under the original's module names; the ``(1, D)``
   ``ret_input_embeddings.weight`` squeezed and copied into the input-embedding row
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -85,6 +88,28 @@ def _resolve_backbone(model_dir: Path, name: str) -> str:
             f"backbone {name!r} is not a local directory (looked at {candidate}); "
             "pass opt_dir= / clip_dir= explicitly")
     return str(candidate)
+
+
+
+def tokenize_as_421(tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
+    """Token ids as transformers 4.21's slow ``tokenize`` gave them: the text split on ``[RET]``; since ``[RET]``
+    was added as a plain string (not an ``AddedToken`` with flags of its own), the whitespace of its neighbours is
+    stripped, right and left; each piece BPE-tokenised alone; BOS first with special tokens."""
+    pieces = re.split(f"({re.escape(RET_TOKEN)})", text)
+    for i, piece in enumerate(pieces):
+        if piece == RET_TOKEN:
+            if i > 0:
+                pieces[i - 1] = pieces[i - 1].rstrip()
+            if i + 1 < len(pieces):
+                pieces[i + 1] = pieces[i + 1].lstrip()
+    ret_id = tokenizer.convert_tokens_to_ids(RET_TOKEN)
+    ids = [tokenizer.bos_token_id] if add_special_tokens else []
+    for piece in pieces:
+        if piece == RET_TOKEN:
+            ids.append(ret_id)
+        elif piece:
+            ids += tokenizer(piece, add_special_tokens=False).input_ids
+    return ids
 
 
 class _FromageCore(nn.Module):
@@ -250,7 +275,7 @@ class OriginalStyleFromage(nn.Module):
                 embs.append(v)
                 labels.append(torch.full(v.shape[:2], -100, dtype=torch.long))
             elif isinstance(p, str):
-                ids = self.tokenizer(p, add_special_tokens=True, return_tensors="pt").input_ids
+                ids = torch.tensor([tokenize_as_421(self.tokenizer, p)])
                 if first_text:
                     first_text = False
                 else:
@@ -443,5 +468,5 @@ def load_original_style(model_dir, **kwargs) -> OriginalStyleFromage:
     return OriginalStyleFromage(model_dir, **kwargs)
 
 
-__all__ = ["OriginalStyleFromage", "load_original_style", "truncate_caption", "squash_image",
+__all__ = ["OriginalStyleFromage", "load_original_style", "truncate_caption", "squash_image", "tokenize_as_421",
            "RET_TOKEN", "IMAGE_TOKEN"]
