@@ -33,13 +33,12 @@ def retrieval_set(tiny, awkward_files, tmp_path_factory) -> Path:
     return RetrievalSet(paths, embeddings).save(tmp_path_factory.mktemp("set"))
 
 
-@pytest.fixture(scope="module")
-def common():
-    sys.path.insert(0, str(EXAMPLES))
+@pytest.fixture
+def common(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
     import common as module
 
-    yield module
-    sys.path.remove(str(EXAMPLES))
+    return module
 
 
 def run_script(name: str, *args) -> subprocess.CompletedProcess:
@@ -52,6 +51,7 @@ def run_script(name: str, *args) -> subprocess.CompletedProcess:
 def run_in_process(name: str, *args, monkeypatch) -> int:
     """The script as `python examples/NAME ARGS` runs it, in this process (faster than a subprocess)."""
     monkeypatch.setattr(sys, "argv", [str(EXAMPLES / name), *map(str, args)])
+    monkeypatch.syspath_prepend(str(EXAMPLES))  # as `python examples/NAME` puts the script's folder first
     with pytest.raises(SystemExit) as stopped:
         runpy.run_path(str(EXAMPLES / name), run_name="__main__")
     return stopped.value.code
