@@ -386,17 +386,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configure_output(verbose: bool = False) -> None:
+    """Log lines at INFO with `verbose`, else WARNING; no per-file "Loading weights" bars from transformers
+    (noise between our own progress and errors)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def print_input_error(err: Exception, prog: str = "fromage-bench") -> int:
+    """Bad input: the one line the user sees (it names the file and the problem); returns the exit status."""
+    print(f"{prog}: error: {err}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
 def main(argv: list[str] | None = None) -> int:
     from model.errors import FromageInputError
 
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars: noise between our own progress and errors
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    configure_output(args.verbose)
     try:
         return args.func(args)
     except FromageInputError as err:
-        print(f"fromage-bench: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return print_input_error(err)

@@ -24,6 +24,8 @@ from .scoring import (ContinuationScores, EncodedContext, encode_context, log_li
 
 log = logging.getLogger(__name__)
 
+RETRIEVED_PATH = "path"  # key in a retrieved image's `info`: the retrieval-set file it was opened from
+
 
 def truncate_caption(caption: str) -> str:
     """Keep text up to and including the first newline, or failing that the first full stop."""
@@ -80,7 +82,8 @@ class Fromage(nn.Module):
                                       top_p: float = 1.0, temperature: float = 0.0, max_num_rets: int = 1,
                                       max_img_per_ret: int = 1, *, min_word_tokens: int = 0,
                                       generator: torch.Generator | None = None) -> list:
-        """Interleaved images and strings in; a list of strings and lists of retrieved PIL images out.
+        """Interleaved images and strings in; a list of strings and lists of retrieved PIL images out (each
+        retrieved image's `info["path"]` names the retrieval-set file it came from).
 
         Differences from the original, both bug fixes: with num_words=0 the `[RET]` embedding is read at
         the `[RET]` token's position in the full sequence (the original looked the index up among text
@@ -141,10 +144,12 @@ class Fromage(nn.Module):
             log.warning("retrieval set entry %d is a URL (%s): nothing is downloaded, skipping it", index, path)
             return None
         try:
-            return prepare(open_image(path), SQUASH)  # as the original shows them: squashed to 224x224, RGB
+            image = prepare(open_image(path), SQUASH)  # as the original shows them: squashed to 224x224, RGB
         except FromageInputError as err:
             log.warning("skipping retrieved image: %s", err)
             return None
+        image.info[RETRIEVED_PATH] = path  # which file it is (the original returned the pixels only)
+        return image
 
     def get_log_lik_scores(self, prompts: Prompt) -> float:
         """Minus the mean LM loss over the text tokens of an interleaved prompt (images are not scored)."""
