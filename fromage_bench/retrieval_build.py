@@ -140,7 +140,7 @@ class BuildSummary:
     embedded: int
     skipped: int
     duplicates: int
-    chunks_computed: int
+    chunks_computed: int  # by all processes
     chunks_resumed: int
 
 
@@ -225,7 +225,7 @@ def build_retrieval_set(fromage, images: ImageList, out: Path, *, batch_size: in
                                  "visual_encoder": args.visual_encoder, "batch_size": batch_size}}
     RetrievalSet(names, torch.cat(rows), images.image_root, provenance).save(out)
     shutil.rmtree(partial, ignore_errors=True)
-    return BuildSummary(out, len(names), len(skipped), images.duplicates, len(mine), len(chunks) - len(todo))
+    return BuildSummary(out, len(names), len(skipped), images.duplicates, len(todo), len(chunks) - len(todo))
 
 
 def write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
