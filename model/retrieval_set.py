@@ -30,8 +30,8 @@ from .files import atomic_write_bytes, atomic_write_text
 EMBEDDINGS_FILE = "retrieval_embeddings.safetensors"
 PATHS_FILE = "retrieval_paths.json"
 PROVENANCE_KEYS = ("model_identity", "preprocessing", "built_with", "source")
-FOREIGN_HINT = ("rebuild it with `fromage-bench build-retrieval-set`, or accept it explicitly with "
-                "--accept-foreign-retrieval-set (load_fromage(accept_foreign_retrieval_set=True))")
+FOREIGN_HINT = ("rebuild it for this model with `fromage-bench build-retrieval-set`, or pass "
+                "--accept-foreign-retrieval-set / accept_foreign_retrieval_set=True to use it anyway")
 
 log = logging.getLogger(__name__)
 

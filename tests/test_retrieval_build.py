@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -193,6 +195,16 @@ def test_sets_without_provenance_still_load_saying_so(tiny_dir, tmp_path, caplog
         caplog.clear()
         assert load_fromage(tiny_dir, device="cpu", retrieval_set=directory).retrieval_set.paths == ["a.jpg", "b.jpg"]
         assert any("provenance unknown" in r.getMessage() and str(directory) in r.getMessage() for r in caplog.records)
+
+
+def test_converted_pickles_record_their_source_and_load_with_unknown_provenance(tiny_dir, tmp_path, caplog):
+    pkl = tmp_path / "cc3m_embeddings_0.pkl"
+    pkl.write_bytes(pickle.dumps({"paths": ["u1", "u2"], "embeddings": np.ones((2, 32), dtype=np.float32)}))
+    assert main(["convert-embeddings", str(pkl), "--out", str(tmp_path / "out"), "--trust-pickle"]) == 0
+    meta = paths_meta(tmp_path / "out")
+    assert meta["source"] == "original pickle" and "model_identity" not in meta and meta["count"] == 2
+    assert len(load_fromage(tiny_dir, device="cpu", retrieval_set=tmp_path / "out").retrieval_set) == 2
+    assert "provenance unknown (original pickle)" in caplog.text
 
 
 def test_generate_retrieves_from_a_built_set(tiny_dir, tiny_set, capsys):
