@@ -16,7 +16,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--visual-model", help="override the vision encoder (local directory or cached HF id)")
     parser.add_argument("--device", help="cpu or cuda[:N] (default: cuda if available)")
     parser.add_argument("--precision", help="fp32, bf16, fp16 or int8 (default: bf16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--retrieval-set", type=Path, help="directory written by convert-embeddings")
+    parser.add_argument("--retrieval-set", type=Path, help="directory written by build-retrieval-set or convert-embeddings")
+    parser.add_argument("--accept-foreign-retrieval-set", action="store_true",
+                        help="use a retrieval set recorded as built by another model or preprocessing (else an error)")
     parser.add_argument("--random-init", action="store_true",
                         help="paper-scale backbones with random weights from shipped configs (no weights needed)")
     parser.add_argument("--seed", type=int)
@@ -27,7 +29,7 @@ def _load(args):
 
     return load_fromage(args.model_dir, opt_version=args.opt_version, visual_model=args.visual_model, device=args.device,
                         precision=args.precision, retrieval_set=args.retrieval_set, random_init=args.random_init,
-                        seed=args.seed or 0)
+                        seed=args.seed or 0, accept_foreign_retrieval_set=args.accept_foreign_retrieval_set)
 
 
 def cmd_make_tiny(args) -> int:
@@ -69,14 +71,29 @@ def cmd_info(args) -> int:
 
 def cmd_generate(args) -> int:
     from model.images import load_image
+    from model.inference import RETRIEVED_PATH
 
+    if args.model_dir is None and not args.random_init:
+        _use_embedded_default(args)
     fromage = _load(args)
     prompt = [load_image(args.image)] if args.image else []
     prompt.append(args.text)
     outputs = fromage.generate_for_images_and_texts(prompt, num_words=args.num_words, ret_scale_factor=args.ret_scale_factor)
     for item in outputs:
-        print(item if isinstance(item, str) else f"<{len(item)} retrieved image(s)>")
+        print(item if isinstance(item, str) else
+              f"<{len(item)} retrieved image(s): {', '.join(im.info.get(RETRIEVED_PATH, '?') for im in item)}>")
     return 0
+
+
+def _use_embedded_default(args) -> None:
+    """No --model-dir: the embedded default's trained model and retrieval set, built first if missing."""
+    from .embedded import DEFAULT_WORK, ensure_model
+
+    print(f"fromage-bench: no --model-dir: using the embedded default model ({DEFAULT_WORK}; built there if missing)",
+          file=sys.stderr, flush=True)
+    args.model_dir, retrieval = ensure_model(DEFAULT_WORK)
+    if args.retrieval_set is None:
+        args.retrieval_set = retrieval
 
 
 def _split(value: str | None) -> list[str]:
@@ -124,6 +141,8 @@ def eval_config_from_args(args):
              "protocols": args.protocol, "limit": args.limit, "batch_size": args.batch_size, "seed": args.seed,
              "option_batch_size": args.option_batch_size, "image_workers": args.image_workers,
              "retrieval_set": args.retrieval_set}
+    if args.accept_foreign_retrieval_set:
+        flags["accept_foreign_retrieval_set"] = True
     values.update({k: v for k, v in flags.items() if v is not None})  # flags win over the file
     precisions = _split(args.precisions or args.precision) or values.get("precisions") or []
     values["precisions"] = _split(precisions) if isinstance(precisions, str) else list(precisions)
@@ -359,10 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_results_csv)
 
     from .data_cli import add_data_parser
+    from .retrieval_build import add_build_retrieval_parser
     from .train_cli import add_train_parser
 
     add_train_parser(sub)
     add_data_parser(sub)
+    add_build_retrieval_parser(sub)
 
     p = sub.add_parser("embedded", help="the offline default benchmark: miniworld data, stand-in backbones, "
                                         "a trained FROMAGe, every task at every precision (stages cached)")

@@ -4,7 +4,9 @@ Stages, each cached under the work directory and reused while its parameters are
 1. the miniworld (`data synth`): datasets in the real formats, drawn from scenes we generate;
 2. the stand-in backbones (`make-standins`): a small OPT LM and CLIP vision tower pretrained on it;
 3. FROMAGe trained on top (`train`), exported in the release format;
-4. every task and setting at every precision this machine can run (`eval`), with the HTML report.
+4. its retrieval set (`build-retrieval-set`) over the miniworld's CC3M-style training images, so that `generate`,
+   the examples and the demo retrieve images offline with no setup (`ensure_model` builds stages 1-4);
+5. every task and setting at every precision this machine can run (`eval`), with the HTML report.
 """
 from __future__ import annotations
 
@@ -29,9 +31,11 @@ STANDIN_ARGS = ["--seed", str(SEED), "--preset", "small", "--quiet"]
 TRAIN_ARGS = ["--steps", "460", "--batch-size", "64", "--lr", "1e-3", "--warmup", "20", "--max-len", "64",
               "--workers", "0", "--story-batch", "16", "--device", "cpu", "--seed", str(SEED), "--save-every", "100000",
               "--no-progress"]
+# fp32 whatever the device: the set's bytes do not depend on the machine that built the cache.
+RETRIEVAL_ARGS = ["--precision", "fp32", "--batch-size", "64"]
 # Bumped when a stage's code changes what it writes for the same arguments, so that caches are rebuilt.
 # 2026-12-01: photo-like images (data), crop/squash pretraining (standins), trained on them (fromage).
-REVISIONS = {"data": 3, "standins": 2, "fromage": 3}
+REVISIONS = {"data": 3, "standins": 2, "fromage": 3, "retrieval": 1}
 
 
 def _stage(work: Path, name: str, params: list[str], run) -> Path:
@@ -54,11 +58,13 @@ def _stage(work: Path, name: str, params: list[str], run) -> Path:
     return out
 
 
-def run_embedded(work: Path = DEFAULT_WORK, out: Path = DEFAULT_OUT, precisions: str = PRECISIONS,
-                 tasks: str = TASKS, extra_eval: list[str] | None = None) -> Path:
+def ensure_model(work: Path = DEFAULT_WORK, progress: bool = True) -> tuple[Path, Path]:
+    """(release model directory, retrieval set directory) of the embedded default, building the stages that
+    are missing or stale (data, standins, fromage, retrieval; never eval). `progress`: the retrieval stage's
+    progress bar (the other stages print a line per stage)."""
     from .cli import main
 
-    start = time.perf_counter()
+    work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     data = _stage(work, "data", DATA_ARGS, lambda o: main(["data", "synth", "--out", str(o), *DATA_ARGS]))
     standins = _stage(work, "standins", STANDIN_ARGS,
@@ -67,8 +73,24 @@ def run_embedded(work: Path = DEFAULT_WORK, out: Path = DEFAULT_OUT, precisions:
         "train", "--model-dir", str(standins), "--train-tsv", str(data / "cc3m" / "cc3m_train.tsv"),
         "--image-dir", str(data / "cc3m" / "training"), "--out", str(o), *TRAIN_ARGS,
         "--stories", str(data / VIST_TRAIN_JSON), "--story-images", str(data / VIST_TRAIN_IMAGES)]))
+    release = trained / "release"
+    # The trained model's own stage key is a parameter: a retrained model gets a rebuilt set.
+    retrieval = _stage(work, "retrieval", [*RETRIEVAL_ARGS, (trained / ".done").read_text().strip()], lambda o: main([
+        "build-retrieval-set", "--model-dir", str(release), "--tsv", str(data / "cc3m" / "cc3m_train.tsv"),
+        "--image-dir", str(data / "cc3m" / "training"), "--out", str(o), *RETRIEVAL_ARGS,
+        *([] if progress else ["--no-progress"])]))
+    return release, retrieval
+
+
+def run_embedded(work: Path = DEFAULT_WORK, out: Path = DEFAULT_OUT, precisions: str = PRECISIONS,
+                 tasks: str = TASKS, extra_eval: list[str] | None = None) -> Path:
+    from .cli import main
+
+    start = time.perf_counter()
+    work = Path(work)
+    release, _ = ensure_model(work, progress="--no-progress" not in (extra_eval or []))
     print("[embedded] eval: every task at " + precisions, flush=True)
-    code = main(["eval", "--model-dir", str(trained / "release"), "--data-root", str(data), "--out", str(out),
+    code = main(["eval", "--model-dir", str(release), "--data-root", str(work / "data"), "--out", str(out),
                  "--tasks", tasks, "--precisions", precisions, "--cache-dir", str(work / "features"),
                  *(extra_eval or [])])
     if code != 0:

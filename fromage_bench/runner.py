@@ -46,6 +46,7 @@ class EvalConfig:
     seed: int = 0
     random_init: bool = False
     retrieval_set: Path | None = None
+    accept_foreign_retrieval_set: bool = False
     cache_dir: Path | None = None
     progress: bool = True
     keep_journal: bool = False
@@ -168,7 +169,8 @@ def _run_precision(config: EvalConfig, cells, precision: str, staging: Path, jou
     with Stopwatch() as load_clock, MemoryTracker(placement.device) as load_memory:
         model = load_fromage(config.model_dir, opt_version=config.opt_version, visual_model=config.visual_model,
                              device=placement.device, precision=precision, retrieval_set=config.retrieval_set,
-                             random_init=config.random_init, seed=config.seed)
+                             random_init=config.random_init, seed=config.seed,
+                             accept_foreign_retrieval_set=config.accept_foreign_retrieval_set)
     load_cost = {"load_seconds": load_clock.seconds, "load_memory": load_memory.summary(),
                  "weight_bytes": model.weight_bytes}
     cache = FeatureCache(config.cache_dir, model.fingerprint) if config.cache_dir else None

@@ -24,7 +24,7 @@ from .scoring import (ContinuationScores, EncodedContext, encode_context, log_li
 
 log = logging.getLogger(__name__)
 
-RETRIEVED_PATH = "path"  # key in a retrieved image's `info`: the retrieval-set file it was opened from
+RETRIEVED_PATH = "retrieved_from"  # key in a retrieved image's `info`: the retrieval-set file it was opened from
 
 
 def truncate_caption(caption: str) -> str:
@@ -48,11 +48,12 @@ class Fromage(nn.Module):
     """Wraps a FromageModel (`.model`, as in the original) with an optional retrieval set."""
 
     def __init__(self, model: FromageModel, placement: Placement, retrieval_set: RetrievalSet | None = None,
-                 fingerprint: str = ""):
+                 fingerprint: str = "", model_identity: str = ""):
         super().__init__()
         self.model = model
         self.placement = placement
-        self.fingerprint = fingerprint
+        self.fingerprint = fingerprint        # the model's outputs at this precision (keys caches and journals)
+        self.model_identity = model_identity  # its retrieval-space image embeddings, any precision (`loading.model_identity`)
         self.retrieval_set = None
         self.path_array: list[str] | None = None
         self.emb_matrix: torch.Tensor | None = None
@@ -60,11 +61,15 @@ class Fromage(nn.Module):
         if retrieval_set is not None:
             self.set_retrieval_set(retrieval_set)
 
-    def set_retrieval_set(self, retrieval_set: RetrievalSet) -> None:
-        """As the original: rows normalised and multiplied by exp(logit_scale)."""
+    def set_retrieval_set(self, retrieval_set: RetrievalSet, accept_foreign: bool = False) -> None:
+        """As the original: rows normalised and multiplied by exp(logit_scale). A set recorded as built by another
+        model or with another preprocessing than the API's crop is bad input unless `accept_foreign`."""
         if retrieval_set.embeddings.shape[1] != self.model.args.shared_emb_dim:
-            raise FromageInputError("retrieval set", f"embeddings have dimension {retrieval_set.embeddings.shape[1]}, "
+            raise FromageInputError(retrieval_set.source or "retrieval set",
+                                    f"embeddings have dimension {retrieval_set.embeddings.shape[1]}, "
                                     f"the model's retrieval space has {self.model.args.shared_emb_dim}")
+        if self.model_identity:
+            retrieval_set.check_provenance(self.model_identity, CROP, accept_foreign)
         self.retrieval_set = retrieval_set
         self.path_array = retrieval_set.paths
         matrix = retrieval_set.embeddings.to(device=self.model.device, dtype=self.model.dtype)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 def load_fromage(model_dir: str | Path | None, *, opt_version: str | None = None, visual_model: str | None = None,
                  device: str | torch.device | None = None, precision: str | None = None,
                  retrieval_set: str | Path | RetrievalSet | None = None, random_init: bool = False,
-                 seed: int = 0) -> Fromage:
+                 seed: int = 0, accept_foreign_retrieval_set: bool = False) -> Fromage:
     """Load a FROMAGe model for inference.
 
     model_dir: holds `model_args.json` and `pretrained_ckpt.pth.tar` (the release format). With
@@ -31,7 +32,9 @@ def load_fromage(model_dir: str | Path | None, *, opt_version: str | None = None
     opt_version / visual_model: override the backbones named in model_args.json; a local directory
         (relative paths resolve against model_dir first) or a Hugging Face id found in the local cache.
     device / precision: default CUDA if present else CPU; bf16 on CUDA, fp32 on CPU. One of fp32, bf16, fp16, int8.
-    retrieval_set: a directory written by `fromage-bench convert-embeddings` (default: model_dir if it holds one).
+    retrieval_set: a directory written by `fromage-bench build-retrieval-set` or `convert-embeddings` (default:
+        model_dir if it holds one). A set recorded as built by another model (`Fromage.model_identity`) or with
+        another image preprocessing is bad input unless `accept_foreign_retrieval_set=True`.
     random_init: build the backbones at their true size from the shipped paper configurations with random
         weights (for profiling without downloads); trained maps come from the checkpoint if there is one.
     """
@@ -75,10 +78,14 @@ def load_fromage(model_dir: str | Path | None, *, opt_version: str | None = None
                     args.retrieval_token_idx, model.retrieval_token_idx)
     if state_dict is not None:
         apply_trained_weights(model, state_dict, checkpoint_path)
+    tensors = _tensors_digest(state_dict)
+    fingerprint = _fingerprint(args, tensors, placement.precision, random_init, seed)
+    identity = model_identity(args, tensors, vision.config, processor, random_init, seed)
+    fromage = Fromage(model, placement, fingerprint=fingerprint, model_identity=identity)
     retrieval = _load_retrieval_set(retrieval_set, model_dir)
-    fingerprint = _fingerprint(args, state_dict, placement.precision, random_init, seed)
-    return Fromage(model, placement, retrieval, fingerprint=fingerprint)
-
+    if retrieval is not None:
+        fromage.set_retrieval_set(retrieval, accept_foreign=accept_foreign_retrieval_set)
+    return fromage
 
 
 def _cached_or_none(name: str, model_dir) -> Path | None:
@@ -104,12 +111,42 @@ def _load_retrieval_set(retrieval_set, model_dir) -> RetrievalSet | None:
     return None
 
 
-def _fingerprint(args: ModelArgs, state_dict, precision: str, random_init: bool, seed: int) -> str:
-    """Identifies the model's outputs: arguments, trained tensors, precision (used to key caches)."""
-    digest = hashlib.sha256(repr(sorted(args.to_dict().items())).encode())
-    digest.update(f"{precision}|{random_init}|{seed if random_init else ''}".encode())
+def _tensors_digest(state_dict) -> str:
+    """sha256 of the checkpoint's trained tensors (names and float32 values)."""
+    digest = hashlib.sha256()
     for key in sorted(state_dict or {}):
         tensor = state_dict[key].detach().float().cpu().contiguous()
         digest.update(key.encode())
         digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _fingerprint(args: ModelArgs, tensors_digest: str, precision: str, random_init: bool, seed: int) -> str:
+    """Identifies the model's outputs: arguments, trained tensors, precision (used to key caches)."""
+    digest = hashlib.sha256(repr(sorted(args.to_dict().items())).encode())
+    digest.update(f"{precision}|{random_init}|{seed if random_init else ''}".encode())
+    digest.update(tensors_digest.encode())
     return digest.hexdigest()[:16]
+
+
+# Config entries that name files, versions or run-time switches, not what the vision tower computes.
+_RUNTIME_CONFIG_KEYS = {"transformers_version", "dtype", "torch_dtype", "quantization_config", "output_hidden_states",
+                        "output_attentions", "return_dict"}
+
+
+def model_identity(args: ModelArgs, tensors_digest: str, vision_config, processor, random_init: bool, seed: int) -> str:
+    """The identity a retrieval set records (`Fromage.model_identity`): what determines the model's retrieval-space
+    image embeddings, whatever the precision and however the backbones are spelled (local path, Hub id, override).
+
+    Covers: the model arguments except the backbone names (`opt_version`, `visual_encoder`) and the tokenizer's
+    `retrieval_token_idx`; the checkpoint's trained tensors (`visual_fc` among them, trained jointly with the
+    text side, so they pin the whole model); the vision tower's architecture (its config without file names,
+    versions and dtype); the image processor's settings (size, crop, mean, std, resampling); and, for a
+    random init, the seed. Not covered: the vision tower's pretrained weights themselves (hashing gigabytes at
+    every load is too slow); a checkpoint is trained on one vision tower, so its tensors stand for it."""
+    named = {k: v for k, v in args.to_dict().items() if k not in ("opt_version", "visual_encoder", "retrieval_token_idx")}
+    config = {k: v for k, v in vision_config.to_dict().items() if not k.startswith("_") and k not in _RUNTIME_CONFIG_KEYS}
+    settings = {k: v for k, v in processor.to_dict().items() if not k.startswith("_")} if processor is not None else None
+    described = json.dumps({"args": named, "vision": config, "processor": settings, "trained": tensors_digest,
+                            "random_init_seed": seed if random_init else None}, sort_keys=True, default=str)
+    return hashlib.sha256(described.encode()).hexdigest()[:16]

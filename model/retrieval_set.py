@@ -1,16 +1,22 @@
 """The image set `[RET]` retrieves from: a matrix of retrieval-space image embeddings plus their paths.
 
-On disk: `retrieval_embeddings.safetensors` (tensor "embeddings", (N, D)) and `retrieval_paths.json`
-(a JSON list of N strings), optionally with `"image_root"` to resolve relative paths. No pickle: the
-original `cc3m_embeddings*.pkl` files are converted once by `fromage-bench convert-embeddings
---trust-pickle`.
+On disk: `retrieval_embeddings.safetensors` (tensor "embeddings", (N, D)) and `retrieval_paths.json`:
+`{"paths": [N strings], "image_root": dir or null, "count": N, ...provenance}` (a bare JSON list of paths is
+read too). `image_root` resolves relative paths. Provenance, written by `fromage-bench build-retrieval-set`:
+`model_identity` (`Fromage.model_identity` of the model that embedded the images: what determines its
+retrieval-space image embeddings, not its precision), `preprocessing` (`model.images.CROP` or `SQUASH`) and
+`built_with` (precision, device, fromage-bench version, backbone names: information only). A set without a
+`model_identity` (written before provenance existed, or converted by `convert-embeddings`, which records
+`"source": "original pickle"`) has unknown provenance: it loads, with a warning. No pickle: the original
+`cc3m_embeddings*.pkl` files are converted once by `fromage-bench convert-embeddings --trust-pickle`.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -23,6 +29,11 @@ from .files import atomic_write_bytes, atomic_write_text
 
 EMBEDDINGS_FILE = "retrieval_embeddings.safetensors"
 PATHS_FILE = "retrieval_paths.json"
+PROVENANCE_KEYS = ("model_identity", "preprocessing", "built_with", "source")
+FOREIGN_HINT = ("rebuild it for this model with `fromage-bench build-retrieval-set`, or pass "
+                "--accept-foreign-retrieval-set / accept_foreign_retrieval_set=True to use it anyway")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,6 +41,8 @@ class RetrievalSet:
     paths: list[str]
     embeddings: torch.Tensor  # (N, D), as computed by get_visual_embs(mode="retrieval"), not normalised
     image_root: str | None = None
+    provenance: dict | None = None  # PROVENANCE_KEYS that are known (see the module docstring)
+    source: str | None = field(default=None, compare=False)  # the paths file it was loaded from, for messages
 
     def __post_init__(self):
         if self.embeddings.ndim != 2 or self.embeddings.shape[0] != len(self.paths):
@@ -44,11 +57,38 @@ class RetrievalSet:
             return os.path.join(self.image_root, path)
         return path
 
+    def check_provenance(self, model_identity: str, preprocessing: str, accept_foreign: bool = False) -> None:
+        """Bad input (naming the set's paths file and both identities) unless the set was built by the model
+        `model_identity` with the image preprocessing `preprocessing`, or `accept_foreign`. Unknown provenance
+        (no recorded identity) is accepted with a warning: the original's pickles record none."""
+        where = self.source or "retrieval set"
+        built = self.provenance or {}
+        if not built.get("model_identity"):
+            log.warning("%s: provenance unknown (%s): cannot check that its embeddings come from this model", where,
+                        built.get("source") or "no model identity recorded")
+            return
+        mismatches = []
+        if built["model_identity"] != model_identity:
+            mismatches.append(f"built by model {built['model_identity']}, but this model is {model_identity}")
+        if built.get("preprocessing") != preprocessing:
+            mismatches.append(f"images prepared by {built.get('preprocessing')!r}, but this model's [RET] "
+                              f"retrieval expects {preprocessing!r}")
+        if not mismatches:
+            return
+        if not accept_foreign:
+            raise FromageInputError(where, "; ".join(mismatches), FOREIGN_HINT)
+        log.warning("%s: %s (accepted: --accept-foreign-retrieval-set)", where, "; ".join(mismatches))
+
     def save(self, directory: str | Path) -> Path:
+        """Write the set. The paths file goes last and is removed first: a directory whose write was
+        interrupted holds no paths file, so it does not load (no old paths paired with new embeddings)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        (directory / PATHS_FILE).unlink(missing_ok=True)
         atomic_write_bytes(directory / EMBEDDINGS_FILE, save({"embeddings": self.embeddings.float().contiguous().cpu()}))
-        atomic_write_text(directory / PATHS_FILE, json.dumps({"paths": self.paths, "image_root": self.image_root}))
+        known = {k: v for k, v in (self.provenance or {}).items() if k in PROVENANCE_KEYS and v is not None}
+        atomic_write_text(directory / PATHS_FILE, json.dumps({"paths": self.paths, "image_root": self.image_root,
+                                                              "count": len(self.paths), **known}))
         return directory
 
     @classmethod
@@ -63,6 +103,9 @@ class RetrievalSet:
             meta = {"paths": meta}
         if not isinstance(meta, dict) or not isinstance(meta.get("paths"), list):
             raise FromageInputError(paths_path, 'expected {"paths": [...]} or a JSON list of paths')
+        if meta.get("count") is not None and meta["count"] != len(meta["paths"]):
+            raise FromageInputError(paths_path, f"count says {meta['count']} but {len(meta['paths'])} paths are listed")
+        provenance = {k: meta[k] for k in PROVENANCE_KEYS if meta.get(k) is not None} or None
         try:
             tensors = load_file(str(emb_path))
         except Exception as err:  # safetensors raises its own error types for bad headers
@@ -70,7 +113,8 @@ class RetrievalSet:
         if "embeddings" not in tensors:
             raise FromageInputError(emb_path, f'no tensor named "embeddings" (found: {sorted(tensors)})')
         try:
-            return cls([str(p) for p in meta["paths"]], tensors["embeddings"], meta.get("image_root"))
+            return cls([str(p) for p in meta["paths"]], tensors["embeddings"], meta.get("image_root"), provenance,
+                       source=str(paths_path))
         except ValueError as err:
             raise FromageInputError(directory, str(err)) from None
 
@@ -97,6 +141,6 @@ class RetrievalSet:
             chunks.append(np.asarray(data["embeddings"], dtype=np.float32).reshape(len(data["paths"]), -1))
         embeddings = torch.from_numpy(np.concatenate(chunks))
         try:
-            return cls(paths, embeddings)
+            return cls(paths, embeddings, provenance={"source": "original pickle"})
         except ValueError as err:
             raise FromageInputError(pickle_paths[0], str(err)) from None

@@ -6,8 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from fromage_bench.embedded import DEFAULT_WORK, run_embedded
+from fromage_bench.embedded import DEFAULT_WORK, ensure_model, run_embedded
 from fromage_bench.results import read_results
+from model import load_fromage
+from model.datasets import read_cc3m_rows
+from model.inference import RETRIEVED_PATH
 
 pytestmark = pytest.mark.embedded
 HARMONIC_100 = sum(1 / k for k in range(1, 101))  # MRR of random scores over 100 options = H_100 / 100
@@ -44,3 +47,19 @@ def test_vist_5cap_text_context_r10_is_3x_chance(fp32_records):
     r = fp32_records[("vist_retrieval", "5cap", "corrected")]
     chance = 100.0 * 10 / r["extra"]["pool_size"]
     assert r["metrics"]["R@10"] >= 3 * chance
+
+
+def test_ensure_model_gives_the_release_model_and_its_retrieval_set():
+    """The retrieval stage embeds every CC3M-style training image with the trained model: the set loads with
+    that model (its provenance matches) and `[RET]` retrieves training images from it."""
+    work = Path(os.environ.get("FROMAGE_EMBEDDED_WORK", DEFAULT_WORK))
+    release, retrieval = ensure_model(work, progress=False)
+    model = load_fromage(release, device="cpu", retrieval_set=retrieval)
+    training = work / "data" / "cc3m" / "training"
+    names = [row.image for row in read_cc3m_rows(work / "data" / "cc3m" / "cc3m_train.tsv")]
+    paths = model.retrieval_set.paths
+    assert len(paths) == len(names)  # in the TSV's order; a name without extension gets the file's
+    assert all(path == name or path.startswith(name + ".") for path, name in zip(paths, names))
+    outputs = model.generate_for_images_and_texts(["we saw a small blue square [RET]"], num_words=0)
+    retrieved = outputs[1][0].info[RETRIEVED_PATH]
+    assert retrieved.startswith(str(training.resolve())) or retrieved.startswith(str(training))
