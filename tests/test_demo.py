@@ -263,3 +263,63 @@ def test_api_upload_and_question_give_an_answer_with_retrieved_images(server, up
             assert img.size == (224, 224)
     shown = client.predict(api_name="/undo")
     assert [m["role"] for m in shown] == ["user"]
+
+
+CHAT_JS = """const chat = document.querySelector('#chatbot'); const all = s => Array.from(chat.querySelectorAll(s));
+return {user_images: all('.user img').length, bot_messages: all('.bot').length, bot_images: all('.bot img').length,
+  broken: all('img').filter(i => !i.complete || i.naturalWidth === 0).length,
+  user_text: all('.user').map(e => e.innerText).join('\\n'), bot_text: all('.bot').map(e => e.innerText).join('\\n')}"""
+PAGE_JS = """return {images: document.images.length, scripts: document.scripts.length, text: document.body.innerText,
+  broken: Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).length}"""
+
+
+def wait_for(driver, condition, what: str, timeout: float = 60):
+    """Poll `condition()` until it is truthy; its value."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}; chat: {driver.execute_script(CHAT_JS)}")
+        time.sleep(0.2)
+    return value
+
+
+def test_browser_chat_retrieves_undoes_and_saves(server, browser, upload_file, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    origin = server["url"].rstrip("/")
+    same_origin = lambda url: url.startswith((origin + "/", "data:", "blob:"))  # noqa: E731 - nothing else fetched
+    chat = lambda: browser.execute_script(CHAT_JS)  # noqa: E731
+    browser.get("about:blank")
+    clear_logs(browser)  # the new-tab page's own requests
+    browser.get(server["url"])
+    wait_for(browser, lambda: browser.find_elements(By.CSS_SELECTOR, "#upload"), "the page")
+    browser.find_element(By.CSS_SELECTOR, "input[type=file][accept='image/*']").send_keys(str(upload_file))
+    wait_for(browser, lambda: chat()["user_images"] == 1, "the uploaded image in the chat")
+
+    question = "What is <b>this</b> image?"  # shown as written, not as HTML
+    browser.find_element(By.CSS_SELECTOR, "#message textarea").send_keys(question)
+    browser.find_element(By.CSS_SELECTOR, "#submit").click()
+    shown = wait_for(browser, lambda: (c := chat())["bot_images"] == 2 and c["broken"] == 0 and c, "the answer")
+    assert question in shown["user_text"] and "[RET]" not in shown["bot_text"], shown
+    assert browser.find_element(By.CSS_SELECTOR, "#message textarea").get_attribute("value") == ""
+    settle(0.5)
+    assert_not_blank(browser)
+
+    browser.find_element(By.CSS_SELECTOR, "#save").click()
+    link = wait_for(browser, lambda: browser.find_elements(By.CSS_SELECTOR, "#saved a[download]"), "the saved file")
+    saved = tmp_path / "conversation.html"
+    with urllib.request.urlopen(link[0].get_attribute("href"), timeout=10) as response:
+        saved.write_bytes(response.read())
+
+    browser.find_element(By.CSS_SELECTOR, "#undo").click()
+    after = wait_for(browser, lambda: (c := chat())["bot_messages"] == 0 and c, "Undo")
+    assert after["user_images"] == 1 and question not in after["user_text"], after  # the upload stays
+    assert page_problems(browser, allowed=same_origin) == []
+
+    clear_logs(browser)
+    browser.get(saved.as_uri())
+    settle()
+    page = browser.execute_script(PAGE_JS)
+    assert page["images"] == 3 and page["broken"] == 0, page  # the upload and the two retrieved images
+    assert page["scripts"] == 0 and question in page["text"], page
+    assert page_problems(browser, allowed=lambda url: url.startswith("data:") or url == saved.as_uri()) == []
