@@ -262,9 +262,13 @@ from its retrieval set. The whole conversation is sent each turn, as in the orig
 
 
 def _gradio():
-    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no telemetry and no version check, before the import
-    import gradio
+    from model.errors import FromageInputError
 
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no telemetry and no version check, before the import
+    try:
+        import gradio
+    except ImportError:
+        raise FromageInputError("gradio", "not installed", "the demo needs the demo extra: pip install -e .[demo]") from None
     return gradio
 
 
@@ -364,6 +368,7 @@ def launch(demo, host: str, port: int, files: Path, block: bool = True):
 def cmd_demo(args) -> int:
     from .cli import _load
 
+    _gradio()  # missing, or the port taken: said before the model loads
     check_port_free(args.host, args.port)
     if args.model_dir is None and not args.random_init:
         from fromage_bench.embedded import ensure_model

@@ -17,9 +17,13 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--hide-scrollbars", "--mute-audio", "--disable-dev-shm-usage", "--window-size=1280,2000")
 
 
-def _require(what: str, found) -> None:
+BROWSER_INSTALL = "Debian: apt-get install -y chromium chromium-driver; pip: selenium"
+
+
+def require(what: str, found, install: str = BROWSER_INSTALL) -> None:
+    """Skip the test if `found` is falsy, or fail it under CI, where everything the suite uses is installed."""
     if not found:
-        message = f"{what} is not installed (Debian: apt-get install -y chromium chromium-driver; pip: selenium)"
+        message = f"{what} is not installed ({install})"
         if os.environ.get("CI"):
             pytest.fail(f"{message}; CI must run the browser tests, not skip them")
         pytest.skip(message)
@@ -30,13 +34,13 @@ def browser(tmp_path, monkeypatch):
     """A fresh headless chromium with an empty profile. Selenium Manager stays offline: the browser and its
     driver are Debian's, given by path, so nothing is downloaded."""
     chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
-    _require("chromium", chromium)
-    _require("chromedriver", chromedriver)
+    require("chromium", chromium)
+    require("chromedriver", chromedriver)
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
     except ImportError:
-        _require("selenium", None)
+        require("selenium", None)
     monkeypatch.setenv("SE_OFFLINE", "true")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium

@@ -4,12 +4,14 @@ and a headless browser."""
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
 import os
 import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -25,7 +27,8 @@ from model import RetrievalSet, load_fromage, make_tiny, read_model_args
 from model.checkpoint import save_release
 from model.images import CROP, open_image, prepare
 from model.prompts import embed_prompt
-from tests.browser import assert_not_blank, browser, clear_logs, page_problems, settle  # noqa: F401 (browser: a fixture)
+from tests.browser import (assert_not_blank, browser, clear_logs, page_problems, require,  # noqa: F401 (browser: a fixture)
+                           settle)
 from tests.reference.photos import awkward_image_files, photo_like
 from tests.test_training import REPO, free_port
 
@@ -195,6 +198,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_dir, capsys):
 @pytest.fixture(scope="module")
 def server(served_model, tmp_path_factory):
     """`fromage-bench demo` in a subprocess, default host; its URL once it answers."""
+    for package in ("gradio", "gradio_client"):
+        require(package, importlib.util.find_spec(package), "pip install -e .[demo]")
     model_dir, retrieval = served_model
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
@@ -323,3 +328,39 @@ def test_browser_chat_retrieves_undoes_and_saves(server, browser, upload_file, t
     assert page["images"] == 3 and page["broken"] == 0, page  # the upload and the two retrieved images
     assert page["scripts"] == 0 and question in page["text"], page
     assert page_problems(browser, allowed=lambda url: url.startswith("data:") or url == saved.as_uri()) == []
+
+
+class SlowModel:
+    """Stands in for the model: notes how many calls overlap."""
+
+    def __init__(self):
+        self.running = self.most_at_once = self.calls = 0
+        self.lock = threading.Lock()
+
+    def generate_for_images_and_texts(self, prompt, **kwargs):
+        with self.lock:
+            self.running += 1
+            self.calls += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        time.sleep(0.5)
+        with self.lock:
+            self.running -= 1
+        return ["ok."]
+
+
+def test_requests_from_several_users_run_one_at_a_time(tmp_path):
+    require("gradio_client", importlib.util.find_spec("gradio_client"), "pip install -e .[demo]")
+    from gradio_client import Client
+
+    model = SlowModel()
+    app = demo.build_demo(model, tmp_path)
+    port = free_port()
+    demo.launch(app, "127.0.0.1", port, tmp_path, block=False)
+    try:
+        clients = [Client(f"http://127.0.0.1:{port}/", verbose=False) for _ in range(3)]
+        jobs = [c.submit(f"question {i}", 1.0, 2, 32, 0.0, api_name="/ask") for i, c in enumerate(clients)]
+        answers = [job.result(timeout=60) for job in jobs]
+    finally:
+        app.close()
+    assert [a[0][-1]["content"] for a in answers] == [[{"text": "ok.", "type": "text"}]] * 3
+    assert model.calls == 3 and model.most_at_once == 1
