@@ -364,3 +364,19 @@ def test_requests_from_several_users_run_one_at_a_time(tmp_path):
         app.close()
     assert [a[0][-1]["content"] for a in answers] == [[{"text": "ok.", "type": "text"}]] * 3
     assert model.calls == 3 and model.most_at_once == 1
+
+
+def test_no_model_flags_serve_the_embedded_default_on_localhost(served_model, monkeypatch):
+    """`fromage-bench demo` alone: the embedded default's model and retrieval set (ensure_model, stubbed here:
+    building it takes minutes), served at 127.0.0.1."""
+    import fromage_bench.embedded
+
+    model_dir, retrieval = served_model
+    served = {}
+    monkeypatch.setattr(fromage_bench.embedded, "ensure_model", lambda: (model_dir, retrieval), raising=False)
+    monkeypatch.setattr(demo, "build_demo", lambda fromage, files: served.setdefault("fromage", fromage))
+    monkeypatch.setattr(demo, "launch", lambda app, host, port, files: served.update(host=host, port=port))
+    monkeypatch.setattr(demo, "check_port_free", lambda host, port: None)  # 7860 may be taken on this machine
+    assert main(["demo", "--device", "cpu"]) == 0
+    assert served["host"] == "127.0.0.1" and served["port"] == demo.DEFAULT_PORT
+    assert served["fromage"].retrieval_set.paths == RetrievalSet.load(retrieval).paths
