@@ -297,6 +297,10 @@ def build_demo(fromage, files: Path):
             conversation = ask(conversation, text, fromage.generate_for_images_and_texts, controls)
         except DemoInputError as err:
             raise user_error(err) from None
+        except Exception as err:  # e.g. a conversation longer than the LM's context: say so, keep the chat
+            log.exception("generation failed")
+            raise gr.Error(f"the model failed ({type(err).__name__}: {err}); Undo or Reset shortens the "
+                           "conversation", title="Generation failed") from None
         return conversation, chat_messages(conversation, files), ""
 
     def on_undo(conversation):

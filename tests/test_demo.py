@@ -251,7 +251,7 @@ def test_server_binds_localhost_by_default(server):
 def test_api_upload_and_question_give_an_answer_with_retrieved_images(server, upload_file, tmp_path):
     from gradio_client import Client, handle_file
 
-    client = Client(server["url"], verbose=False, download_files=str(tmp_path))
+    client = Client(server["url"], verbose=False, download_files=str(tmp_path), analytics_enabled=False)
     shown = client.predict(handle_file(str(upload_file)), api_name="/upload")
     assert [m["role"] for m in shown] == ["user"]
     with Image.open(shown[0]["content"][0]["file"]) as img:  # the squashed upload, as the model sees it
@@ -266,6 +266,8 @@ def test_api_upload_and_question_give_an_answer_with_retrieved_images(server, up
     for path in images:
         with Image.open(path) as img:
             assert img.size == (224, 224)
+    with pytest.raises(Exception, match=f"{demo.MAX_TEXT_CHARS + 1} characters; the limit is {demo.MAX_TEXT_CHARS}"):
+        client.predict("x" * (demo.MAX_TEXT_CHARS + 1), 1.0, 2, 32, 0.0, api_name="/ask")  # the user sees why
     shown = client.predict(api_name="/undo")
     assert [m["role"] for m in shown] == ["user"]
 
@@ -345,25 +347,45 @@ class SlowModel:
         time.sleep(0.5)
         with self.lock:
             self.running -= 1
+        if "too long" in prompt[-1]:
+            raise IndexError("index out of range in self")  # what OPT's position embedding says
         return ["ok."]
 
 
-def test_requests_from_several_users_run_one_at_a_time(tmp_path):
+def test_requests_from_several_users_run_one_at_a_time_and_nothing_leaves_the_machine(tmp_path, monkeypatch):
     require("gradio_client", importlib.util.find_spec("gradio_client"), "pip install -e .[demo]")
     from gradio_client import Client
 
+    elsewhere, resolve, clients_starting = [], socket.getaddrinfo, threading.Event()
+
+    def local_only(host, *args, **kwargs):  # analytics, a version check, fonts, share tunnels would resolve a name
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            if not clients_starting.is_set():  # gradio_client's own look-up (huggingface_hub headers) is not ours
+                elsewhere.append(host)
+            raise OSError(f"{host}: the demo must not reach the network")
+        return resolve(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", local_only)
     model = SlowModel()
     app = demo.build_demo(model, tmp_path)
     port = free_port()
     demo.launch(app, "127.0.0.1", port, tmp_path, block=False)
     try:
-        clients = [Client(f"http://127.0.0.1:{port}/", verbose=False) for _ in range(3)]
+        clients_starting.set()
+        clients = [Client(f"http://127.0.0.1:{port}/", verbose=False, analytics_enabled=False) for _ in range(3)]
+        clients_starting.clear()
         jobs = [c.submit(f"question {i}", 1.0, 2, 32, 0.0, api_name="/ask") for i, c in enumerate(clients)]
         answers = [job.result(timeout=60) for job in jobs]
+        with pytest.raises(Exception, match=r"the model failed \(IndexError: index out of range in self\); Undo"):
+            clients[0].predict("too long", 1.0, 2, 32, 0.0, api_name="/ask")
+        shown, _ = clients[0].predict("again", 1.0, 2, 32, 0.0, api_name="/ask")
+        texts = [[part["text"] for part in m["content"]] for m in shown]
+        assert texts == [["question 0"], ["ok."], ["again"], ["ok."]]  # the failed turn left no trace
     finally:
         app.close()
     assert [a[0][-1]["content"] for a in answers] == [[{"text": "ok.", "type": "text"}]] * 3
-    assert model.calls == 3 and model.most_at_once == 1
+    assert model.calls == 5 and model.most_at_once == 1
+    assert elsewhere == []
 
 
 def test_no_model_flags_serve_the_embedded_default_on_localhost(served_model, monkeypatch):
