@@ -359,7 +359,7 @@ def check_port_free(host: str, port: int) -> None:
             pass
     except OSError as err:
         raise FromageInputError(f"--host {host} --port {port}", f"cannot listen there: {err.strerror or err}",
-                                "choose another --port (or --host)") from None
+                                "choose another --port or --host") from None
 
 
 def launch(demo, host: str, port: int, files: Path, block: bool = True):

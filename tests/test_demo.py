@@ -180,17 +180,21 @@ def test_saved_html_is_self_contained_and_escaped(upload_file):
 
 # -- the command line: bad input ------------------------------------------------------------------------------
 
-def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_dir, capsys):
+def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_dir, capsys, monkeypatch):
     port = free_port()
     assert main(["demo", "--model-dir", str(tmp_path / "missing"), "--port", str(port)]) == 2
     assert main(["demo", "--model-dir", str(tiny_dir), "--retrieval-set", str(tmp_path), "--port", str(port)]) == 2
     with socket.create_server(("127.0.0.1", 0)) as taken:
         assert main(["demo", "--model-dir", str(tiny_dir), "--port", str(taken.getsockname()[1])]) == 2
+    monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` fails, as without the demo extra
+    assert main(["demo", "--model-dir", str(tiny_dir), "--port", str(port)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 3 and all(line.startswith("fromage-bench: error: ") for line in lines), lines
-    assert "missing" in lines[0] and str(tmp_path / "missing") in lines[0]
-    assert "retrieval_embeddings.safetensors: missing" in lines[1]
+    assert len(lines) == 4 and all(line.startswith("fromage-bench: error: ") for line in lines), lines
+    assert f"{tmp_path / 'missing' / 'model_args.json'}: missing" in lines[0]
+    assert f"{tmp_path / 'retrieval_embeddings.safetensors'}: missing" in lines[1]
     assert "cannot listen there" in lines[2]
+    assert lines[3] == ("fromage-bench: error: gradio: not installed (the demo needs the demo extra: "
+                        "pip install -e .[demo])")
 
 
 # -- a real server -------------------------------------------------------------------------------------------
