@@ -358,7 +358,9 @@ def check_port_free(host: str, port: int) -> None:
         with socket.create_server((host, port)):
             pass
     except OSError as err:
-        raise FromageInputError(f"--host {host} --port {port}", f"cannot listen there: {err.strerror or err}",
+        # create_server appends the address to the reason; the message names it already
+        reason = (err.strerror or str(err)).split(" (while attempting to bind")[0]
+        raise FromageInputError(f"--host {host} --port {port}", f"cannot listen there: {reason}",
                                 "choose another --port or --host") from None
 
 

@@ -185,14 +185,16 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_dir, capsys, monkeypatc
     assert main(["demo", "--model-dir", str(tmp_path / "missing"), "--port", str(port)]) == 2
     assert main(["demo", "--model-dir", str(tiny_dir), "--retrieval-set", str(tmp_path), "--port", str(port)]) == 2
     with socket.create_server(("127.0.0.1", 0)) as taken:
-        assert main(["demo", "--model-dir", str(tiny_dir), "--port", str(taken.getsockname()[1])]) == 2
+        taken_port = taken.getsockname()[1]
+        assert main(["demo", "--model-dir", str(tiny_dir), "--port", str(taken_port)]) == 2
     monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` fails, as without the demo extra
     assert main(["demo", "--model-dir", str(tiny_dir), "--port", str(port)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 4 and all(line.startswith("fromage-bench: error: ") for line in lines), lines
     assert f"{tmp_path / 'missing' / 'model_args.json'}: missing" in lines[0]
     assert f"{tmp_path / 'retrieval_embeddings.safetensors'}: missing" in lines[1]
-    assert "cannot listen there" in lines[2]
+    assert lines[2].endswith(f"--port {taken_port}: cannot listen there: Address already in use "
+                             "(choose another --port or --host)"), lines[2]
     assert lines[3] == ("fromage-bench: error: gradio: not installed (the demo needs the demo extra: "
                         "pip install -e .[demo])")
 
