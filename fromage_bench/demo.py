@@ -188,7 +188,9 @@ def chat_messages(conversation: Conversation, files: Path) -> list[dict]:
     holding the answer's text and images in order. Text is HTML-escaped: the Chatbot renders Markdown with
     HTML, and what the user and the model wrote is shown as written."""
     def content(part: Part):
-        return html.escape(part) if isinstance(part, str) else {"path": image_file(part, files), "mime_type": "image/png"}
+        if isinstance(part, str):
+            return html.escape(part)
+        return {"path": image_file(part, files), "mime_type": "image/png"}
 
     messages = []
     for entry in conversation.entries:
@@ -218,9 +220,13 @@ img { width: 224px; height: 224px; margin: 0.3em 0.3em 0 0; vertical-align: top;
 <body>
 <h1>{{ title }}</h1>
 {% for entry in entries %}
-{% if entry.image %}<div class="msg user"><span class="who">You</span><img src="{{ entry.image }}" alt="uploaded image"></div>
-{% else %}<div class="msg user"><span class="who">You</span>{{ entry.question }}</div>
-<div class="msg bot"><span class="who">FROMAGe</span>{% for part in entry.answer %}{% if part.image %}<img src="{{ part.image }}" alt="retrieved image">{% else %}{{ part.text }} {% endif %}{% endfor %}</div>
+{% if entry.image %}
+<div class="msg user"><span class="who">You</span><img src="{{ entry.image }}" alt="uploaded image"></div>
+{% else %}
+<div class="msg user"><span class="who">You</span>{{ entry.question }}</div>
+<div class="msg bot"><span class="who">FROMAGe</span>
+{%- for part in entry.answer %}{% if part.image %}<img src="{{ part.image }}" alt="retrieved image">
+{%- else %}{{ part.text }} {% endif %}{% endfor %}</div>
 {% endif %}
 {% endfor %}
 </body>
@@ -268,7 +274,8 @@ def _gradio():
     try:
         import gradio
     except ImportError:
-        raise FromageInputError("gradio", "not installed", "the demo needs the demo extra: pip install -e .[demo]") from None
+        raise FromageInputError("gradio", "not installed",
+                                "the demo needs the demo extra: pip install -e .[demo]") from None
     return gradio
 
 
@@ -313,7 +320,8 @@ def build_demo(fromage, files: Path):
     def on_save(conversation):
         return gr.File(value=str(save_html(conversation, files)), visible=True)
 
-    with gr.Blocks(title="FROMAGe demo", analytics_enabled=False) as demo:
+    # delete_cache: Gradio's copies of shown images and saved pages, hourly once a day old, and at shutdown
+    with gr.Blocks(title="FROMAGe demo", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(INTRO.format(mb=MAX_UPLOAD_BYTES // 2**20, mpx=MAX_UPLOAD_PIXELS // 10**6, chars=MAX_TEXT_CHARS))
         state = gr.State(Conversation())
         with gr.Row():
@@ -329,7 +337,8 @@ def build_demo(fromage, files: Path):
                     reset_button = gr.Button("Reset all", elem_id="reset")
                     save_button = gr.Button("Save conversation as HTML", elem_id="save")
                 saved = gr.File(label="Saved conversation", visible=False, elem_id="saved", interactive=False)
-                gr.Examples([[p] for p in EXAMPLE_PROMPTS], inputs=[text], label="Example prompts from the paper's notebook")
+                gr.Examples([[p] for p in EXAMPLE_PROMPTS], inputs=[text],
+                            label="Example prompts from the original example notebook")
             with gr.Column(scale=3, min_width=300):
                 ret_scale_factor = gr.Slider(0.0, 3.0, value=1.0, step=0.1, label="Frequency multiplier for returning "
                                              "images (ret_scale_factor; higher means more frequent)")

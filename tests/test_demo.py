@@ -27,8 +27,8 @@ from model import RetrievalSet, load_fromage, make_tiny, read_model_args
 from model.checkpoint import save_release
 from model.images import CROP, open_image, prepare
 from model.prompts import embed_prompt
-from tests.browser import (assert_not_blank, browser, clear_logs, page_problems, require,  # noqa: F401 (browser: a fixture)
-                           settle)
+from tests.browser import browser  # noqa: F401 (a fixture)
+from tests.browser import assert_not_blank, clear_logs, page_problems, require, settle
 from tests.reference.photos import awkward_image_files, photo_like
 from tests.test_training import REPO, free_port
 
@@ -69,8 +69,9 @@ def served_model(tmp_path_factory, upload_file) -> tuple[Path, Path]:
     model_dir = make_retrieving_tiny(root / "model", demo.load_upload(upload_file))
     files = awkward_image_files(root / "images")
     fromage = load_fromage(model_dir, device="cpu", precision="fp32")
-    images = [prepare(open_image(p), CROP) for p in files.values()]
-    retrieval = RetrievalSet(sorted(files), fromage.encode_images(images, mode="retrieval"), image_root=str(root / "images"))
+    names = sorted(files)
+    images = [prepare(open_image(files[name]), CROP) for name in names]
+    retrieval = RetrievalSet(names, fromage.encode_images(images, mode="retrieval"), image_root=str(root / "images"))
     return model_dir, retrieval.save(root / "retrieval")
 
 
@@ -167,8 +168,8 @@ def test_saved_html_is_self_contained_and_escaped(upload_file):
     image = demo.load_upload(upload_file)
     retrieved = photo_like(5, (224, 224))
     conversation = demo.add_upload(demo.Conversation(), image)
-    conversation = demo.ask(conversation, "<script>alert(1)</script> & co?", ScriptedModel(["<b>hi</b> [RET]", [retrieved]]),
-                            demo.Controls())
+    model = ScriptedModel(["<b>hi</b> [RET]", [retrieved]])
+    conversation = demo.ask(conversation, "<script>alert(1)</script> & co?", model, demo.Controls())
     page = demo.conversation_html(conversation)
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co?" in page
     assert "&lt;b&gt;hi&lt;/b&gt;" in page and "[RET]" not in page

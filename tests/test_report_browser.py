@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from reports import write_report
-from tests.browser import assert_not_blank, browser, clear_logs, page_problems, settle  # noqa: F401 (browser: a fixture)
+from tests.browser import browser  # noqa: F401 (a fixture)
+from tests.browser import assert_not_blank, clear_logs, page_problems, settle
 from tests.test_report import make_fake_run
 
 STATE_JS = """return {title: document.title, images: document.images.length,
