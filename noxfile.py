@@ -13,7 +13,7 @@ OLDEST_TRANSFORMERS = "transformers==5.0.0"  # the floor in pyproject.toml
 
 def install(session: nox.Session) -> None:
     session.install(TORCH)
-    session.install("-e", ".[test]")
+    session.install("-e", ".[test,demo]")  # demo: the Gradio chat's tests run in the suite
 
 
 @nox.session

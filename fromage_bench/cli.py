@@ -378,12 +378,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_results_csv)
 
     from .data_cli import add_data_parser
+    from .demo import add_demo_parser
     from .retrieval_build import add_build_retrieval_parser
     from .train_cli import add_train_parser
 
     add_train_parser(sub)
     add_data_parser(sub)
     add_build_retrieval_parser(sub)
+    add_demo_parser(sub)
 
     p = sub.add_parser("embedded", help="the offline default benchmark: miniworld data, stand-in backbones, "
                                         "a trained FROMAGe, every task at every precision (stages cached)")

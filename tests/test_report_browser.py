@@ -14,59 +14,20 @@ variable), where they fail.
 """
 from __future__ import annotations
 
-import io
-import json
-import os
 import re
-import shutil
 import time
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from reports import write_report
+from tests.browser import browser  # noqa: F401 (a fixture)
+from tests.browser import assert_not_blank, clear_logs, page_problems, settle
 from tests.test_report import make_fake_run
 
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--hide-scrollbars", "--mute-audio", "--disable-dev-shm-usage", "--window-size=1280,2000")
 STATE_JS = """return {title: document.title, images: document.images.length,
   broken: Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).length,
   scripts: document.scripts.length, text: document.body ? document.body.innerText : ''}"""
-
-
-def _require(what: str, found) -> None:
-    if not found:
-        message = f"{what} is not installed (Debian: apt-get install -y chromium chromium-driver; pip: selenium)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message}; CI must run the browser tests, not skip them")
-        pytest.skip(message)
-
-
-@pytest.fixture
-def browser(tmp_path, monkeypatch):
-    """A fresh headless chromium with an empty profile. Selenium Manager stays offline: the browser and its
-    driver are Debian's, given by path, so nothing is downloaded."""
-    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
-    _require("chromium", chromium)
-    _require("chromedriver", chromedriver)
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        _require("selenium", None)
-    monkeypatch.setenv("SE_OFFLINE", "true")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=chromedriver))
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 @pytest.fixture(scope="module")
@@ -80,16 +41,10 @@ def open_page(driver, url: str) -> dict:
     problems: SEVERE browser-log entries and requests for anything but the page itself and data: URIs."""
     driver.get("about:blank")
     time.sleep(0.2)
-    driver.get_log("browser"), driver.get_log("performance")  # reading a log empties it
+    clear_logs(driver)
     driver.get(url)
-    time.sleep(0.3)  # late console messages and image loads
-    problems = [f"{e.get('source')}: {e['message']}" for e in driver.get_log("browser") if e["level"] == "SEVERE"]
-    for entry in driver.get_log("performance"):
-        message = json.loads(entry["message"])["message"]
-        if message["method"] == "Network.requestWillBeSent":
-            requested = message["params"]["request"]["url"]
-            if not requested.startswith("data:") and requested != url:
-                problems.append(f"request: {requested[:120]}")
+    settle()
+    problems = page_problems(driver, allowed=lambda requested: requested.startswith("data:") or requested == url)
     return {"problems": problems, **driver.execute_script(STATE_JS)}
 
 
@@ -127,13 +82,6 @@ def test_images_decode_and_injected_caption_stays_text(browser, report, tmp_path
 
 def test_screenshot_is_not_blank(browser, report):
     browser.get(report.as_uri())
-    with Image.open(io.BytesIO(browser.get_screenshot_as_png())) as img:
-        img = img.convert("RGB")
+    img, background = assert_not_blank(browser)
     assert img.width == 1280 and img.height > 1000, img.size
-    small = img.resize((320, 500))
-    counts = small.getcolors(maxcolors=320 * 500)
-    background = max(counts)[1]
-    differing = sum(n for n, colour in counts if colour != background)
-    assert differing > 0.01 * 320 * 500, f"{differing} of {320 * 500} pixels differ from the background"
-    assert len(counts) > 50, f"only {len(counts)} distinct colours"
     assert img.getpixel((5, 5)) != background  # the dark header band at the top
