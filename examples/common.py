@@ -15,10 +15,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from PIL import Image  # noqa: E402
 
-from fromage_bench.cli import _add_model_arguments, _load, configure_output, print_input_error  # noqa: E402
+from fromage_bench.cli import (_add_model_arguments, _load, configure_output, print_input_error,  # noqa: E402
+                               use_embedded_default)
 from model.errors import FromageInputError  # noqa: E402
 from model.images import SQUASH, open_image, prepare, try_open  # noqa: E402
 from model.inference import RETRIEVED_PATH  # noqa: E402
+from model.prompts import answer_turn, question_turn  # noqa: E402
 
 INPUT, ANSWER = "Input:     ", "FROMAGe:  "  # the notebook's prefixes
 
@@ -82,12 +84,10 @@ def load(args: argparse.Namespace, notebook_prompts: list[str], miniworld_prompt
     wants_image = hasattr(args, "image")
     image_path = getattr(args, "image", None)
     image = load_example_image(image_path) if image_path else None  # a bad file fails before the slow load
-    embedded = args.model_dir is None
+    embedded = use_embedded_default(args)
     if embedded:
-        from fromage_bench.embedded import DEFAULT_WORK, ensure_model
+        from fromage_bench.embedded import DEFAULT_WORK
 
-        args.model_dir, retrieval_set = ensure_model(DEFAULT_WORK)
-        args.retrieval_set = args.retrieval_set or retrieval_set
         if wants_image and image is None:
             image = load_example_image(first_miniworld_image(DEFAULT_WORK / "data"))
     elif wants_image and image is None:
@@ -122,12 +122,12 @@ def first_miniworld_image(data_root: Path) -> Path:
 # -- the notebook's dialogue -------------------------------------------------------------------------------
 def ask(text: str, prompt: str) -> str:
     """The dialogue so far plus a question, as the notebook prompts: `Q: ...\\nA:`."""
-    return text + "Q: " + prompt + "\nA:"
+    return text + question_turn(prompt)
 
 
 def answered(text: str, outputs: list) -> str:
     """The dialogue so far plus the model's answer: its strings (with their `[RET]`s) joined by spaces."""
-    return text + " ".join(item for item in outputs if isinstance(item, str)) + "\n"
+    return text + answer_turn(outputs)
 
 
 def dialogue(example: Example, ret_scale_factor: float, max_num_rets: int) -> None:

@@ -73,8 +73,7 @@ def cmd_generate(args) -> int:
     from model.images import load_image
     from model.inference import RETRIEVED_PATH
 
-    if args.model_dir is None and not args.random_init:
-        _use_embedded_default(args)
+    use_embedded_default(args)
     fromage = _load(args)
     prompt = [load_image(args.image)] if args.image else []
     prompt.append(args.text)
@@ -85,15 +84,19 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _use_embedded_default(args) -> None:
-    """No --model-dir: the embedded default's trained model and retrieval set, built first if missing."""
+def use_embedded_default(args) -> bool:
+    """No --model-dir (and no --random-init): the embedded default's trained model and, unless --retrieval-set
+    names another, its retrieval set, built first if missing (`generate`, `demo`, the examples). True if used."""
     from .embedded import DEFAULT_WORK, ensure_model
 
+    if args.model_dir is not None or args.random_init:
+        return False
     print(f"fromage-bench: no --model-dir: using the embedded default model ({DEFAULT_WORK}; built there if missing)",
           file=sys.stderr, flush=True)
     args.model_dir, retrieval = ensure_model(DEFAULT_WORK)
     if args.retrieval_set is None:
         args.retrieval_set = retrieval
+    return True
 
 
 def _split(value: str | None) -> list[str]:

@@ -39,6 +39,11 @@ MAX_UPLOAD_BYTES = 20 * 1024 * 1024   # a phone photo is a few MB; the model see
 MAX_UPLOAD_PIXELS = 40_000_000        # checked from the header, before the image is decoded
 MAX_TEXT_CHARS = 2000                 # per message
 TOP_P_WHEN_SAMPLING = 0.95            # the original's nucleus when temperature > 0
+# The initial ret_scale_factor when serving the embedded default. Its small stand-in LM ranks "[RET]" second after
+# an answer (behind " Q", the start of another round in its pretraining dialogues), where OPT-6.7B ranks it
+# first. Requests about an uploaded miniworld image ("show me a picture like this", "what do you see?", ...)
+# retrieved on 0 of 18 tries at 1.0, 7 at 1.3 (the notebook's dialogue value), 12 at 1.5, 13 at 2.0.
+EMBEDDED_RET_SCALE_FACTOR = 1.5
 # The original example notebook's prompts (concept composition, the beaver dialogue, the photo dialogue).
 EXAMPLE_PROMPTS = [
     "watercolor drawing [RET]",
@@ -121,7 +126,9 @@ def check_message(text: str) -> None:
 
 def model_prompt(conversation: Conversation, text: str) -> list[Part]:
     """The whole conversation so far plus the question, as the original sends it."""
-    return [*conversation.history, "Q: " + text + "\nA:"]
+    from model.prompts import question_turn
+
+    return [*conversation.history, question_turn(text)]
 
 
 def shown_parts(outputs: list) -> tuple[Part, ...]:
@@ -139,14 +146,11 @@ def shown_parts(outputs: list) -> tuple[Part, ...]:
     return tuple(parts)
 
 
-def history_answer(outputs: list) -> str:
-    """The answer as the model sees it next turn: its strings (with `[RET]`) joined by spaces, then a newline."""
-    return " ".join(o for o in outputs if isinstance(o, str)) + "\n"
-
-
 def ask(conversation: Conversation, text: str, generate: Callable[..., list], controls: Controls) -> Conversation:
     """One turn: `generate(prompt, **decoding)` (the model's `generate_for_images_and_texts`) on the whole
     conversation plus the question. An empty message is ignored, as in the original."""
+    from model.prompts import answer_turn
+
     if not text:
         return conversation
     check_message(text)
@@ -154,7 +158,7 @@ def ask(conversation: Conversation, text: str, generate: Callable[..., list], co
     log.info("generating for %d prompt items with %s", len(prompt), controls)
     outputs = generate(prompt, **controls.generate_kwargs())
     entry = Entry(question=text, answer=shown_parts(outputs))
-    return Conversation(conversation.entries + (entry,), tuple(prompt) + (history_answer(outputs),))
+    return Conversation(conversation.entries + (entry,), tuple(prompt) + (answer_turn(outputs),))
 
 
 def undo(conversation: Conversation) -> Conversation:
@@ -284,8 +288,9 @@ def theme():
     return gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
 
-def build_demo(fromage, files: Path):
-    """The chat UI over the functions above; `files` holds the PNGs shown and the saved HTML files."""
+def build_demo(fromage, files: Path, controls: Controls = Controls()):
+    """The chat UI over the functions above; `files` holds the PNGs shown and the saved HTML files; `controls`
+    are the sliders' initial values."""
     gr = _gradio()
 
     def user_error(err: DemoInputError):
@@ -340,7 +345,7 @@ def build_demo(fromage, files: Path):
                 gr.Examples([[p] for p in EXAMPLE_PROMPTS], inputs=[text],
                             label="Example prompts from the original example notebook")
             with gr.Column(scale=3, min_width=300):
-                ret_scale_factor = gr.Slider(0.0, 3.0, value=1.0, step=0.1, label="Frequency multiplier for returning "
+                ret_scale_factor = gr.Slider(0.0, 3.0, value=controls.ret_scale_factor, step=0.1, label="Frequency multiplier for returning "
                                              "images (ret_scale_factor; higher means more frequent)")
                 max_images = gr.Slider(0, 3, value=2, step=1, label="Max images to return")
                 max_words = gr.Slider(1, 64, value=32, step=1, label="Max # of words")
@@ -381,20 +386,18 @@ def launch(demo, host: str, port: int, files: Path, block: bool = True):
 
 
 def cmd_demo(args) -> int:
-    from .cli import _load
+    from .cli import _load, use_embedded_default
 
     _gradio()  # missing, or the port taken: said before the model loads
     check_port_free(args.host, args.port)
-    if args.model_dir is None and not args.random_init:
-        from fromage_bench.embedded import ensure_model
-
-        args.model_dir, retrieval = ensure_model()
-        args.retrieval_set = args.retrieval_set or retrieval
+    embedded = use_embedded_default(args)
+    if args.ret_scale_factor is None:
+        args.ret_scale_factor = EMBEDDED_RET_SCALE_FACTOR if embedded else Controls.ret_scale_factor
     fromage = _load(args)
     if fromage.retrieval_set is None:
         log.warning("no retrieval set: a [RET] answer will fail (give --retrieval-set DIR)")
     with tempfile.TemporaryDirectory(prefix="fromage-demo-") as files:
-        demo = build_demo(fromage, Path(files))
+        demo = build_demo(fromage, Path(files), Controls(ret_scale_factor=args.ret_scale_factor))
         print(f"FROMAGe demo at http://{args.host}:{args.port}/ (Ctrl-C stops it)", flush=True)
         launch(demo, args.host, args.port, Path(files))
     return 0
@@ -409,4 +412,6 @@ def add_demo_parser(subparsers) -> None:
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}: this machine "
                                                         "only; 0.0.0.0 serves the network)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
+    p.add_argument("--ret-scale-factor", type=float, help="the ret_scale_factor slider's initial value (default 1.0, "
+                   f"as the original; {EMBEDDED_RET_SCALE_FACTOR} when serving the embedded default)")
     p.set_defaults(func=cmd_demo)

@@ -567,13 +567,20 @@ def _rng(seed: int, name: str) -> random.Random:
     return random.Random(f"miniworld:{seed}:{name}")  # str seeds are hashed with SHA-512: stable across runs
 
 
+# Requests for a picture, as a chat user types them; "{thing}" names the scene's first object.
+REQUESTS = ("show me {thing}", "can you show me a picture of {thing}?", "show me a picture like this",
+            "what is this?", "what do you see?", "find me a picture of {thing}")
+
+
 def training_pair(rng: random.Random) -> tuple[Scene, str]:
     """A CC3M-style training pair. Like web alt-text, the texts vary in style: mostly captions of the whole
-    scene (60 %), but also a story told up to the picture (25 %: "we saw a small red star on the left .",
+    scene (55 %), but also a story told up to the picture (23 %: "we saw a small red star on the left .",
     possibly followed by steps such as "then the star turned blue ." that name only what changed, so only the
-    whole text pins the picture down) and one to three question/answer rounds about it (15 %: "Q: what
-    colour is the star? A: it is red.")."""
-    style = rng.choices(("caption", "story", "dialogue"), weights=(12, 5, 3))[0]
+    whole text pins the picture down), one to three question/answer rounds about it (14 %: "Q: what
+    colour is the star? A: it is red.") and a chat request answered by a caption (9 %: "Q: show me a red
+    star\nA: a small red star on the left.", the demo's and the notebook's `Q: ...\nA:` turn: a model trained on
+    it answers such a request with a caption and `[RET]`, as FROMAGe does in dialogue)."""
+    style = rng.choices(("caption", "story", "dialogue", "request"), weights=(12, 5, 3, 2))[0]
     if style == "story":
         story = random_story(rng)
         k = rng.randrange(len(story.scenes))
@@ -582,6 +589,9 @@ def training_pair(rng: random.Random) -> tuple[Scene, str]:
     if style == "dialogue":
         qas = random_dialogue(rng, scene, rng.choice((1, 2, 2, 3)))
         return scene, " ".join(f"Q: {qa.question}? A: {qa.answer}." for qa in qas)
+    if style == "request":
+        thing = _group_phrase(_groups(scene)[0], with_size=False, with_place=False)
+        return scene, f"Q: {rng.choice(REQUESTS).format(thing=thing)}\nA: {caption(scene, rng)}"
     return scene, caption(scene, rng)
 
 

@@ -12,6 +12,18 @@ from .images import pixel_values
 
 IGNORE_INDEX = -100  # label of positions that are not scored (images, padding)
 
+
+def question_turn(question: str) -> str:
+    """A dialogue question as the original's demo and example notebook send it: `Q: ...` then `\nA:` for the
+    model to answer after."""
+    return "Q: " + question + "\nA:"
+
+
+def answer_turn(outputs: Sequence) -> str:
+    """A model answer (`generate_for_images_and_texts` outputs) as the original's demo and notebook append it to
+    the dialogue: its strings, with their `[RET]`s, joined by spaces, then a newline; retrieved images left out."""
+    return " ".join(o for o in outputs if isinstance(o, str)) + "\n"
+
 # An image; a string; an integer tensor of token ids, used as they are (no BOS added or removed: for
 # protocols that tokenise each piece on its own); or a float tensor, an image already mapped to LM inputs
 # ((n_visual_tokens, D) captioning embedding).

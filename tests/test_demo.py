@@ -402,10 +402,14 @@ def test_no_model_flags_serve_the_embedded_default_on_localhost(served_model, mo
 
     model_dir, retrieval = served_model
     served = {}
-    monkeypatch.setattr(fromage_bench.embedded, "ensure_model", lambda: (model_dir, retrieval), raising=False)
-    monkeypatch.setattr(demo, "build_demo", lambda fromage, files: served.setdefault("fromage", fromage))
+    monkeypatch.setattr(fromage_bench.embedded, "ensure_model", lambda work: (model_dir, retrieval), raising=False)
+    monkeypatch.setattr(demo, "build_demo", lambda fromage, files, controls: served.update(fromage=fromage,
+                                                                                           controls=controls))
     monkeypatch.setattr(demo, "launch", lambda app, host, port, files: served.update(host=host, port=port))
     monkeypatch.setattr(demo, "check_port_free", lambda host, port: None)  # 7860 may be taken on this machine
     assert main(["demo", "--device", "cpu"]) == 0
     assert served["host"] == "127.0.0.1" and served["port"] == demo.DEFAULT_PORT
     assert served["fromage"].retrieval_set.paths == RetrievalSet.load(retrieval).paths
+    assert served["controls"].ret_scale_factor == demo.EMBEDDED_RET_SCALE_FACTOR  # its small LM needs the nudge
+    assert main(["demo", "--device", "cpu", "--ret-scale-factor", "1.2"]) == 0
+    assert served["controls"].ret_scale_factor == 1.2

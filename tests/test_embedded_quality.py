@@ -63,3 +63,25 @@ def test_ensure_model_gives_the_release_model_and_its_retrieval_set():
     outputs = model.generate_for_images_and_texts(["we saw a small blue square [RET]"], num_words=0)
     retrieved = outputs[1][0].info[RETRIEVED_PATH]
     assert retrieved.startswith(str(training.resolve())) or retrieved.startswith(str(training))
+
+
+def test_the_demo_on_the_embedded_default_retrieves_miniworld_images():
+    """`fromage-bench demo` with no arguments: an uploaded miniworld photo and a request for a picture get an
+    answer with retrieved training images, at the slider value the demo starts with for this model, on most
+    of six photos (a check of the model and the demo together, not of the demo's code alone)."""
+    from fromage_bench import demo
+
+    work = Path(os.environ.get("FROMAGE_EMBEDDED_WORK", DEFAULT_WORK))
+    release, retrieval = ensure_model(work, progress=False)
+    model = load_fromage(release, device="cpu", retrieval_set=retrieval)
+    controls = demo.Controls(ret_scale_factor=demo.EMBEDDED_RET_SCALE_FACTOR)
+    val = work / "data" / "cc3m" / "validation"
+    answered_with_images = 0
+    for row in read_cc3m_rows(work / "data" / "cc3m" / "cc3m_val.tsv")[:6]:
+        photo = next(val.glob(row.image + "*"))
+        chat = demo.add_upload(demo.Conversation(), demo.load_upload(photo))
+        answer = demo.ask(chat, "show me a picture like this", model.generate_for_images_and_texts, controls)
+        images = [part for part in answer.entries[-1].answer if not isinstance(part, str)]
+        assert all(Path(image.info[RETRIEVED_PATH]).parent.name == "training" for image in images)
+        answered_with_images += bool(images)
+    assert answered_with_images >= 4
