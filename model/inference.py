@@ -88,7 +88,7 @@ class Fromage(nn.Module):
                                       max_img_per_ret: int = 1, *, min_word_tokens: int = 0,
                                       generator: torch.Generator | None = None) -> list:
         """Interleaved images and strings in; a list of strings and lists of retrieved PIL images out (each
-        retrieved image's `info["path"]` names the retrieval-set file it came from).
+        retrieved image's `info[RETRIEVED_PATH]` names the retrieval-set file it came from).
 
         Differences from the original, both bug fixes: with num_words=0 the `[RET]` embedding is read at
         the `[RET]` token's position in the full sequence (the original looked the index up among text

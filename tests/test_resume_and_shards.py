@@ -4,12 +4,9 @@ of an uninterrupted run, and `map_batches` itself reads, skips and orders journa
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,8 +17,8 @@ from fromage_bench.synth.captions import write_cc3m
 from fromage_bench.synth.visdial import write_visdial
 from fromage_bench.synth.vist import write_vist
 from tasks.journal import Journal, map_batches
+from tests.subprocesses import REPO, child_env, sigkill_when
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 # -- helpers --------------------------------------------------------------------------------------------
@@ -29,11 +26,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
 def eval_command(model_dir: Path, data_root: Path, out: Path, tasks: str, batch_size: int,
@@ -46,7 +38,7 @@ def eval_command(model_dir: Path, data_root: Path, out: Path, tasks: str, batch_
 
 
 def run_to_completion(cmd: list[str]) -> dict:
-    done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=180)
+    done = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-4000:]
     out = Path(cmd[cmd.index("--out") + 1])
     return json.loads((out / "results.json").read_text())
@@ -104,19 +96,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_results(tiny_dir, tmp_path):
     out, clean_out = tmp_path / "killed", tmp_path / "clean"
     cmd = eval_command(tiny_dir, data, out, RESUMED_TASKS, batch_size=1)
 
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while _journal_lines(out) < 1:
-            assert proc.poll() is None, f"the run ended before any batch was journalled: {proc.stderr.read()[-3000:]}"
-            assert time.monotonic() < deadline, "no batch journalled in 120 s"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_when(cmd, lambda: _journal_lines(out) >= 1, "any batch was journalled", timeout=120)
     assert not (out / "results.json").exists() and not (out / "predictions").exists()
     journalled = _journal_lines(out)
     assert journalled >= 1

@@ -10,10 +10,8 @@ import json
 import os
 import pickle
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +27,8 @@ from model.retrieval_set import EMBEDDINGS_FILE, PATHS_FILE
 from tests.reference.original_fromage import OriginalStyleFromage
 from tests.reference.photos import awkward_image_files
 from tests.reference.tiny_release import write_tiny_release_dir
+from tests.subprocesses import REPO, child_env, sigkill_when
 
-REPO = Path(__file__).resolve().parents[1]
 SKIPPED = "retrieval_skipped.tsv"
 
 
@@ -251,11 +249,6 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tiny_dir, tmp_pa
 
 
 # -- resume and sharding --------------------------------------------------------------------------------------
-def _env() -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-
-
 def build_command(model_dir: Path, images: Path, out: Path, *extra) -> list[str]:
     return [sys.executable, "-m", "fromage_bench", "build-retrieval-set", "--model-dir", str(model_dir),
             "--images", str(images), "--out", str(out), "--device", "cpu", "--no-progress", "--chunk-size", "2",
@@ -263,7 +256,7 @@ def build_command(model_dir: Path, images: Path, out: Path, *extra) -> list[str]
 
 
 def run_build(cmd: list[str]) -> str:
-    done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -294,21 +287,10 @@ def clean_build(tiny_dir, many_photos, tmp_path_factory):
 def test_a_killed_build_resumes_to_the_same_set(tiny_dir, many_photos, clean_build, tmp_path):
     out = tmp_path / "killed"
     cmd = build_command(tiny_dir, many_photos, out)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 90
-        while len(list((out / ".partial").glob("*.safetensors"))) < 2:
-            assert proc.poll() is None, f"the build ended before two chunks were written: {proc.stderr.read()[-3000:]}"
-            assert time.monotonic() < deadline, "no chunks written in 90 s"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    chunks = lambda: len(list((out / ".partial").glob("*.safetensors")))  # noqa: E731
+    sigkill_when(cmd, lambda: chunks() >= 2, "two chunks were written", timeout=90)
     assert not (out / PATHS_FILE).exists() and not (out / EMBEDDINGS_FILE).exists()
-    written = len(list((out / ".partial").glob("*.safetensors")))
+    written = chunks()
     assert 2 <= written < 13
 
     printed = run_build(cmd)
