@@ -257,8 +257,9 @@ def cmd_profile(args) -> int:
                         visual_model=args.visual_model, device=args.device,
                         precisions=_split(args.precisions or args.precision),
                         scenarios=_split(args.scenarios) or list(SCENARIOS), warmup=args.warmup, repeats=args.repeats,
+                        min_seconds=args.min_seconds,
                         new_tokens=args.new_tokens, seed=args.seed or 0, bandwidth=args.bandwidth, naive=args.naive,
-                        decode_paths=_split(args.decode_paths) or ["auto"])
+                        decode_paths=_split(args.decode_paths) or ["auto"], int8_outliers=args.int8_outliers)
     for flag, attr in (("image_batch_sizes", "image_batch_sizes"), ("context_lengths", "context_lengths"),
                        ("decode_batch_sizes", "decode_batch_sizes"), ("pool_sizes", "pool_sizes")):
         values = _ints(getattr(args, flag))
@@ -349,8 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--precisions", help="comma-separated, e.g. bf16,fp16,int8")
     p.add_argument("--scenarios", help="comma-separated subset of image_encoding,prefill,decode,option_scoring,retrieval")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls before each item's timed ones (default 2)")
+    p.add_argument("--repeats", type=int, default=10,
+                   help="each item: at least this many timed calls (default 10) ...")
+    p.add_argument("--min-seconds", type=float, default=2.0,
+                   help="... and at least this many seconds of timed work, whichever takes longer (default 2)")
     p.add_argument("--image-batch-sizes", help="default 1,8,32")
     p.add_argument("--context-lengths", help="prefill lengths, default 32,128,512")
     p.add_argument("--decode-batch-sizes", help="default 1,4,16")
@@ -364,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bandwidth", type=float, help="device memory bandwidth in bytes/s for the decode roofline")
     p.add_argument("--naive", action="store_true",
                    help="also time the reference paths (no-cache decode, per-option scoring) for the speed-up")
+    p.add_argument("--int8-outliers", default="planted",
+                   help="with --random-init: planted (default: a few hidden dimensions of magnitude 20 in the layer "
+                        "norms' outputs, as trained OPT has, so int8 takes LLM.int8()'s outlier path) or none")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("report", help="(re)generate RUN_DIR/report.html from RUN_DIR/results.json")

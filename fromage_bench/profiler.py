@@ -1,7 +1,8 @@
 """`fromage-bench profile`: cost of each inference scenario, isolated from accuracy, at each precision.
 
 Scenarios (what runs) are small functions that build inputs and return a closure doing one unit of work;
-the timer (what is measured) runs warm-up and repeats around it, with CUDA events on GPU.
+the timer (what is measured) runs warm-up calls and then timed calls around it (at least `repeats` of them and at
+least `min_seconds` of timed work), with CUDA events on GPU.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Callable
 import torch
 
 from model import FromageInputError, PRECISIONS, load_fromage, resolve_placement
+from model.precision import INT8_OUTLIERS
 from model.errors import require_known
 from model.prompts import EmbeddedPrompt, pad_batch
 from model.generation import DECODE_PATHS, STATIC_PATHS, generate
@@ -45,8 +47,9 @@ class ProfileConfig:
     device: str | None = None
     precisions: list[str] = field(default_factory=list)
     scenarios: list[str] = field(default_factory=lambda: list(SCENARIOS))
-    warmup: int = 2
-    repeats: int = 5
+    warmup: int = 2  # untimed calls before each item's timed ones
+    repeats: int = 10  # each item: at least this many timed calls ...
+    min_seconds: float = 2.0  # ... and at least this much timed work, whichever takes longer
     image_batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
     context_lengths: list[int] = field(default_factory=lambda: [32, 128, 512])
     decode_batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 16])
@@ -60,33 +63,45 @@ class ProfileConfig:
     seed: int = 0
     bandwidth: float | None = None  # bytes/s, overrides the nominal table
     naive: bool = False  # also time the reference paths (no-cache decode, per-option scoring) for comparison
+    int8_outliers: str = "planted"  # random init: plant outlier feature dimensions (model.precision) or "none"
 
     def to_json(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
 
 
-def time_it(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> list[float]:
-    """Seconds per call of `fn`, after `warmup` calls; CUDA events on GPU, perf_counter on CPU."""
+def time_it(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int, min_seconds: float = 0.0,
+            clock: Callable[[], float] = time.perf_counter) -> list[float]:
+    """Seconds per call of `fn`, after `warmup` untimed calls: at least `repeats` timed calls (one at the least)
+    and at least `min_seconds` of timed work, whichever takes longer. CUDA events on GPU, `clock` on CPU."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1000.0)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+    times: list[float] = []
+    timed = 0.0
+    while len(times) < max(repeats, 1) or timed < min_seconds:
+        times.append(_timed_call(fn, device, clock))
+        timed += times[-1]
     return times
 
 
+def _timed_call(fn: Callable[[], object], device: torch.device, clock: Callable[[], float]) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1000.0
+    t0 = clock()
+    fn()
+    return clock() - t0
+
+
 def _summary(times: list[float]) -> dict:
-    return {"median": statistics.median(times), "min": min(times), "max": max(times), "all": times}
+    """Median and interquartile range (quartiles interpolated linearly, as numpy.percentile does) of the timed
+    calls, with the extremes, the count, the timed total and every value."""
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else times * 3
+    return {"median": statistics.median(times), "q1": q1, "q3": q3, "iqr": q3 - q1, "min": min(times),
+            "max": max(times), "n": len(times), "timed_seconds": sum(times), "all": times}
 
 
 def _random_text(model, n_tokens: int, generator: torch.Generator) -> torch.Tensor:
@@ -223,7 +238,19 @@ def _record(scenario: str, precision: str, params: dict, status: str, **fields) 
             **fields}
 
 
+def outliers_label(cfg: ProfileConfig) -> str:
+    """What the LM's int8 outliers are in this run: "planted" or "none" (random init), or the checkpoint's own."""
+    return cfg.int8_outliers if cfg.random_init else "checkpoint"
+
+
 def profile_precision(cfg: ProfileConfig, precision: str) -> list[dict]:
+    records = _profile_precision(cfg, precision)
+    for record in records:
+        record["int8_outliers"] = outliers_label(cfg)
+    return records
+
+
+def _profile_precision(cfg: ProfileConfig, precision: str) -> list[dict]:
     try:
         placement = resolve_placement(cfg.device, precision)
     except FromageInputError as err:
@@ -232,7 +259,8 @@ def profile_precision(cfg: ProfileConfig, precision: str) -> list[dict]:
         return [_record(s, precision, {}, "skipped", reason=str(err)) for s in cfg.scenarios]
     with Stopwatch() as load_clock:
         model = load_fromage(cfg.model_dir, opt_version=cfg.opt_version, visual_model=cfg.visual_model,
-                             device=placement.device, precision=precision, random_init=cfg.random_init, seed=cfg.seed)
+                             device=placement.device, precision=precision, random_init=cfg.random_init, seed=cfg.seed,
+                             int8_outliers=cfg.int8_outliers)
     device = placement.device
     base_cost = {"load_seconds": load_clock.seconds, "weight_bytes": model.weight_bytes}
     bandwidth = cfg.bandwidth or nominal_bandwidth(device)
@@ -292,12 +320,12 @@ def _measure(model, cfg: ProfileConfig, scenario: str, precision: str, params: d
     """Time one scenario item: its profile record."""
     with MemoryTracker(device) as memory:
         if scenario == "decode":
-            full = time_it(work[0], device, cfg.warmup, cfg.repeats)
-            one = time_it(work[1], device, cfg.warmup, cfg.repeats)
+            full = time_it(work[0], device, cfg.warmup, cfg.repeats, cfg.min_seconds)
+            one = time_it(work[1], device, cfg.warmup, cfg.repeats, cfg.min_seconds)
             per_token = max((statistics.median(full) - statistics.median(one)) / (cfg.new_tokens - 1), 1e-9)
             times = [per_token]
         else:
-            times = time_it(work, device, cfg.warmup, cfg.repeats)
+            times = time_it(work, device, cfg.warmup, cfg.repeats, cfg.min_seconds)
     cost = {**base_cost, "seconds": _summary(times), "memory": memory.summary()}
     for unit, count in units.items():
         cost[f"{unit}_per_second"] = count / statistics.median(times)
@@ -305,6 +333,7 @@ def _measure(model, cfg: ProfileConfig, scenario: str, precision: str, params: d
     if scenario == "decode":
         record["cost"]["seconds_per_token"] = times[0]
         record["cost"]["full_generate_seconds"] = _summary(full)
+        record["cost"]["one_token_generate_seconds"] = _summary(one)
         if params["batch_size"] == 1:
             record["roofline"] = _decode_roofline(model, times[0], *bandwidths)
     if scenario == "option_scoring" and params["options"] == 100 and "path" not in params:
@@ -333,10 +362,17 @@ def run_profile(cfg: ProfileConfig) -> Path:
     require_known("--scenarios", cfg.scenarios, SCENARIOS, "scenario")
     require_known("--decode-paths", cfg.decode_paths, DECODE_PATHS, "decode path")
     require_known("precision", cfg.precisions, PRECISIONS, "precision")
+    require_known("--int8-outliers", [cfg.int8_outliers], INT8_OUTLIERS, "int8 outlier mode")
     if cfg.model_dir is None and not cfg.random_init:
         raise FromageInputError("--model-dir", "required (or --random-init)")
     if cfg.option_batch_size < 1:
         raise FromageInputError("--option-batch-size", "must be >= 1")
+    if cfg.repeats < 1:
+        raise FromageInputError("--repeats", "must be >= 1")
+    if cfg.warmup < 0:
+        raise FromageInputError("--warmup", "must be >= 0")
+    if not cfg.min_seconds >= 0:  # also refuses NaN
+        raise FromageInputError("--min-seconds", "must be >= 0")
     if cfg.new_tokens < 2:
         raise FromageInputError("--new-tokens", "must be >= 2 (decode cost is the difference of two lengths)")
     from .runner import _check_output_dir

@@ -14,7 +14,7 @@ import torch
 from transformers import AddedToken, CLIPVisionConfig, CLIPVisionModel, GPT2Tokenizer, OPTConfig, OPTForCausalLM
 
 from .errors import FromageInputError
-from .precision import INT8_OUTLIER_THRESHOLD, Placement, quantize_linear_layers_int8
+from .precision import INT8_OUTLIER_THRESHOLD, Placement, plant_outlier_features, quantize_linear_layers_int8
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +102,15 @@ def _fallback_tokenizer() -> GPT2Tokenizer:
         return GPT2Tokenizer.from_pretrained(tmp)
 
 
-def load_language_model(path: Path | None, placement: Placement, random_init_from: str | None = None) -> OPTForCausalLM:
-    """OPT, frozen, in the placement's precision; int8 quantizes every decoder linear layer (not lm_head)."""
+def load_language_model(path: Path | None, placement: Placement, random_init_from: str | None = None,
+                        int8_outliers: str = "none") -> OPTForCausalLM:
+    """OPT, frozen, in the placement's precision; int8 quantizes every decoder linear layer (not lm_head).
+    A random init with `int8_outliers="planted"` gets outlier feature dimensions (`plant_outlier_features`),
+    listed in `lm.planted_outlier_dims`, before any quantization."""
     if random_init_from is not None:
         config = OPTConfig(**paper_config(random_init_from))
         lm = _random_model(OPTForCausalLM, config, placement.device, placement.dtype)
+        lm.planted_outlier_dims = plant_outlier_features(lm) if int8_outliers == "planted" else []
         if placement.quantize_lm:
             quantize_linear_layers_int8(lm.model, placement.device)
     else:

@@ -12,10 +12,10 @@ import torch
 from .args import ModelArgs, read_model_args
 from .backbones import (load_image_processor, load_language_model, load_tokenizer, load_vision_model, resolve_backbone)
 from .checkpoint import CHECKPOINT_FILE, apply_trained_weights, read_state_dict
-from .errors import FromageInputError
+from .errors import FromageInputError, require_known
 from .fromage import FromageModel
 from .inference import Fromage
-from .precision import resolve_placement
+from .precision import INT8_OUTLIERS, resolve_placement
 from .retrieval_set import EMBEDDINGS_FILE, RetrievalSet
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 def load_fromage(model_dir: str | Path | None, *, opt_version: str | None = None, visual_model: str | None = None,
                  device: str | torch.device | None = None, precision: str | None = None,
                  retrieval_set: str | Path | RetrievalSet | None = None, random_init: bool = False,
-                 seed: int = 0, accept_foreign_retrieval_set: bool = False) -> Fromage:
+                 seed: int = 0, accept_foreign_retrieval_set: bool = False, int8_outliers: str = "none") -> Fromage:
     """Load a FROMAGe model for inference.
 
     model_dir: holds `model_args.json` and `pretrained_ckpt.pth.tar` (the release format). With
@@ -37,7 +37,11 @@ def load_fromage(model_dir: str | Path | None, *, opt_version: str | None = None
         another image preprocessing is bad input unless `accept_foreign_retrieval_set=True`.
     random_init: build the backbones at their true size from the shipped paper configurations with random
         weights (for profiling without downloads); trained maps come from the checkpoint if there is one.
+    int8_outliers: with random_init, "planted" gives the LM the outlier feature dimensions trained OPT has
+        (`model.precision.plant_outlier_features`, at every precision, so that each precision runs the same
+        network), "none" leaves the plain random init. Loaded weights have their own.
     """
+    require_known("int8_outliers", [int8_outliers], INT8_OUTLIERS, "int8 outlier mode")
     placement = resolve_placement(device, precision)
     args = read_model_args(model_dir) if model_dir is not None else ModelArgs()
     if model_dir is None and not random_init:
@@ -54,7 +58,7 @@ def load_fromage(model_dir: str | Path | None, *, opt_version: str | None = None
     if random_init:
         opt_path = _cached_or_none(opt_name, model_dir)
         tokenizer = load_tokenizer(opt_path if opt_path and (opt_path / "vocab.json").is_file() else None)
-        lm = load_language_model(None, placement, random_init_from=opt_name)
+        lm = load_language_model(None, placement, random_init_from=opt_name, int8_outliers=int8_outliers)
         vision = load_vision_model(None, placement, random_init_from=vision_name)
         processor = load_image_processor(_cached_or_none(vision_name, model_dir))
     else:
@@ -79,7 +83,8 @@ def load_fromage(model_dir: str | Path | None, *, opt_version: str | None = None
     if state_dict is not None:
         apply_trained_weights(model, state_dict, checkpoint_path)
     tensors = _tensors_digest(state_dict)
-    fingerprint = _fingerprint(args, tensors, placement.precision, random_init, seed)
+    fingerprint = _fingerprint(args, tensors, placement.precision, random_init, seed,
+                               planted=random_init and int8_outliers == "planted")
     identity = model_identity(args, tensors, vision.config, processor, random_init, seed)
     fromage = Fromage(model, placement, fingerprint=fingerprint, model_identity=identity)
     retrieval = _load_retrieval_set(retrieval_set, model_dir)
@@ -121,10 +126,13 @@ def _tensors_digest(state_dict) -> str:
     return digest.hexdigest()
 
 
-def _fingerprint(args: ModelArgs, tensors_digest: str, precision: str, random_init: bool, seed: int) -> str:
-    """Identifies the model's outputs: arguments, trained tensors, precision (used to key caches)."""
+def _fingerprint(args: ModelArgs, tensors_digest: str, precision: str, random_init: bool, seed: int,
+                 planted: bool = False) -> str:
+    """Identifies the model's outputs: arguments, trained tensors, precision, planted outliers (used to key caches)."""
     digest = hashlib.sha256(repr(sorted(args.to_dict().items())).encode())
     digest.update(f"{precision}|{random_init}|{seed if random_init else ''}".encode())
+    if planted:  # only then, so that every other model keeps the fingerprint its caches were written under
+        digest.update(b"|planted-outliers")
     digest.update(tensors_digest.encode())
     return digest.hexdigest()[:16]
 

@@ -11,6 +11,13 @@ from .errors import FromageInputError
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 INT8_OUTLIER_THRESHOLD = 6.0  # LLM.int8()'s default: activations above it stay in fp16
+# Random-init LMs: "planted" gives them outlier feature dimensions as trained OPT has (see plant_outlier_features)
+INT8_OUTLIERS = ("planted", "none")
+# LLM.int8() (Dettmers et al. 2022) describes trained OPT's outliers as systematic: a handful of hidden dimensions
+# (about six at 6.7B), in every layer, up to 20x the others. Layer-norm outputs are ~1 elsewhere, so 20 is within
+# that and far above the 6.0 threshold for every token.
+PLANTED_OUTLIER_DIMS = 6
+PLANTED_OUTLIER_MAGNITUDE = 20.0
 
 # On CPU the non-quantised parts stay fp32 by design; bitsandbytes would warn on every int8 matmul about
 # casting its fp32 input to fp16.
@@ -94,19 +101,53 @@ def quantize_linear_layers_int8(module: torch.nn.Module, device: torch.device,
     return replaced
 
 
+def plant_outlier_features(lm, n_dims: int = PLANTED_OUTLIER_DIMS,
+                           magnitude: float = PLANTED_OUTLIER_MAGNITUDE) -> list[int]:
+    """Give a randomly initialised OPT the outlier feature dimensions of a trained one; returns them, sorted.
+
+    Random weights keep every activation far below LLM.int8()'s threshold, so its mixed-precision path (the
+    columns of a linear layer's input holding any |x| >= 6 multiplied in fp16 beside the int8 product) never
+    runs, though trained OPT takes it in every layer. Trained OPT's outliers sit in a few hidden dimensions of
+    the layer-norm outputs that feed the attention's q/k/v projections and the MLP's fc1, with the same sign
+    in every token: so each decoder layer's two layer norms get a bias of +-`magnitude` in the same `n_dims`
+    dimensions (weights unchanged, so the values still vary by token around it). out_proj and fc2 take mixes
+    (attention averages, ReLU outputs), as in trained OPT, and are left alone; so is the final layer norm
+    before lm_head, which is not quantized. The dimensions and signs are fixed (their own generator), so the
+    rest of the random init does not move.
+    """
+    hidden = lm.config.hidden_size
+    generator = torch.Generator().manual_seed(0)
+    dims = torch.randperm(hidden, generator=generator)[:min(n_dims, hidden)].sort().values
+    signs = torch.randint(0, 2, (len(dims),), generator=generator) * 2 - 1
+    with torch.no_grad():
+        for layer in lm.model.decoder.layers:
+            for norm in (layer.self_attn_layer_norm, layer.final_layer_norm):
+                norm.bias[dims.to(norm.bias.device)] = (signs * magnitude).to(norm.bias.device, norm.bias.dtype)
+    return dims.tolist()
+
+
 def weight_bytes(module: torch.nn.Module) -> int:
-    """Bytes of parameter and buffer storage actually held (int8 weights count 1 byte per element, plus scales)."""
+    """Bytes of parameter and buffer storage actually held (int8 weights count 1 byte per element, plus scales),
+    each storage once, before and after the first forward alike."""
     seen: set[int] = set()
     total = 0
-    tensors = list(module.parameters()) + list(module.buffers())
-    for t in tensors:
-        for extra in (t, getattr(t, "SCB", None), getattr(t, "CB", None)):
-            if extra is None or not isinstance(extra, torch.Tensor):
-                continue
-            storage = extra.untyped_storage()
-            key = storage.data_ptr()
-            if key in seen or storage.nbytes() == 0:
-                continue
-            seen.add(key)
-            total += storage.nbytes()
+    for tensor in _held_tensors(module):
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key in seen or storage.nbytes() == 0:
+            continue
+        seen.add(key)
+        total += storage.nbytes()
     return total
+
+
+def _held_tensors(module: torch.nn.Module):
+    """Parameters and buffers, with the int8 weights' quantized data (CB) and row scales (SCB) wherever
+    bitsandbytes keeps them: on the weight after quantization, in the layer's `state` after its first forward
+    (`Linear8bitLt.init_8bit_state` moves them there and leaves None on the weight)."""
+    for sub in module.modules():
+        holders = [*sub.parameters(recurse=False), *sub.buffers(recurse=False)]
+        for holder in holders + [getattr(sub, "state", None)]:
+            for tensor in (holder, getattr(holder, "SCB", None), getattr(holder, "CB", None)):
+                if isinstance(tensor, torch.Tensor):
+                    yield tensor

@@ -11,7 +11,8 @@ from fromage_bench.results import load, read_results
 def test_every_scenario_on_the_tiny_model(tiny_dir, tmp_path):
     out = tmp_path / "prof"
     code = main(["profile", "--model-dir", str(tiny_dir), "--out", str(out), "--precisions", "fp32,int8",
-                 "--repeats", "2", "--warmup", "1", "--pool-sizes", "100,1000", "--decode-batch-sizes", "1,2",
+                 "--repeats", "2", "--warmup", "1", "--min-seconds", "0", "--pool-sizes", "100,1000",
+                 "--decode-batch-sizes", "1,2",
                  "--new-tokens", "4", "--device", "cpu"])
     assert code == 0
     doc = read_results(out)
@@ -33,7 +34,7 @@ def test_decode_paths_each_get_a_record_and_int8_skips_the_static_step(tiny_dir,
     out = tmp_path / "paths"
     assert main(["profile", "--model-dir", str(tiny_dir), "--out", str(out), "--precisions", "fp32,int8",
                  "--scenarios", "decode", "--decode-paths", "auto,static", "--decode-batch-sizes", "1",
-                 "--repeats", "1", "--warmup", "0", "--new-tokens", "3", "--device", "cpu"]) == 0
+                 "--repeats", "1", "--warmup", "0", "--min-seconds", "0", "--new-tokens", "3", "--device", "cpu"]) == 0
     records = {(r["precision"], r["params"].get("path", "auto")): r for r in read_results(out)["records"]}
     assert set(records) == {("fp32", "auto"), ("fp32", "static"), ("int8", "auto"), ("int8", "static")}
     assert records["fp32", "static"]["status"] == "ok"
@@ -56,7 +57,8 @@ def test_a_failing_path_is_recorded_and_the_others_still_run(tiny_dir, tmp_path,
     out = tmp_path / "failing"
     assert main(["profile", "--model-dir", str(tiny_dir), "--out", str(out), "--precisions", "fp32",
                  "--scenarios", "decode,option_scoring", "--decode-paths", "static,auto", "--decode-batch-sizes", "1",
-                 "--options", "4", "--repeats", "1", "--warmup", "0", "--new-tokens", "3", "--device", "cpu"]) == 1
+                 "--options", "4", "--repeats", "1", "--warmup", "0", "--min-seconds", "0", "--new-tokens", "3",
+                 "--device", "cpu"]) == 1
     records = read_results(out)["records"]
     assert [(r["scenario"], r["params"].get("path"), r["status"]) for r in records] == [
         ("decode", "static", "error"), ("decode", None, "ok"), ("option_scoring", None, "ok")]
@@ -96,7 +98,8 @@ def test_paper_architecture_small_random_init(tmp_path):
     out = tmp_path / "p"
     assert main(["profile", "--random-init", "--opt-version", "facebook/opt-125m", "--visual-model",
                  "openai/clip-vit-base-patch32", "--device", "cpu", "--precisions", "bf16", "--out", str(out),
-                 "--repeats", "1", "--warmup", "0", "--image-batch-sizes", "1", "--context-lengths", "16",
+                 "--repeats", "1", "--warmup", "0", "--min-seconds", "0", "--image-batch-sizes", "1",
+                 "--context-lengths", "16",
                  "--decode-batch-sizes", "1", "--new-tokens", "2", "--options", "4", "--pool-sizes", "100"]) == 0
     records = json.loads((out / "results.json").read_text())["records"]
     assert len(records) == 5 and all(r["status"] == "ok" for r in records)
@@ -133,7 +136,7 @@ def test_each_precision_frees_its_model_before_the_next_loads(tiny_dir, tmp_path
     monkeypatch.setattr(profiler, "load_fromage", load)
     assert main(["profile", "--model-dir", str(tiny_dir), "--out", str(tmp_path / "p"), "--precisions", "fp32,bf16",
                  "--scenarios", "decode", "--decode-paths", "static", "--decode-batch-sizes", "1", "--repeats", "1",
-                 "--warmup", "0", "--new-tokens", "2", "--device", "cpu"]) == 0
+                 "--warmup", "0", "--min-seconds", "0", "--new-tokens", "2", "--device", "cpu"]) == 0
     assert alive_at_load == [[], [False]]
     assert loaded[1]() is None
 
@@ -155,6 +158,7 @@ def test_option_scoring_projection_predicts_the_evals_work(tiny_dir, tmp_path):
     work = results["records"][0]["cost"]["work"]
     assert main(["profile", "--model-dir", str(tiny_dir), "--out", str(prof_out), "--precisions", "fp32",
                  "--scenarios", "option_scoring", "--option-batch-size", "7", "--repeats", "1", "--warmup", "0",
+                 "--min-seconds", "0",
                  "--device", "cpu"]) == 0
     (record,) = read_results(prof_out)["records"]
     assert record["params"]["option_batch_size"] == 7
