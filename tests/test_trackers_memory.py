@@ -108,3 +108,18 @@ def test_cpu_tracking_has_rss_and_its_baseline():
     summary = memory.summary()
     assert summary["cpu_rss_bytes"] >= summary["baseline"]["cpu_rss_bytes"] > 0
     assert not any(k.startswith(("cuda_", "nvml_")) for k in summary)
+
+
+def test_environment_names_the_gpu_torch_uses(monkeypatch):
+    """The environment block says which physical GPU `cuda:0` was (UUID, PCI bus id, NVML's match), what hid the
+    others, and the bandwidth with its source."""
+    from fromage_bench.environment import gpu_info
+
+    gpus = four_gpus()
+    props = torch_props(gpus[3].name, uuid=gpus[3].uuid, pci=(0, 0x1B, 0))
+    install(monkeypatch, FakeNvml(gpus), [props], cuda_visible_devices="3")
+    (gpu,) = gpu_info()
+    assert gpu["uuid"] == gpus[3].uuid.removeprefix("GPU-") and gpu["pci_bus_id"] == gpus[3].pci_bus_id
+    assert gpu["nvml_matched_by"] == f"uuid {gpus[3].uuid}" and gpu["visible_devices"] == {"CUDA_VISIBLE_DEVICES": "3"}
+    assert gpu["peak_bandwidth_source"].startswith("nvml") and gpu["driver"] == "580.00"
+    assert gpu["peak_bandwidth_bytes_per_second"] == pytest.approx(2619e6 * 5120 / 8 * 2)
