@@ -51,23 +51,31 @@ def git_revision() -> dict:
 
 
 def gpu_info() -> list[dict]:
+    """Each visible GPU, in torch's numbering, with what identifies it on the machine (UUID, PCI bus id, how
+    NVML matched it: `devices.describe_gpu`) and its peak memory bandwidth with the figure's source."""
     if not torch.cuda.is_available():
         return []
-    driver = None
-    try:
-        import pynvml
+    from .devices import describe_gpu, nvml, peak_bandwidth, visible_devices_env
 
-        pynvml.nvmlInit()
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        driver = driver.decode() if isinstance(driver, bytes) else driver
-    except Exception:  # NVML missing or not permitted: the rest still describes the device
-        pass
+    pynvml = nvml()
+    driver = None
+    if pynvml is not None:
+        try:
+            driver = pynvml.nvmlSystemGetDriverVersion()
+            driver = driver.decode() if isinstance(driver, bytes) else driver
+        except Exception:  # noqa: BLE001 - NVML not permitted: the rest still describes the device
+            pass
+    visible = visible_devices_env()
     out = []
     for i in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(i)
+        bandwidth = peak_bandwidth(torch.device("cuda", i), pynvml=pynvml)
         out.append({"index": i, "name": props.name, "memory_bytes": props.total_memory,
                     "capability": f"{props.major}.{props.minor}", "multiprocessors": props.multi_processor_count,
-                    "driver": driver, "cuda": torch.version.cuda})
+                    "driver": driver, "cuda": torch.version.cuda, **describe_gpu(i, pynvml),
+                    "peak_bandwidth_bytes_per_second": bandwidth["bytes_per_second"],
+                    "peak_bandwidth_source": bandwidth["source"] or bandwidth.get("reason"),
+                    "visible_devices": visible})
     return out
 
 

@@ -26,15 +26,15 @@ from tasks.visdial import PROTOCOLS as VISDIAL_PROTOCOLS, Dialogue, Round, ranki
 
 from .environment import describe_environment
 from .results import write_results
-from .trackers import MemoryTracker, Stopwatch, release_memory
+from .devices import normalized_name, peak_bandwidth, table_bandwidth
+from .trackers import MemoryTracker, Stopwatch, release_memory, reset_device_memory
 
 SCENARIOS = ("image_encoding", "prefill", "decode", "option_scoring", "retrieval")
 VISDIAL_VAL_ROUNDS = 2064 * 10  # VisDial v1.0 val: 2064 dialogues x 10 rounds, 100 options each
 
-# Peak memory bandwidth (bytes/s) by device name fragment: the batch-1 decode roofline reads every weight once per token.
-NOMINAL_BANDWIDTH = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12,
-                     "H100 NVL": 3.9e12, "A100-SXM4-80GB": 2.04e12, "A100 80GB PCIe": 1.94e12, "A100": 1.56e12,
-                     "L40S": 0.864e12, "A10": 0.6e12, "RTX 4090": 1.008e12}
+# Targets set on one GPU (the performance issue's), judged on that GPU or scaled to this one by the ratio of peak
+# memory bandwidths (these workloads read weights and KV caches: bandwidth-bound), and labelled as scaled.
+TARGETS = {"visdial_val_projected_minutes": {"at_most": 15.0, "set_for": "NVIDIA H100 80GB HBM3"}}
 
 
 @dataclass
@@ -61,7 +61,7 @@ class ProfileConfig:
     option_batch_size: int = 100  # options per scoring pass, as `eval --option-batch-size`
     pool_sizes: list[int] = field(default_factory=lambda: [1000, 100000])
     seed: int = 0
-    bandwidth: float | None = None  # bytes/s, overrides the nominal table
+    bandwidth: float | None = None  # bytes/s, overrides NVML and the table (devices.peak_bandwidth)
     naive: bool = False  # also time the reference paths (no-cache decode, per-option scoring) for comparison
     int8_outliers: str = "planted"  # random init: plant outlier feature dimensions (model.precision) or "none"
 
@@ -202,34 +202,60 @@ SCENARIO_FUNCTIONS = {"image_encoding": scenario_image_encoding, "prefill": scen
                       "retrieval": scenario_retrieval}
 
 
-def nominal_bandwidth(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((bw for key, bw in NOMINAL_BANDWIDTH.items() if key in name), None)
-
-
 def measured_copy_bandwidth(device: torch.device) -> float | None:
     """Device-to-device copy rate, bytes read + written per second (a practical ceiling for weight reads)."""
     if device.type != "cuda":
         return None
-    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    return copy_bandwidth(device, 1 << 30)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int) -> float:
+    """Copy rate of one `nbytes` buffer into another; both are freed and the allocator's cache emptied before
+    returning, so the probe's buffers are in no later item's reserved or NVML figures."""
+    x = torch.empty(nbytes, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
     times = time_it(lambda: y.copy_(x), device, 2, 5)
     del x, y
-    return 2 * (1 << 30) / statistics.median(times)
+    reset_device_memory(device)
+    return 2 * nbytes / statistics.median(times)
 
 
-def _decode_roofline(model, per_token_seconds: float, bandwidth: float | None, copy_bandwidth: float | None) -> dict:
+def _decode_roofline(model, per_token_seconds: float, bandwidth: dict | float | None,
+                     copy_bandwidth: float | None) -> dict:
     from model.precision import weight_bytes
 
+    if not isinstance(bandwidth, dict):  # a bare figure: given by hand
+        bandwidth = peak_bandwidth(torch.device("cpu"), override=bandwidth)
+    peak = bandwidth.get("bytes_per_second")
     lm_bytes = weight_bytes(model.model.lm)  # every LM weight is read once per generated token at batch 1
     roof = {"weight_bytes": lm_bytes, "measured_tokens_per_second": 1.0 / per_token_seconds,
-            "bandwidth_bytes_per_second": bandwidth, "copy_bandwidth_bytes_per_second": copy_bandwidth}
-    if bandwidth:
-        roof["roofline_tokens_per_second"] = bandwidth / lm_bytes
-        roof["fraction_of_roofline"] = (lm_bytes / per_token_seconds) / bandwidth
+            "bandwidth_bytes_per_second": peak, "bandwidth_source": bandwidth.get("source"),
+            "copy_bandwidth_bytes_per_second": copy_bandwidth}
+    if peak:
+        roof["roofline_tokens_per_second"] = peak / lm_bytes
+        roof["fraction_of_roofline"] = (lm_bytes / per_token_seconds) / peak
+    else:  # said, not dropped: MIG, or a device whose bandwidth neither NVML nor the table knows
+        roof["roofline_unavailable"] = bandwidth.get("reason") or "no peak bandwidth"
     return roof
+
+
+def judge_target(name: str, value: float, bandwidth: dict) -> dict:
+    """`value` against TARGETS[name] on this device: as set where this is the GPU it was set for, else with the
+    limit scaled by (its bandwidth / this device's), labelled `scaled`; not judged without a bandwidth."""
+    target = TARGETS[name]
+    set_for = target["set_for"]
+    out = {"target": name, "at_most": target["at_most"], "set_for": set_for, "value": value,
+           "judged_on": bandwidth.get("device_name")}
+    if bandwidth.get("device_name") and normalized_name(bandwidth["device_name"]) == normalized_name(set_for):
+        return {**out, "scaled": False, "limit": target["at_most"], "met": value <= target["at_most"]}
+    here, there = bandwidth.get("bytes_per_second"), table_bandwidth(set_for)
+    if not here:
+        return {**out, "scaled": None, "met": None,
+                "not_judged": f"set for {set_for}, and this device's bandwidth is unknown, so it cannot be scaled"
+                              + (f" ({bandwidth['reason']})" if bandwidth.get("reason") else "")}
+    limit = target["at_most"] * there / here
+    return {**out, "scaled": True, "scale": there / here, "limit": limit, "met": value <= limit,
+            "scaled_by": f"bandwidth ratio {there / 1e12:.3g} / {here / 1e12:.3g} TB/s ({set_for} / this device)"}
 
 
 def _record(scenario: str, precision: str, params: dict, status: str, **fields) -> dict:
@@ -257,14 +283,14 @@ def _profile_precision(cfg: ProfileConfig, precision: str) -> list[dict]:
         if err.where.startswith("device="):
             raise
         return [_record(s, precision, {}, "skipped", reason=str(err)) for s in cfg.scenarios]
+    copy_bw = measured_copy_bandwidth(placement.device)  # before the load: its 2 GiB never compete with the model
     with Stopwatch() as load_clock:
         model = load_fromage(cfg.model_dir, opt_version=cfg.opt_version, visual_model=cfg.visual_model,
                              device=placement.device, precision=precision, random_init=cfg.random_init, seed=cfg.seed,
                              int8_outliers=cfg.int8_outliers)
     device = placement.device
     base_cost = {"load_seconds": load_clock.seconds, "weight_bytes": model.weight_bytes}
-    bandwidth = cfg.bandwidth or nominal_bandwidth(device)
-    copy_bw = measured_copy_bandwidth(device)
+    bandwidth = peak_bandwidth(device, override=cfg.bandwidth)
     records = _profile_scenarios(model, cfg, precision, base_cost, (bandwidth, copy_bw))
     del model  # the records hold numbers only: this was the last reference
     release_memory()
@@ -309,10 +335,25 @@ def summary_line(record: dict) -> str:
     figures += [f"{v:,.1f} {k.removesuffix('_per_second')}/s" for k, v in cost.items() if k.endswith("_per_second")]
     fraction = record.get("roofline", {}).get("fraction_of_roofline")
     if fraction is not None:
-        figures.append(f"{fraction:.1%} of roofline")
+        figures.append(f"{fraction:.1%} of roofline ({record['roofline']['bandwidth_source']})")
+    elif "roofline_unavailable" in record.get("roofline", {}):
+        figures.append(f"no roofline: {record['roofline']['roofline_unavailable']}")
     if "projection" in record:
         figures.append(f"VisDial val projected {record['projection']['projected_minutes']:.1f} min")
+        if "target" in record["projection"]:
+            figures.append(target_text(record["projection"]["target"]))
     return f"{head}: {', '.join(figures)}"
+
+
+def target_text(judged: dict) -> str:
+    """A judged target in words, saying whether its limit was scaled from the GPU it was set for."""
+    if judged.get("met") is None:
+        return f"target not judged: {judged.get('not_judged')}"
+    verdict = "met" if judged["met"] else "not met"
+    if judged.get("scaled"):
+        return (f"target <= {judged['limit']:.1f} min {verdict} (scaled from {judged['at_most']:g} min on "
+                f"{judged['set_for']} by the {judged['scaled_by']})")
+    return f"target <= {judged['limit']:.1f} min on {judged['set_for']} {verdict}"
 
 
 def _measure(model, cfg: ProfileConfig, scenario: str, precision: str, params: dict, work, units: dict,
@@ -339,8 +380,10 @@ def _measure(model, cfg: ProfileConfig, scenario: str, precision: str, params: d
     if scenario == "option_scoring" and params["options"] == 100 and "path" not in params:
         # one timed unit is one VisDial round (100 options, both protocols): project the full val set from it
         per_round = work_of(model, work)
+        minutes = statistics.median(times) * VISDIAL_VAL_ROUNDS / 60
         record["projection"] = {"visdial_val_rounds": VISDIAL_VAL_ROUNDS,
-                                "projected_minutes": statistics.median(times) * VISDIAL_VAL_ROUNDS / 60,
+                                "projected_minutes": minutes,
+                                "target": judge_target("visdial_val_projected_minutes", minutes, bandwidths[0]),
                                 "work_per_round": per_round,
                                 "projected_work": {k: v * VISDIAL_VAL_ROUNDS for k, v in per_round.items()},
                                 "assumes": "every round's whole context encoded anew; the task reuses the previous "

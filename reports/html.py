@@ -325,6 +325,40 @@ def _accuracy(run: Run) -> str:
 MEMORY_COLUMNS = (("cuda_max_allocated_bytes", "CUDA alloc"), ("cuda_max_reserved_bytes", "CUDA reserved"),
                   ("nvml_process_used_bytes", "NVML process"), ("nvml_device_used_bytes", "NVML device"),
                   ("cpu_rss_bytes", "RSS"))
+# the peak to read, by what the run measured, and the baseline (`cost.memory.baseline`) that goes with it
+HEADLINE_MEMORY = (("cuda_max_allocated_bytes", "cuda_allocated_bytes"), ("cpu_rss_bytes", "cpu_rss_bytes"))
+MEMORY_UNAVAILABLE = {"nvml_process_used_bytes": ("nvml_process_unavailable", "nvml_unavailable"),
+                      "nvml_device_used_bytes": ("nvml_device_unavailable", "nvml_unavailable")}
+
+
+def _memory_headers(rows_src: list[dict]) -> tuple[list[tuple[str, str]], str | None, list[str]]:
+    """The memory columns present in the rows, the one to read (CUDA allocated on a GPU, else RSS), and the
+    headers: the one to read says so; "Before cell" is its baseline where the results have one."""
+    mem_cols = [(k, name) for k, name in MEMORY_COLUMNS
+                if any(_is_num(_get(r, "cost", "memory", k)) or
+                       any(_get(r, "cost", "memory", n) for n in MEMORY_UNAVAILABLE.get(k, ())) for r in rows_src)]
+    present = {k for k, _ in mem_cols}
+    headline = next((k for k, _ in HEADLINE_MEMORY if k in present), None)
+    headers = [f"Peak {n} (read this)" if k == headline else f"Peak {n}" for k, n in mem_cols]
+    if any(isinstance(_get(r, "cost", "memory", "baseline"), dict) for r in rows_src):
+        headers.append("Before cell")
+    return mem_cols, headline, headers
+
+
+def _memory_cells(memory: Any, mem_cols: list[tuple[str, str]], headline: str | None, with_baseline: bool) -> list[str]:
+    """One cell per memory column; a figure NVML could not give shows "n/a" with the reason on hover."""
+    memory = memory if isinstance(memory, dict) else {}
+    cells = []
+    for key, _ in mem_cols:
+        reason = next((memory[n] for n in MEMORY_UNAVAILABLE.get(key, ()) if memory.get(n)), None)
+        if not _is_num(memory.get(key)) and reason:
+            cells.append(f'<span class="muted" title="{esc(reason)}">n/a</span>')
+        else:
+            cells.append(human_bytes(memory.get(key)))
+    if with_baseline:
+        base_key = dict(HEADLINE_MEMORY).get(headline)
+        cells.append(human_bytes(_get(memory, "baseline", base_key)) if base_key else "&#8212;")
+    return cells
 
 
 def _cost_rows(run: Run) -> list[dict]:
@@ -346,9 +380,9 @@ def _cost(run: Run) -> str:
     rows_src = _cost_rows(run)
     if not rows_src:
         return ""
-    mem_cols = [(k, name) for k, name in MEMORY_COLUMNS
-                if any(_is_num(_get(r, "cost", "memory", k)) for r in rows_src)]
-    headers = (["Precision", "Task", "Load s", "Weights", "Load peak"] + [f"Peak {n}" for _, n in mem_cols]
+    mem_cols, headline, mem_headers = _memory_headers(rows_src)
+    with_baseline = "Before cell" in mem_headers
+    headers = (["Precision", "Task", "Load s", "Weights", "Load peak"] + mem_headers
                + ["Examples/s", "Tokens/s", "Images/s", "p50 ms", "p90 ms", "p99 ms"])
     rows = []
     last_precision = None
@@ -368,7 +402,7 @@ def _cost(run: Run) -> str:
         tds = [esc(p), esc(label)]
         num = [fmt_num(cost.get("load_seconds")), human_bytes(cost.get("weight_bytes")),
                f'<span title="{esc(load_peak[0])}">{human_bytes(load_peak[1])}</span>' if load_peak else "&#8212;"]
-        num += [human_bytes(_get(cost, "memory", k)) for k, _ in mem_cols]
+        num += _memory_cells(cost.get("memory"), mem_cols, headline, with_baseline)
         num += [fmt_num(cost.get("examples_per_second")),
                 f'<span title="{esc(breakdown)}">{fmt_num(tok, 1)}</span>' if tok is not None else "&#8212;",
                 fmt_num(_images_per_second(cost.get("throughput")), 1) if _images_per_second(cost.get("throughput"))
@@ -376,10 +410,26 @@ def _cost(run: Run) -> str:
         num += [fmt_num(lat.get(q)) if _is_num(lat.get(q)) else "&#8212;" for q in ("p50", "p90", "p99")]
         rows.append(f"<tr{cls}>" + "".join(f"<td>{t}</td>" for t in tds)
                     + "".join(f'<td class="num">{t}</td>' for t in num) + "</tr>")
-    note = ('<p class="muted">Peak memory during the task; "Load peak" is the peak during the model load '
-            "(CUDA allocated, else NVML, else process RSS). Tokens/s sums scored, generated and encoded tokens "
-            "(hover for the breakdown).</p>")
+    reset = ("from a reset allocator: each cell's own, not the process's high-water mark" if with_baseline else
+             "recorded before per-cell resets: reserved and NVML peaks are the process's high-water marks")
+    note = (f'<p class="muted">Peak memory during the task, {esc(reset)}. Read the column marked '
+            "\u201cread this\u201d: on a GPU, CUDA allocated, the most the cell's tensors held at once, model "
+            "weights included; \u201cBefore cell\u201d is what was already allocated when it began (the "
+            "weights). CUDA reserved adds the allocator's cached free blocks (what must be free on the GPU); NVML "
+            "process adds the CUDA context and is what nvidia-smi shows for this process; NVML device counts "
+            "every process on the GPU; n/a: NVML could not say (hover for why). On CPU, read RSS. \"Load peak\" "
+            "is the peak during the model load (CUDA allocated, else NVML, else process RSS). Tokens/s sums "
+            "scored, generated and encoded tokens (hover for the breakdown).</p>")
     return _section("cost", "Cost", _table(headers, rows, "cost-table") + note)
+
+
+def _target_text(target: dict) -> str:
+    from fromage_bench.profiler import target_text
+
+    try:
+        return target_text(target)
+    except (KeyError, TypeError):  # a results file from another version: its verdict only
+        return f"target met: {target.get('met')}"
 
 
 def _profile(run: Run) -> str:
@@ -407,12 +457,17 @@ def _profile(run: Run) -> str:
         if roof and _is_num(roof.get("fraction_of_roofline")):
             roof_html = (f'{roof["fraction_of_roofline"] * 100:.1f}% <span class="muted">of '
                          f'{fmt_num(roof.get("roofline_tokens_per_second"), 1)} tok/s</span>')
+        elif roof and roof.get("roofline_unavailable"):  # MIG, or a device of unknown bandwidth: said, not dropped
+            roof_html = f'<span class="muted">no roofline: {esc(roof["roofline_unavailable"])}</span>'
         else:
             roof_html = "&#8212;"
         projected = _get(r, "projection", "projected_minutes")
         if _is_num(projected):  # one VisDial round timed: the full val set projected from it
             roof_html = (f'{fmt_num(projected, 1)} min <span class="muted">VisDial val '
                          f'({fmt_num(_get(r, "projection", "visdial_val_rounds"), 0)} rounds)</span>')
+            target = _get(r, "projection", "target")
+            if isinstance(target, dict):
+                roof_html += f'<br><span class="muted">{esc(_target_text(target))}</span>'
         peak = _peak_memory(cost.get("memory"))
         rows.append(f"<tr>{head}<td class=num>{fmt_num(median * 1000) if _is_num(median) else '&#8212;'}</td>"
                     f"<td class=num>{'<br>'.join(rates) or '&#8212;'}</td><td class=num>{roof_html}</td>"

@@ -270,8 +270,8 @@ def test_cost_profile_and_skipped_sections(report):
     doc = parse(text)
     cost_rows = [[t for _, t in row] for row in doc.tables["cost-table"]]
     header = cost_rows[0]
-    assert {"Load s", "Weights", "Peak CUDA alloc", "Peak NVML device", "Peak RSS", "Examples/s", "Tokens/s",
-            "Images/s", "p50 ms", "p90 ms", "p99 ms"} <= set(header)
+    assert {"Load s", "Weights", "Peak CUDA alloc (read this)", "Peak NVML device", "Peak RSS", "Examples/s",
+            "Tokens/s", "Images/s", "p50 ms", "p90 ms", "p99 ms"} <= set(header)
     fp32_vist = next(r for r in cost_rows if r[:2] == ["fp32", "vist_retrieval:1cap"])
     assert fp32_vist[header.index("Weights")] == "4.00 GiB"
     assert fp32_vist[header.index("Tokens/s")] == "1,000.0"
@@ -395,3 +395,38 @@ def test_bad_benchmarks_file_is_one_clear_error(tmp_path, capsys):
     assert ((run_dir / "report.html").read_text() if (run_dir / "report.html").exists() else None) == before
     assert main(["report", str(run_dir), "--benchmarks", str(tmp_path / "none.json")]) == 2
     assert "benchmarks file not found" in capsys.readouterr().err
+
+
+def test_memory_columns_say_which_to_read_with_the_baseline_and_missing_nvml(tmp_path):
+    """A GPU cell of the per-cell tracker: the allocated peak is the one to read, its baseline is beside it, and
+    a per-process figure NVML could not give is "n/a" with the reason, not a blank; an old file says its
+    reserved and NVML peaks are process high-water marks."""
+    memory = {"cuda_max_allocated_bytes": 14 * GB, "cuda_max_reserved_bytes": 15 * GB,
+              "nvml_device_used_bytes": 16 * GB, "cpu_rss_bytes": 2 * GB,
+              "baseline": {"cuda_allocated_bytes": 13 * GB, "cuda_reserved_bytes": 13 * GB, "cpu_rss_bytes": GB},
+              "nvml_process_unavailable": "this process (pid 7) is not in NVML's process list"}
+    record = {"kind": "eval", "task": "visdial_ranking", "setting": "10r", "protocol": "standard",
+              "precision": "bf16", "status": "ok", "metrics": {"NDCG": 1.0}, "paper": {}, "n_examples": 1,
+              "n_skipped": 0, "skipped": {}, "skipped_examples": [], "extra": {},
+              "cost": {"wall_seconds": 1.0, "weight_bytes": 13 * GB, "memory": memory}}
+    new_dir, old_dir = tmp_path / "new", tmp_path / "old"
+    old_record = json.loads(json.dumps(record))
+    del old_record["cost"]["memory"]["baseline"], old_record["cost"]["memory"]["nvml_process_unavailable"]
+    for run_dir, rec in ((new_dir, record), (old_dir, old_record)):
+        run_dir.mkdir()
+        write_results(run_dir, {"created": "2026-12-01T00:00:00Z", "config": {}, "environment": {}, "records": [rec]})
+    text = write_report(new_dir).read_text()
+    rows = parse(text).tables["cost-table"]
+    header = [t for _, t in rows[0]]
+    row = rows[1]
+    assert [h for h in header if h.startswith("Peak")] == [
+        "Peak CUDA alloc (read this)", "Peak CUDA reserved", "Peak NVML process", "Peak NVML device", "Peak RSS"]
+    assert row[header.index("Before cell")][1] == "13.00 GiB"
+    assert row[header.index("Peak CUDA alloc (read this)")][1] == "14.00 GiB"
+    assert row[header.index("Peak NVML process")][1] == "n/a"
+    assert html.escape(memory["nvml_process_unavailable"]) in text  # the reason, on hover
+    assert "from a reset allocator" in text
+    old_text = write_report(old_dir).read_text()
+    old_header = [t for _, t in parse(old_text).tables["cost-table"][0]]
+    assert "Before cell" not in old_header and "Peak NVML process" not in old_header
+    assert "high-water marks" in old_text

@@ -83,3 +83,35 @@ def test_a_freed_model_takes_its_static_decoders_with_it(tiny_dir, images):
     del m
     gc.collect()
     assert dead_model() is None and dead_lm() is None and weight() is None
+
+
+def test_fusing_every_layer_keeps_one_copy_of_the_weights_and_releases_the_cache_once(monkeypatch):
+    """Building a decoder fuses all layers up front (never inside a graph capture) into tensors equal to the
+    concatenation; the three projections' old storages are freed (not duplicated); the allocator's cache is
+    handed back once, after the last layer."""
+    import gc
+    import weakref
+
+    import model.static_decode as static_decode
+
+    lm = tiny_lm()
+    layers = [layer.self_attn for layer in lm.model.decoder.layers]
+    projections = [(a.q_proj, a.k_proj, a.v_proj) for a in layers]
+    expected = [torch.cat([p.weight.detach().clone() for p in ps]) for ps in projections]
+    old_storages = [weakref.ref(p.weight.untyped_storage()) for ps in projections for p in ps]
+    param_bytes = sum(p.nbytes for p in lm.parameters())
+    released = []
+    monkeypatch.setattr(static_decode, "_release_cached_blocks",
+                        lambda device: released.append(sum(a in static_decode._FUSED_QKV for a in layers)))
+    StaticDecoder(lm, batch_size=1, max_len=8, use_graph=False)
+    gc.collect()
+    assert released == [len(layers)]  # once, with every layer fused
+    for attn, ps, want in zip(layers, projections, expected):
+        weight, _ = static_decode._FUSED_QKV[attn]
+        assert torch.equal(weight, want)
+        assert {p.weight.untyped_storage().data_ptr() for p in ps} == {weight.untyped_storage().data_ptr()}
+    assert all(ref() is None for ref in old_storages)  # freed: nothing holds the pre-fusion copies
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in lm.parameters()}
+    assert sum(storages.values()) == param_bytes  # every byte of the weights held once
+    StaticDecoder(lm, batch_size=2, max_len=8, use_graph=False)
+    assert released == [len(layers)]  # already fused: nothing new to release
