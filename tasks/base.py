@@ -113,7 +113,8 @@ class RunContext:
             self.compute_counters.update(Counter(counters) - before)
 
     def resumed(self, step: str, unit: str, batches: int, units: int) -> None:
-        """Count batches read back from the journal (or another rank's) instead of computed in this run."""
+        """Count batches read back from the journal instead of computed in this run (batches other ranks compute
+        now are neither: they are in those ranks' figures)."""
         if self.timings is not None:
             times = self.timings.setdefault(step, StepTimes(unit))
             times.resumed_batches += batches
