@@ -54,13 +54,16 @@ def _lower_is_better(metric: str) -> bool:
 
 
 def _speed(r: dict) -> tuple[str, float, bool] | None:
-    """(name, value, higher_is_better) of a record's headline speed figure."""
+    """(name, value, higher_is_better) of a record's headline speed figure. An eval record's name carries
+    its unit: results written before units were recorded divided all examples by the wall time, newer ones
+    divide the units computed in the run by their compute time, and the two are not comparable."""
     cost = r.get("cost") or {}
     if r.get("kind") == "profile":
         median = (cost.get("seconds") or {}).get("median")
         return ("seconds.median", median, False) if median else None
     eps = cost.get("examples_per_second")
-    return ("examples_per_second", eps, True) if eps else None
+    unit = cost.get("examples_unit")
+    return (f"examples_per_second [{unit}]" if unit else "examples_per_second", eps, True) if eps else None
 
 
 def _memory(r: dict) -> tuple[str, float] | None:
@@ -88,7 +91,9 @@ def compare(base: dict, new: dict, metric_tol: float = 0.5, speed_tol: float = 0
             worse = delta > metric_tol if _lower_is_better(metric) else -delta > metric_tol
             rows.append(Row(key, metric, bv, nv, f"{delta:+.3f}", worse))
         bs, ns = _speed(b), _speed(n)
-        if bs and ns:
+        if bs and ns and bs[0] != ns[0]:
+            rows.append(Row(key, f"{bs[0]} vs {ns[0]}", bs[1], ns[1], "not comparable", False))
+        elif bs and ns:
             name, bv, higher = bs
             nv = ns[1]
             rel = (nv - bv) / bv

@@ -23,7 +23,7 @@ from tasks.journal import ProcessGroupInfo
 
 from .environment import describe_environment
 from .results import atomic_write_text, write_results
-from .trackers import MemoryTracker, Stopwatch, percentiles_ms, release_memory, throughput
+from .trackers import MemoryTracker, Stopwatch, cell_latency, examples_rate, release_memory, throughput
 
 PRECISION_ORDER = ("fp32", "bf16", "fp16", "int8")  # highest first: drift is measured against the first run
 
@@ -190,15 +190,20 @@ def _run_cell(config: EvalConfig, model, task, setting: str, precision: str, loa
     protocols = parse_protocols(config.protocols, task)
     ctx = RunContext(model=model, data_root=config.data_root, limit=config.limit, cache=cache,
                      progress=config.progress and group.rank == 0, batch_size=config.batch_size,
-                     option_batch_size=config.option_batch_size, image_workers=config.image_workers, latencies=[],
+                     option_batch_size=config.option_batch_size, image_workers=config.image_workers,
                      journal_dir=journal, task_key=f"{task.name}:{setting}:{config.limit}:{config.batch_size}",
-                     work={})
+                     work={}, timings={})
     model.counters.clear()
+    cache_before = (cache.hits, cache.misses) if cache is not None else None
     with Stopwatch() as clock, MemoryTracker(model.placement.device) as memory:
         results = task.run(ctx, setting, protocols)
-    cost = {**load_cost, "wall_seconds": clock.seconds, "memory": memory.summary(),
-            "latency_ms": percentiles_ms(ctx.latencies), "throughput": throughput(model.counters, clock.seconds),
-            "work": {**dict(model.counters), **ctx.work}}
+    latency = cell_latency(ctx.timings)
+    compute_seconds = sum(step["compute_seconds"] for step in latency["steps"].values())
+    cost = {**load_cost, "wall_seconds": clock.seconds, "memory": memory.summary(), "latency": latency,
+            **examples_rate(latency), "compute_seconds": compute_seconds,
+            "throughput": throughput(model.counters, clock.seconds),
+            "compute_throughput": throughput(ctx.compute_counters, compute_seconds),
+            "work": {**dict(model.counters), **ctx.work, **_cache_work(cache, cache_before)}}
     cost = _gather_cost(cost, group)
     return [_record(result, precision, cost, staging) for result in results]
 
@@ -215,9 +220,21 @@ def _gather_cost(cost: dict, group: ProcessGroupInfo) -> dict:
     for c in per_rank:
         for name, rate in c["throughput"].items():
             total[name] = total.get(name, 0.0) + rate
+    rates = [c["examples_per_second"] for c in per_rank if c["examples_per_second"] is not None]
     return {**cost, "processes": group.world_size, "throughput_all_ranks": total,
-            "per_rank": [{k: c[k] for k in ("wall_seconds", "memory", "throughput", "work", "latency_ms")}
+            # the ranks compute side by side: the group's rate is the sum of theirs
+            "examples_per_second": sum(rates) if rates else None, "examples_per_second_over": "sum of the ranks' rates",
+            "per_rank": [{k: c[k] for k in ("wall_seconds", "memory", "throughput", "work", "latency",
+                                            "examples_per_second", "compute_seconds")}
                          for c in per_rank]}
+
+
+def _cache_work(cache, before: tuple[int, int] | None) -> dict[str, int]:
+    """The feature cache's hits and misses during the cell (images whose CLIP features were read back, or
+    computed and stored); nothing without a cache."""
+    if cache is None or before is None:
+        return {}
+    return {"feature_cache_hits": cache.hits - before[0], "feature_cache_misses": cache.misses - before[1]}
 
 
 def _record(result: TaskResult, precision: str, cost: dict, staging: Path) -> dict:
@@ -225,7 +242,6 @@ def _record(result: TaskResult, precision: str, cost: dict, staging: Path) -> di
     lines = "".join(json.dumps(p, default=str) + "\n" for p in result.predictions)
     atomic_write_text(staging / "predictions" / name, lines)
     n = result.n_examples
-    cost = {**cost, "examples_per_second": n / cost["wall_seconds"] if cost["wall_seconds"] > 0 else None}
     return {"kind": "eval", "task": result.task, "setting": result.setting, "protocol": result.protocol,
             "precision": precision, "status": "ok", "metrics": result.metrics, "paper": result.paper,
             "n_examples": n, "n_skipped": result.skipped.total, "skipped": result.skipped.counts,

@@ -27,6 +27,18 @@ class GenerationOutput:
     ret_embeddings: torch.Tensor  # (B, L, shared_dim) normalised retrieval-space embedding of each generated token
     lengths: torch.Tensor         # (B,) tokens kept: L, or up to (excluding) the first newline when stopping there
 
+    @property
+    def tokens_computed(self) -> int:
+        """Tokens the decoder ran a step for: every row at every step, rows already past their newline included.
+        The static/graph path always runs `max_new_tokens` steps; the dynamic path stops once every row has
+        its newline (with `stop_at_newline`), so the two compute different amounts for the same kept text."""
+        return int(self.token_ids.numel())
+
+    @property
+    def tokens_kept(self) -> int:
+        """Tokens of the answer: each row's `lengths` (up to its first newline when stopping there)."""
+        return int(self.lengths.sum())
+
 
 def newline_token_id(model: FromageModel) -> int:
     return model.tokenizer("\n", add_special_tokens=False).input_ids[0]

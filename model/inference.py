@@ -274,7 +274,8 @@ class Fromage(nn.Module):
         """Batched decoding (left-padded prompts); `decoding` takes generation.generate's keyword arguments."""
         batch = pad_batch([embed_prompt(self.model, p) for p in prompts_batch], side="left")
         output = generate(self.model, batch, max_new_tokens, use_cache=use_cache, **decoding)
-        self.counters["tokens_generated"] += int(output.token_ids.numel())
+        self.counters["tokens_generated_computed"] += output.tokens_computed  # decode steps x rows
+        self.counters["tokens_generated_kept"] += output.tokens_kept          # up to each row's stop
         return output
 
     def decode(self, output: GenerationOutput) -> list[str]:

@@ -192,13 +192,41 @@ def _peak_memory(mem: Any) -> tuple[str, float] | None:
 
 
 def _tokens_per_second(throughput: Any) -> tuple[float | None, str]:
+    """Tokens the model computed per second (scored, encoded, generated), and a breakdown that also shows the
+    generated tokens kept (up to each answer's stop), which are a part of the computed ones, not more work."""
     if not isinstance(throughput, dict):
         return None, ""
     parts = {k: v for k, v in throughput.items() if k.startswith("tokens") and k.endswith("_per_second") and _is_num(v)}
     if not parts:
         return None, ""
     breakdown = ", ".join(f"{k.removesuffix('_per_second')}: {v:.1f}/s" for k, v in sorted(parts.items()))
-    return float(sum(parts.values())), breakdown
+    return float(sum(v for k, v in parts.items() if not k.endswith("_kept_per_second"))), breakdown
+
+
+def _latency(cost: dict) -> tuple[dict, str, float | None]:
+    """(percentiles in ms, what they are per, warm-up batch ms) of a cell: the headline step's steady-state
+    ms per unit in new results, the old files' ms per example (each batch's time split evenly) otherwise."""
+    latency = cost.get("latency")
+    if isinstance(latency, dict) and isinstance(latency.get("steps"), dict):
+        step = latency["steps"].get(latency.get("headline")) or {}
+        steady = step.get("steady") if isinstance(step.get("steady"), dict) else {}
+        per_unit = steady.get("per_unit_ms") if isinstance(steady.get("per_unit_ms"), dict) else {}
+        warmup = _get(step, "warmup", "batch_ms")
+        return per_unit, f"ms per {step.get('unit', 'unit')}, steady state", warmup if _is_num(warmup) else None
+    old = cost.get("latency_ms") if isinstance(cost.get("latency_ms"), dict) else {}
+    return old, "ms per example (older results: batch time split evenly, warm-up included)", None
+
+
+def _examples_rate(cost: dict) -> str:
+    """Examples/s with its unit, or why there is none (every batch resumed)."""
+    rate, unit = cost.get("examples_per_second"), cost.get("examples_unit")
+    if _is_num(rate):
+        return f'<span title="{esc(unit or "examples")} per second">{fmt_num(rate)}</span>' + (
+            f' <span class="muted">{esc(unit)}</span>' if unit else "")
+    step = _get(cost, "latency", "steps", _get(cost, "latency", "headline")) or {}
+    if isinstance(step, dict) and step.get("batches_computed") == 0 and step.get("batches_resumed"):
+        return f'<span title="{esc(cost.get("examples_per_second_note"))}">all resumed</span>'
+    return "&#8212;"
 
 
 def _images_per_second(throughput: Any) -> float | None:
@@ -383,7 +411,7 @@ def _cost(run: Run) -> str:
     mem_cols, headline, mem_headers = _memory_headers(rows_src)
     with_baseline = "Before cell" in mem_headers
     headers = (["Precision", "Task", "Load s", "Weights", "Load peak"] + mem_headers
-               + ["Examples/s", "Tokens/s", "Images/s", "p50 ms", "p90 ms", "p99 ms"])
+               + ["Examples/s", "Tokens/s", "Images/s", "p50 ms", "p90 ms", "p99 ms", "Warm-up ms"])
     rows = []
     last_precision = None
     for r in rows_src:
@@ -397,17 +425,19 @@ def _cost(run: Run) -> str:
             continue
         cost = r.get("cost") if isinstance(r.get("cost"), dict) else {}
         load_peak = _peak_memory(cost.get("load_memory"))
-        tok, breakdown = _tokens_per_second(cost.get("throughput"))
-        lat = cost.get("latency_ms") if isinstance(cost.get("latency_ms"), dict) else {}
+        tok, breakdown = _tokens_per_second(cost.get("compute_throughput") or cost.get("throughput"))
+        lat, lat_label, warmup = _latency(cost)
         tds = [esc(p), esc(label)]
         num = [fmt_num(cost.get("load_seconds")), human_bytes(cost.get("weight_bytes")),
                f'<span title="{esc(load_peak[0])}">{human_bytes(load_peak[1])}</span>' if load_peak else "&#8212;"]
         num += _memory_cells(cost.get("memory"), mem_cols, headline, with_baseline)
-        num += [fmt_num(cost.get("examples_per_second")),
+        num += [_examples_rate(cost),
                 f'<span title="{esc(breakdown)}">{fmt_num(tok, 1)}</span>' if tok is not None else "&#8212;",
                 fmt_num(_images_per_second(cost.get("throughput")), 1) if _images_per_second(cost.get("throughput"))
                 is not None else "&#8212;"]
-        num += [fmt_num(lat.get(q)) if _is_num(lat.get(q)) else "&#8212;" for q in ("p50", "p90", "p99")]
+        num += [f'<span title="{esc(lat_label)}">{fmt_num(lat.get(q))}</span>' if _is_num(lat.get(q)) else "&#8212;"
+                for q in ("p50", "p90", "p99")]
+        num.append(fmt_num(warmup) if warmup is not None else "&#8212;")
         rows.append(f"<tr{cls}>" + "".join(f"<td>{t}</td>" for t in tds)
                     + "".join(f'<td class="num">{t}</td>' for t in num) + "</tr>")
     reset = ("from a reset allocator: each cell's own, not the process's high-water mark" if with_baseline else
@@ -418,8 +448,12 @@ def _cost(run: Run) -> str:
             "weights). CUDA reserved adds the allocator's cached free blocks (what must be free on the GPU); NVML "
             "process adds the CUDA context and is what nvidia-smi shows for this process; NVML device counts "
             "every process on the GPU; n/a: NVML could not say (hover for why). On CPU, read RSS. \"Load peak\" "
-            "is the peak during the model load (CUDA allocated, else NVML, else process RSS). Tokens/s sums "
-            "scored, generated and encoded tokens (hover for the breakdown).</p>")
+            "is the peak during the model load (CUDA allocated, else NVML, else process RSS). Examples/s: the "
+            "units the task times (dialogue, round, story, caption, image) computed in this run over their compute "
+            "time (warm-up batch included; batches resumed from a journal are not counted). Tokens/s sums the "
+            "tokens computed (scored, encoded, generated) over the compute time (hover for the breakdown, with the "
+            "generated tokens kept). p50/p90/p99: steady-state ms per unit (each unit of a batch gets the batch's "
+            "time divided by its size; hover to see which); Warm-up ms: the first batch computed, timed apart.</p>")
     return _section("cost", "Cost", _table(headers, rows, "cost-table") + note)
 
 
@@ -534,9 +568,9 @@ def _plots(run: Run) -> str:
             by_p = {}
             for p in precisions:
                 rec = next((r for r in ok_costs if str(r.get("task")) == task and r.get("setting") == setting
-                            and str(r.get("precision")) == p and isinstance(_get(r, "cost", "latency_ms"), dict)), None)
+                            and str(r.get("precision")) == p and _latency(r["cost"])[0]), None)
                 if rec is not None:
-                    by_p[p] = rec["cost"]["latency_ms"]
+                    by_p[p] = _latency(rec["cost"])[0]
             panels[_label(task, setting)] = by_p
         return plots.latency_by_precision(panels)
 

@@ -3,6 +3,8 @@ plus a `run` that turns a model and a data root into one `TaskResult` per settin
 from __future__ import annotations
 
 import time
+from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -45,6 +47,23 @@ class TaskResult:
 
 
 @dataclass
+class StepTimes:
+    """One `map_batches` step of a cell: the compute time of each batch computed in this run with its size
+    (in `unit`: dialogue, round, story, caption, image), and what was resumed from the journal instead."""
+    unit: str
+    sizes: list[int] = field(default_factory=list)      # units per computed batch, in the order computed
+    seconds: list[float] = field(default_factory=list)  # compute seconds per computed batch
+    resumed_batches: int = 0
+    resumed_units: int = 0
+
+
+def _synchronize(device) -> None:
+    """Wait for the device's queued work, so that a clock reading covers the work launched before it."""
+    if torch.cuda.is_available() and getattr(device, "type", "cuda") == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
 class RunContext:
     """Where a task runs: the model, the data, and the harness services it may use."""
     model: Any                     # model.Fromage
@@ -55,30 +74,51 @@ class RunContext:
     batch_size: int = 16
     option_batch_size: int = 100          # VisDial answer options per scoring pass (a round's 100: one pass)
     image_workers: int | None = None      # DataLoader processes decoding image files (None: see default_workers)
-    latencies: list[float] | None = None  # seconds per example, filled by `track`
     journal_dir: Path | None = None       # where per-batch results are journalled (resume); None: no journal
     task_key: str = ""                    # task/setting, part of the journal keys
     work: dict | None = None              # counters of batches computed / resumed, reported in the results
+    timings: dict[str, StepTimes] | None = None  # step -> its batch times, filled by `timed` (None: not kept)
+    compute_counters: Counter = field(default_factory=Counter)  # the model's work counters inside `timed`
+    clock: Callable[[], float] = time.perf_counter  # seconds; tests pass a fake one
 
-    def map_batches(self, step: str, examples, key, compute, batch_size: int | None = None, desc: str | None = None):
-        """Per-example results, resumable and sharded across processes: see tasks/journal.py."""
+    def map_batches(self, step: str, examples, key, compute, batch_size: int | None = None, desc: str | None = None,
+                    unit: str = "example", units: Callable[[Any], int] | None = None):
+        """Per-example results, resumable and sharded across processes: see tasks/journal.py. `unit` names what
+        the task counts (a batch of dialogues may count rounds: `units(example)` of them per example)."""
         from .journal import map_batches
 
-        return map_batches(self, step, examples, key, compute, batch_size or self.batch_size, desc)
+        return map_batches(self, step, examples, key, compute, batch_size or self.batch_size, desc, unit, units)
 
-    def track(self, iterable: Iterable, desc: str | None = None, total: int | None = None,
-              size: Callable[[Any], int] | None = None) -> Iterator:
-        """Iterate with a progress bar, timing the work done on each item (`size(item)` examples per item,
-        e.g. a batch) and recording seconds per example for the latency percentiles."""
-        bar = tqdm(iterable, desc=desc, total=total, disable=not self.progress, leave=False, dynamic_ncols=True)
-        for item in bar:
-            start = time.perf_counter()
-            yield item
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            n = max(1, size(item) if size else 1)
-            if self.latencies is not None:
-                self.latencies.extend([(time.perf_counter() - start) / n] * n)
+    def track(self, iterable: Iterable, desc: str | None = None, total: int | None = None) -> Iterator:
+        """Iterate with a progress bar (nothing is timed here: see `timed`)."""
+        yield from tqdm(iterable, desc=desc, total=total, disable=not self.progress, leave=False, dynamic_ncols=True)
+
+    @contextmanager
+    def timed(self, step: str, unit: str, size: int):
+        """Time the block (a batch's compute call, `size` units) from a synchronised device to a synchronised
+        device, and count the model's work inside it; recorded under `step` only if the block finishes."""
+        device = getattr(getattr(self.model, "placement", None), "device", None)
+        counters = getattr(self.model, "counters", None)
+        before = Counter(counters) if counters is not None else None
+        _synchronize(device)
+        start = self.clock()
+        yield
+        _synchronize(device)
+        seconds = self.clock() - start
+        if self.timings is not None:
+            times = self.timings.setdefault(step, StepTimes(unit))
+            times.sizes.append(size)
+            times.seconds.append(seconds)
+        if before is not None:
+            self.compute_counters.update(Counter(counters) - before)
+
+    def resumed(self, step: str, unit: str, batches: int, units: int) -> None:
+        """Count batches read back from the journal instead of computed in this run (batches other ranks compute
+        now are neither: they are in those ranks' figures)."""
+        if self.timings is not None:
+            times = self.timings.setdefault(step, StepTimes(unit))
+            times.resumed_batches += batches
+            times.resumed_units += units
 
 
 @dataclass

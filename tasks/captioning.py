@@ -208,7 +208,7 @@ def run(ctx: RunContext, setting: str, protocols: tuple[str, ...] = ("standard",
 
     raw = ctx.map_batches("captions", list(range(len(items))),
                           key=lambda i: f"{i}:{items[i].image_id}:{items[i].name}", compute=caption,
-                          batch_size=max(1, ctx.batch_size), desc=f"{TASK.name}:{setting}")
+                          batch_size=max(1, ctx.batch_size), desc=f"{TASK.name}:{setting}", unit="image")
     generated = [clean_caption(t) for t in raw]
 
     keys = [str(i) for i in range(len(items))]  # image ids need not be unique across a file: index them

@@ -157,8 +157,10 @@ def run(ctx: RunContext, setting: str, protocols: tuple[str, ...] = ("standard",
         return f"{q}:{items[i].image_id}:{caption}"
 
     # batches follow the length order, which depends on the captions alone; float32 round-trips through JSON
+    # the timed work is one [RET] embedding per caption: its latency and rate are per caption (the metrics
+    # count images for i2t, captions for t2i)
     values = ctx.map_batches("query_embeddings", order, key=key, compute=embed, batch_size=size,
-                             desc=f"{TASK.name}:{setting} text")
+                             desc=f"{TASK.name}:{setting} text", unit="caption")
     text_emb = torch.empty(len(queries), image_emb.shape[1], device=image_emb.device)
     if order:
         text_emb[torch.tensor(order, device=text_emb.device)] = torch.tensor(values, dtype=torch.float32).to(text_emb)

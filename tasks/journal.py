@@ -90,10 +90,14 @@ def compute_halving_on_oom(compute: Callable[[list], list], batch: list, step: s
 
 
 def map_batches(ctx, step: str, examples: Sequence, key: Callable[[Any], str],
-                compute: Callable[[list], list], batch_size: int, desc: str | None = None) -> list:
+                compute: Callable[[list], list], batch_size: int, desc: str | None = None, unit: str = "example",
+                units: Callable[[Any], int] | None = None) -> list:
     """[compute(batch) results, flattened] in example order; `compute` returns one JSON-able value per
-    example of its batch. Journalled and sharded as described in the module docstring."""
+    example of its batch. Journalled and sharded as described in the module docstring. Only the compute
+    call is timed (`ctx.timed`), each batch with its size in `unit` (`units(example)` per example, default 1):
+    the JSON round trip and the journal's fsync are not."""
     batches = [list(examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
+    sizes = [sum(units(e) for e in b) if units else len(b) for b in batches]
     namespace = _digest(getattr(ctx.model, "fingerprint", ""), ctx.task_key, step)
     keys = [_digest(namespace, *(key(e) for e in b)) for b in batches]
     group = ProcessGroupInfo.current()
@@ -103,9 +107,12 @@ def map_batches(ctx, step: str, examples: Sequence, key: Callable[[Any], str],
         dist.barrier()  # every rank has read the journal before any rank appends: all agree on what is missing
     todo = [i for i, k in enumerate(keys) if k not in done]
     mine = todo[group.rank::group.world_size]
+    resumed = [i for i, k in enumerate(keys) if k in done]
+    ctx.resumed(step, unit, len(resumed), sum(sizes[i] for i in resumed))
     fresh: dict[str, Any] = {}
-    for i in ctx.track(mine, desc=desc or step, total=len(mine), size=lambda i: len(batches[i])):
-        values = compute_halving_on_oom(compute, batches[i], step)
+    for i in ctx.track(mine, desc=desc or step, total=len(mine)):
+        with ctx.timed(step, unit, sizes[i]):
+            values = compute_halving_on_oom(compute, batches[i], step)
         if len(values) != len(batches[i]):
             raise RuntimeError(f"{step}: compute returned {len(values)} values for {len(batches[i])} examples")
         values = json.loads(json.dumps(values))  # exactly what a resumed run would read back

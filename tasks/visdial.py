@@ -354,7 +354,7 @@ def run_retrieval(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> 
 
         # one normalised [RET] embedding per dialogue; float32 -> float -> JSON round-trips exactly
         values = ctx.map_batches("query_embeddings", kept, key=_dialogue_key, compute=embed, batch_size=size,
-                                 desc="visdial_retrieval")
+                                 desc="visdial_retrieval", unit="dialogue")
         text_embs = torch.tensor(values, dtype=torch.float32)
 
     ids = [d.image_id for d in kept]
@@ -411,8 +411,9 @@ def run_ranking(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> li
         # one dialogue per batch: its 10 rounds x 100 options x protocols are plenty of work per journal line
         # the step names each protocol's image preprocessing: a journal of another preprocessing is not reused
         step = "option_scores:" + ",".join(f"{p}/{RANKING.preprocessing(p)}" for p in protocols)
-        per_dialogue = ctx.map_batches(step, kept, key=_dialogue_key,
-                                       compute=score, batch_size=1, desc="visdial_ranking")
+        # timed per dialogue, counted in rounds as the metrics and n_examples count them
+        per_dialogue = ctx.map_batches(step, kept, key=_dialogue_key, compute=score, batch_size=1,
+                                       desc="visdial_ranking", unit="round", units=lambda d: len(d.rounds))
     scores: dict[str, dict[tuple[int, int], torch.Tensor]] = {
         protocol: {(d.index, r): torch.tensor(values[protocol], dtype=torch.float32)
                    for d, rounds in zip(kept, per_dialogue) for r, values in enumerate(rounds)}

@@ -286,7 +286,7 @@ def run(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> list[TaskR
             step = "query_embeddings:" + ",".join(f"{p}/{preprocess[p]}" for p in protocols)
             embedded = ctx.map_batches(step, queries,
                                        key=lambda story: story.story_id, compute=embed, batch_size=size,
-                                       desc=f"vist {setting}")
+                                       desc=f"vist {setting}", unit="story")
             for start in range(0, len(queries), size):  # scored in the same chunks as they were embedded
                 chunk = queries[start:start + size]
                 targets = torch.tensor([column[s.target] for s in chunk])

@@ -16,6 +16,7 @@ import torch
 from fromage_bench.synth.captions import write_cc3m
 from fromage_bench.synth.visdial import write_visdial
 from fromage_bench.synth.vist import write_vist
+from tasks.base import RunContext
 from tasks.journal import Journal, map_batches
 from tests.subprocesses import REPO, child_env, sigkill_when
 
@@ -121,12 +122,9 @@ def test_a_killed_run_resumes_to_the_uninterrupted_results(tiny_dir, tmp_path):
 
 
 # -- 3. map_batches itself --------------------------------------------------------------------------------
-def fake_ctx(journal_dir: Path | None, task_key: str = "task:setting") -> SimpleNamespace:
-    def track(iterable, desc=None, total=None, size=None):
-        return iter(iterable)
-
-    return SimpleNamespace(model=SimpleNamespace(fingerprint="fp"), task_key=task_key, journal_dir=journal_dir,
-                           work={}, track=track)
+def fake_ctx(journal_dir: Path | None, task_key: str = "task:setting") -> RunContext:
+    return RunContext(model=SimpleNamespace(fingerprint="fp"), data_root=Path("."), progress=False, task_key=task_key,
+                      journal_dir=journal_dir, work={})
 
 
 class Killed(Exception):

@@ -40,8 +40,13 @@ def test_results_predictions_and_report(run):
         assert len(lines) == r["n_examples"] and json.loads(lines[0])
         cost = r["cost"]
         assert cost["load_seconds"] > 0 and cost["weight_bytes"] > 0 and cost["memory"]["cpu_rss_bytes"] > 0
-        assert set(cost["latency_ms"]) >= {"p50", "p90", "p99"}
-        assert cost["latency_ms"]["p50"] <= cost["latency_ms"]["p90"] <= cost["latency_ms"]["p99"]
+        step = cost["latency"]["steps"][cost["latency"]["headline"]]
+        assert step["batches_computed"] >= 1 and step["warmup"]["batch_ms"] > 0
+        if step["steady"]:
+            per_unit = step["steady"]["per_unit_ms"]
+            assert per_unit["p50"] <= per_unit["p90"] <= per_unit["p99"]
+        assert cost["examples_unit"] == {"vist_retrieval": "story", "visdial_ranking": "round"}[r["task"]]
+        assert cost["examples_per_second"] > 0
     vist = [r for r in records if r["task"] == "vist_retrieval"]
     # stories share an album's photos: every story using the corrupt one is skipped, the others are scored
     assert all(r["n_skipped"] >= 1 and set(r["skipped"]) == {"corrupt image"} for r in vist)
