@@ -91,6 +91,11 @@ def compare(base: dict, new: dict, metric_tol: float = 0.5, speed_tol: float = 0
             worse = delta > metric_tol if _lower_is_better(metric) else -delta > metric_tol
             rows.append(Row(key, metric, bv, nv, f"{delta:+.3f}", worse))
         bs, ns = _speed(b), _speed(n)
+        if b.get("int8_outliers") != n.get("int8_outliers"):  # random-init int8 with and without the outlier path
+            rows.append(Row(key, "speed and memory", None, None, f"not comparable: int8_outliers "
+                            f"{b.get('int8_outliers') or 'unrecorded'} vs {n.get('int8_outliers') or 'unrecorded'}",
+                            False))
+            continue
         if bs and ns and bs[0] != ns[0]:
             rows.append(Row(key, f"{bs[0]} vs {ns[0]}", bs[1], ns[1], "not comparable", False))
         elif bs and ns:

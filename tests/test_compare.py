@@ -66,3 +66,19 @@ def test_tolerance_parsing(capsys, tmp_path):
     assert main(["compare", str(base), str(base), "--speed-tol", "fast"]) == 2
     assert main(["compare", str(base), str(tmp_path / "missing")]) == 2
     assert "results file not found" in capsys.readouterr().err
+
+
+def test_int8_timed_with_and_without_the_outlier_path_is_not_comparable():
+    """A random-init int8 profile with planted outliers runs LLM.int8()'s outlier path; one without (or from before
+    the option existed) does not: their speeds are other work, not a regression."""
+    base, new = copy.deepcopy(_doc()), copy.deepcopy(_doc())
+    base["records"][1]["int8_outliers"] = "none"
+    new["records"][1].update({"int8_outliers": "planted", "cost": {"seconds": {"median": 0.020}, "weight_bytes": 1000}})
+    rows = [r for r in compare(base, new) if r.key.startswith("profile")]
+    assert [r.change for r in rows] == ["not comparable: int8_outliers none vs planted"]
+    assert not any(r.regressed for r in rows)
+    del base["records"][1]["int8_outliers"]
+    assert [r.change for r in compare(base, new) if r.key.startswith("profile")] == [
+        "not comparable: int8_outliers unrecorded vs planted"]
+    new["records"][1]["int8_outliers"] = None  # the same on both sides: compared as before
+    assert any(r.regressed for r in compare(base, new) if r.key.startswith("profile"))
