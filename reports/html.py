@@ -3,18 +3,20 @@
 Everything is inline: CSS in a <style>, plots as base64 PNG data URIs, thumbnails as base64 JPEG data URIs.
 No JavaScript and no external URL; a Content-Security-Policy meta tag forbids scripts and any non-data
 resource, so the file is safe to open from disk. Every string that comes from a dataset, the config or the
-environment is HTML-escaped. Missing or corrupt images become grey placeholders; a section whose data is not
+environment is HTML-escaped: the markup lives in Jinja2 templates (`templates/report.html.j2`) rendered with
+autoescape, and this module only prepares plain data (sections of blocks, tables of rows of cells). Missing or corrupt images become grey placeholders; a section whose data is not
 there is left out (or says why), never failing the report.
 """
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import math
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+import jinja2
 
 from fromage_bench.results import atomic_write_text, read_results
 
@@ -32,64 +34,20 @@ TARGET_KEYS = ("target", "target_id", "gt", "gt_id", "gt_image", "answer_image")
 RANK_KEYS = ("rank", "gt_rank", "target_rank")
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
-CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d1d1f;background:#fff;
- font-size:14px}
-header{background:#233044;color:#fff;padding:14px 24px}
-header h1{margin:0;font-size:22px}
-nav{padding:6px 24px;background:#eef1f5;border-bottom:1px solid #d5dae1}
-nav a{margin-right:14px;color:#233044;text-decoration:none}
-main{padding:8px 24px 40px}
-h2{border-bottom:2px solid #233044;padding-bottom:3px;margin-top:28px}
-h3{margin:18px 0 6px}
-table{border-collapse:collapse;margin:8px 0;font-size:13px}
-th,td{border:1px solid #d5dae1;padding:3px 7px;text-align:left;vertical-align:top}
-th{background:#eef1f5}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
-tr.group-start td{border-top:2px solid #8a94a3}
-td.skipped{background:#fff4e0;color:#8a5300;font-style:italic}
-.pos{color:#1a7f37}.neg{color:#b42318}.ref{color:#6b7280;font-style:italic}
-.muted{color:#6b7280}
-.note{background:#f6f8fa;border-left:4px solid #8a94a3;padding:6px 10px;margin:8px 0}
-dl.kv{display:grid;grid-template-columns:max-content auto;gap:2px 14px}
-dl.kv dt{font-weight:600}dl.kv dd{margin:0}
-figure{display:inline-block;margin:8px 12px 8px 0;vertical-align:top}
-figure img{border:1px solid #d5dae1;max-width:100%}
-figcaption{font-size:12px;color:#6b7280}
-.example{border:1px solid #d5dae1;border-radius:6px;padding:8px 10px;margin:10px 0}
-.captions{margin:4px 0 6px;padding-left:20px}
-.thumbs{display:flex;flex-wrap:wrap;gap:8px}
-.thumb{position:relative;display:inline-block;width:96px;text-align:center;font-size:11px}
-.thumb img,.thumb .placeholder{width:96px;height:96px;object-fit:cover;border:3px solid transparent;
- box-sizing:border-box}
-.thumb .placeholder{background:#c8ccd2;color:#333;display:flex;align-items:center;justify-content:center;
- overflow:hidden;word-break:break-all;padding:4px;font-size:10px}
-.thumb.hit img,.thumb.hit .placeholder{border-color:#1a9c3e}
-.thumb .mark{position:absolute;top:2px;right:4px;background:#1a9c3e;color:#fff;border-radius:9px;padding:0 5px;
- font-weight:700}
-.thumb .cap{display:block;color:#6b7280;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
-ol.answers li.hit{color:#1a7f37;font-weight:600}
-pre{background:#f6f8fa;border:1px solid #d5dae1;padding:8px;overflow:auto;max-height:480px;font-size:12px}
-"""
+TEMPLATES = Path(__file__).parent / "templates"  # report.html.j2 (the page and its macros), report.css
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-def esc(value: Any) -> str:
-    """HTML-escape anything for text or attribute context; None becomes an em dash."""
-    if value is None:
-        return "\u2014"
-    return html.escape(str(value), quote=True)
-
 
 def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def fmt_num(v: Any, digits: int = 2) -> str:
+def fmt_num(v: Any, digits: int = 2) -> str | None:
+    """A number with `digits` decimals (thousands separated); anything else as its text, None as None."""
     if _is_num(v):
         return f"{v:,.{digits}f}" if abs(v) >= 1000 else f"{v:.{digits}f}"
-    return esc(v)
+    return None if v is None else str(v)
 
 
 def fmt_signed(v: Any, digits: int = 2) -> str:
@@ -126,19 +84,46 @@ def _sign_class(v: Any) -> str:
     return "pos" if v > 0 else "neg"
 
 
-def _table(headers: Iterable[str], rows: Iterable[str], table_id: str | None = None,
-           head_html: str | None = None) -> str:
-    head = head_html if head_html is not None else "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in headers) + "</tr>"
-    ident = f' id="{esc(table_id)}"' if table_id else ""
-    return f"<table{ident}><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"
+def _span(text: Any, cls: str | None = None, title: Any = None) -> dict:
+    """A piece of cell content: `text` in a <span> with an optional class and hover title."""
+    return {"text": text, "cls": cls, "title": None if title is None else str(title)}
 
 
-def _section(anchor: str, title: str, body: str) -> str:
-    return f'<section id="{esc(anchor)}"><h2>{esc(title)}</h2>{body}</section>'
+DASH = "\u2014"  # what a missing value shows
+BR = {"br": True}  # a line break between pieces of one cell
 
 
-def _note(text: str) -> str:
-    return f'<p class="note">{esc(text)}</p>'
+def _cell(*content: Any, cls: str | None = None, colspan: int | None = None, rowspan: int | None = None,
+          title: Any = None, precision: Any = None) -> dict:
+    """A table cell (<td>/<th>): its pieces (plain text, `_span`s, `BR`) and attributes; None text shows as —."""
+    return {"content": [c if isinstance(c, dict) else _text(c) for c in content], "cls": cls, "colspan": colspan, "rowspan": rowspan, "title": None if title is None else str(title),
+            "precision": None if precision is None else str(precision)}
+
+
+def _row(cells: list[dict], cls: str | None = None) -> dict:
+    return {"cells": cells, "cls": cls}
+
+
+def _table(headers: Iterable[str], rows: list[dict], table_id: str | None = None,
+           head: list[list[dict]] | None = None) -> dict:
+    return {"kind": "table", "id": table_id, "rows": rows,
+            "head": head if head is not None else [[_cell(h) for h in headers]]}
+
+
+def _text(value: Any) -> str:
+    return DASH if value is None else str(value)
+
+
+def _section(anchor: str, title: str, *blocks: dict, nav: str | None = None) -> dict:
+    return {"anchor": anchor, "title": title, "nav": nav or title, "blocks": [b for b in blocks if b]}
+
+
+def _note(text: str) -> dict:
+    return {"kind": "note", "text": text}
+
+
+def _muted(text: str) -> dict:
+    return {"kind": "muted", "text": text}
 
 
 # ---------------------------------------------------------------------------------------------- records
@@ -217,16 +202,17 @@ def _latency(cost: dict) -> tuple[dict, str, float | None]:
     return old, "ms per example (older results: batch time split evenly, warm-up included)", None
 
 
-def _examples_rate(cost: dict) -> str:
-    """Examples/s with its unit, or why there is none (every batch resumed)."""
+def _examples_rate(cost: dict) -> list:
+    """Examples/s with its unit, or why there is none (every batch resumed): cell pieces."""
     rate, unit = cost.get("examples_per_second"), cost.get("examples_unit")
     if _is_num(rate):
-        return f'<span title="{esc(unit or "examples")} per second">{fmt_num(rate)}</span>' + (
-            f' <span class="muted">{esc(unit)}</span>' if unit else "")
+        return [_span(fmt_num(rate), title=f"{unit or 'examples'} per second")] + (
+            [" ", _span(unit, "muted")] if unit else [])
     step = _get(cost, "latency", "steps", _get(cost, "latency", "headline")) or {}
     if isinstance(step, dict) and step.get("batches_computed") == 0 and step.get("batches_resumed"):
-        return f'<span title="{esc(cost.get("examples_per_second_note"))}">all resumed</span>'
-    return "&#8212;"
+        return [_span("all resumed", title=DASH if cost.get("examples_per_second_note") is None
+                      else cost.get("examples_per_second_note"))]
+    return [DASH]
 
 
 def _images_per_second(throughput: Any) -> float | None:
@@ -252,7 +238,7 @@ def headline_metric(metrics: dict, task: str = "") -> str | None:
 
 # ---------------------------------------------------------------------------------------------- sections
 
-def _summary(run: Run) -> str:
+def _summary(run: Run) -> dict:
     doc, config, env = run.doc, run.doc.get("config") or {}, run.doc.get("environment") or {}
     model = config.get("model_dir") if isinstance(config, dict) else None
     if isinstance(config, dict) and config.get("random_init"):
@@ -281,11 +267,10 @@ def _summary(run: Run) -> str:
         ("created", doc.get("created")), ("commit", commit),
         ("schema", f"{doc.get('schema')} v{doc.get('schema_version')}"),
     ]
-    body = '<dl class="kv">' + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in items) + "</dl>"
-    return _section("summary", "Summary", body)
+    return _section("summary", "Summary", {"kind": "kv", "pairs": items})
 
 
-def _accuracy(run: Run) -> str:
+def _accuracy(run: Run) -> dict:
     if not run.evals:
         return _section("accuracy", "Accuracy", _note("No evaluation records in this run."))
     precisions = sorted({str(r.get("precision")) for r in run.evals}, key=precision_key)
@@ -300,10 +285,9 @@ def _accuracy(run: Run) -> str:
     by_cell = {(str(r.get("task")), r.get("setting"), r.get("protocol"), str(r.get("precision"))): r
                for r in run.ok_evals}
 
-    head = ("<tr><th rowspan=2>Task</th><th rowspan=2>Setting</th><th rowspan=2>Protocol</th><th rowspan=2>Metric</th>"
-            "<th rowspan=2>Paper</th>"
-            + "".join(f'<th colspan=3 data-precision="{esc(p)}">{esc(p)}</th>' for p in precisions) + "</tr><tr>"
-            + "".join("<th>ours</th><th>\u0394 paper</th><th>drift</th>" for _ in precisions) + "</tr>")
+    head = [[_cell(h, rowspan=2) for h in ("Task", "Setting", "Protocol", "Metric", "Paper")]
+            + [_cell(p, colspan=3, precision=p) for p in precisions],
+            [_cell(h) for _ in precisions for h in ("ours", "\u0394 paper", "drift")]]
     rows = []
     for task, setting, protocol in keys:
         cells = {p: by_cell.get((task, setting, protocol, p)) for p in precisions}
@@ -317,37 +301,35 @@ def _accuracy(run: Run) -> str:
             metrics.setdefault(str(m), None)
         base = cells.get(reference) if reference else None
         for i, metric in enumerate(metrics or [None]):
-            tds = [f"<td>{esc(task)}</td><td>{esc(setting)}</td><td>{esc(protocol)}</td><td>{esc(metric)}</td>",
-                   f'<td class="num paper">{fmt_num(paper.get(metric)) if metric in paper else "&#8212;"}</td>']
+            tds = [_cell(task), _cell(setting), _cell(protocol), _cell(metric),
+                   _cell(fmt_num(paper.get(metric)) if metric in paper else DASH, cls="num paper")]
             for p in precisions:
                 rec = cells[p]
                 if rec is None:
                     skipped = run.skipped_for(task, setting, protocol, p)
                     reason = skipped.get("reason") if skipped else None
                     text = f"skipped: {reason}" if skipped else "not run"
-                    tds.append(f'<td colspan=3 class="skipped" data-precision="{esc(p)}">{esc(text)}</td>')
+                    tds.append(_cell(text, colspan=3, cls="skipped", precision=p))
                     continue
                 value = (rec.get("metrics") or {}).get(metric) if metric is not None else None
                 delta = value - paper[metric] if _is_num(value) and _is_num(paper.get(metric)) else None
                 if p == reference:
-                    drift_html = '<span class="ref">ref</span>'
+                    drift_piece = _span("ref", "ref")
                 else:
                     drift = _get(rec, "drift", metric)
                     if not _is_num(drift) and base is not None:
                         ref_value = (base.get("metrics") or {}).get(metric)
                         drift = value - ref_value if _is_num(value) and _is_num(ref_value) else None
-                    drift_html = f'<span class="{_sign_class(drift)}">{fmt_signed(drift)}</span>'
+                    drift_piece = _span(fmt_signed(drift), _sign_class(drift))
                 title = f"n={rec.get('n_examples')}, skipped examples={rec.get('n_skipped', 0)}"
-                tds.append(f'<td class="num value" data-precision="{esc(p)}" title="{esc(title)}">'
-                           f'{fmt_num(value) if metric is not None else "&#8212;"}</td>'
-                           f'<td class="num delta {_sign_class(delta)}" data-precision="{esc(p)}">'
-                           f'{fmt_signed(delta)}</td>'
-                           f'<td class="num drift" data-precision="{esc(p)}">{drift_html}</td>')
-            cls = ' class="group-start"' if i == 0 else ""
-            rows.append(f"<tr{cls}>{''.join(tds)}</tr>")
-    note = (f'<p class="muted">\u0394 paper = ours \u2212 paper. Drift = this precision \u2212 '
-            f'{esc(reference)} (the highest precision that ran).</p>' if reference else "")
-    return _section("accuracy", "Accuracy", _table([], rows, "accuracy-table", head) + note)
+                tds += [_cell(fmt_num(value) if metric is not None else DASH, cls="num value", precision=p,
+                              title=title),
+                        _cell(fmt_signed(delta), cls=f"num delta {_sign_class(delta)}", precision=p),
+                        _cell(drift_piece, cls="num drift", precision=p)]
+            rows.append(_row(tds, "group-start" if i == 0 else None))
+    note = (_muted(f"\u0394 paper = ours \u2212 paper. Drift = this precision \u2212 {reference} (the highest "
+                   "precision that ran).") if reference else None)
+    return _section("accuracy", "Accuracy", _table([], rows, "accuracy-table", head), note)
 
 
 MEMORY_COLUMNS = (("cuda_max_allocated_bytes", "CUDA alloc"), ("cuda_max_reserved_bytes", "CUDA reserved"),
@@ -373,19 +355,19 @@ def _memory_headers(rows_src: list[dict]) -> tuple[list[tuple[str, str]], str | 
     return mem_cols, headline, headers
 
 
-def _memory_cells(memory: Any, mem_cols: list[tuple[str, str]], headline: str | None, with_baseline: bool) -> list[str]:
+def _memory_cells(memory: Any, mem_cols: list[tuple[str, str]], headline: str | None, with_baseline: bool) -> list:
     """One cell per memory column; a figure NVML could not give shows "n/a" with the reason on hover."""
     memory = memory if isinstance(memory, dict) else {}
     cells = []
     for key, _ in mem_cols:
         reason = next((memory[n] for n in MEMORY_UNAVAILABLE.get(key, ()) if memory.get(n)), None)
         if not _is_num(memory.get(key)) and reason:
-            cells.append(f'<span class="muted" title="{esc(reason)}">n/a</span>')
+            cells.append(_span("n/a", "muted", title=reason))
         else:
             cells.append(human_bytes(memory.get(key)))
     if with_baseline:
         base_key = dict(HEADLINE_MEMORY).get(headline)
-        cells.append(human_bytes(_get(memory, "baseline", base_key)) if base_key else "&#8212;")
+        cells.append(human_bytes(_get(memory, "baseline", base_key)) if base_key else DASH)
     return cells
 
 
@@ -404,10 +386,10 @@ def _cost_rows(run: Run) -> list[dict]:
                                                 str(r.get("setting"))))
 
 
-def _cost(run: Run) -> str:
+def _cost(run: Run) -> dict | None:
     rows_src = _cost_rows(run)
     if not rows_src:
-        return ""
+        return None
     mem_cols, headline, mem_headers = _memory_headers(rows_src)
     with_baseline = "Before cell" in mem_headers
     headers = (["Precision", "Task", "Load s", "Weights", "Load peak"] + mem_headers
@@ -416,33 +398,31 @@ def _cost(run: Run) -> str:
     last_precision = None
     for r in rows_src:
         p = str(r.get("precision"))
-        cls = ' class="group-start"' if p != last_precision else ""
+        cls = "group-start" if p != last_precision else None
         last_precision = p
         label = _label(r.get("task"), r.get("setting"))
         if r.get("status", "ok") != "ok":
-            rows.append(f"<tr{cls}><td>{esc(p)}</td><td>{esc(label)}</td><td colspan={len(headers) - 2} "
-                        f'class="skipped">{esc("skipped: " + str(r.get("reason")))}</td></tr>')
+            rows.append(_row([_cell(p), _cell(label),
+                              _cell("skipped: " + str(r.get("reason")), colspan=len(headers) - 2, cls="skipped")], cls))
             continue
         cost = r.get("cost") if isinstance(r.get("cost"), dict) else {}
         load_peak = _peak_memory(cost.get("load_memory"))
         tok, breakdown = _tokens_per_second(cost.get("compute_throughput") or cost.get("throughput"))
         lat, lat_label, warmup = _latency(cost)
-        tds = [esc(p), esc(label)]
+        images = _images_per_second(cost.get("throughput"))
         num = [fmt_num(cost.get("load_seconds")), human_bytes(cost.get("weight_bytes")),
-               f'<span title="{esc(load_peak[0])}">{human_bytes(load_peak[1])}</span>' if load_peak else "&#8212;"]
+               _span(human_bytes(load_peak[1]), title=load_peak[0]) if load_peak else DASH]
         num += _memory_cells(cost.get("memory"), mem_cols, headline, with_baseline)
-        num += [_examples_rate(cost),
-                f'<span title="{esc(breakdown)}">{fmt_num(tok, 1)}</span>' if tok is not None else "&#8212;",
-                fmt_num(_images_per_second(cost.get("throughput")), 1) if _images_per_second(cost.get("throughput"))
-                is not None else "&#8212;"]
-        num += [f'<span title="{esc(lat_label)}">{fmt_num(lat.get(q))}</span>' if _is_num(lat.get(q)) else "&#8212;"
+        num += [_examples_rate(cost), _span(fmt_num(tok, 1), title=breakdown) if tok is not None else DASH,
+                fmt_num(images, 1) if images is not None else DASH]
+        num += [_span(fmt_num(lat.get(q)), title=lat_label) if _is_num(lat.get(q)) else DASH
                 for q in ("p50", "p90", "p99")]
-        num.append(fmt_num(warmup) if warmup is not None else "&#8212;")
-        rows.append(f"<tr{cls}>" + "".join(f"<td>{t}</td>" for t in tds)
-                    + "".join(f'<td class="num">{t}</td>' for t in num) + "</tr>")
+        num.append(fmt_num(warmup) if warmup is not None else DASH)
+        rows.append(_row([_cell(p), _cell(label)]
+                         + [_cell(*(t if isinstance(t, list) else [t]), cls="num") for t in num], cls))
     reset = ("from a reset allocator: each cell's own, not the process's high-water mark" if with_baseline else
              "recorded before per-cell resets: reserved and NVML peaks are the process's high-water marks")
-    note = (f'<p class="muted">Peak memory during the task, {esc(reset)}. Read the column marked '
+    note = _muted(f"Peak memory during the task, {reset}. Read the column marked "
             "\u201cread this\u201d: on a GPU, CUDA allocated, the most the cell's tensors held at once, model "
             "weights included; \u201cBefore cell\u201d is what was already allocated when it began (the "
             "weights). CUDA reserved adds the allocator's cached free blocks (what must be free on the GPU); NVML "
@@ -453,8 +433,8 @@ def _cost(run: Run) -> str:
             "time (warm-up batch included; batches resumed from a journal are not counted). Tokens/s sums the "
             "tokens computed (scored, encoded, generated) over the compute time (hover for the breakdown, with the "
             "generated tokens kept). p50/p90/p99: steady-state ms per unit (each unit of a batch gets the batch's "
-            "time divided by its size; hover to see which); Warm-up ms: the first batch computed, timed apart.</p>")
-    return _section("cost", "Cost", _table(headers, rows, "cost-table") + note)
+            "time divided by its size; hover to see which); Warm-up ms: the first batch computed, timed apart.")
+    return _section("cost", "Cost", _table(headers, rows, "cost-table"), note)
 
 
 def _target_text(target: dict) -> str:
@@ -466,9 +446,9 @@ def _target_text(target: dict) -> str:
         return f"target met: {target.get('met')}"
 
 
-def _profile(run: Run) -> str:
+def _profile(run: Run) -> dict | None:
     if not run.profiles:
-        return ""
+        return None
     headers = ["Scenario", "Params", "Precision", "Median ms", "Throughput", "Roofline / projection", "Peak memory",
                "Weights"]
     records = sorted(run.profiles, key=lambda r: (str(r.get("scenario")), json.dumps(r.get("params"), sort_keys=True,
@@ -478,43 +458,45 @@ def _profile(run: Run) -> str:
     for r in records:
         params = r.get("params") if isinstance(r.get("params"), dict) else {}
         params_text = ", ".join(f"{k}={v}" for k, v in sorted(params.items(), key=lambda kv: str(kv[0])))
-        head = f"<td>{esc(r.get('scenario'))}</td><td>{esc(params_text)}</td><td>{esc(r.get('precision'))}</td>"
+        head = [_cell(r.get("scenario")), _cell(params_text), _cell(r.get("precision"))]
         if r.get("status", "ok") != "ok":
             status = f'{r.get("status", "skipped")}: {r.get("reason")}'  # "skipped" or "error" (the path failed)
-            rows.append(f'<tr>{head}<td colspan=5 class="skipped">{esc(status)}</td></tr>')
+            rows.append(_row(head + [_cell(status, colspan=5, cls="skipped")]))
             continue
         cost = r.get("cost") if isinstance(r.get("cost"), dict) else {}
         median = _get(cost, "seconds", "median")
-        rates = [f"{fmt_num(v, 1)} {esc(k.removesuffix('_per_second'))}/s" for k, v in sorted(cost.items())
+        rates = [f"{fmt_num(v, 1)} {k.removesuffix('_per_second')}/s" for k, v in sorted(cost.items())
                  if k.endswith("_per_second") and _is_num(v)]
         roof = r.get("roofline") if isinstance(r.get("roofline"), dict) else None
         if roof and _is_num(roof.get("fraction_of_roofline")):
-            roof_html = (f'{roof["fraction_of_roofline"] * 100:.1f}% <span class="muted">of '
-                         f'{fmt_num(roof.get("roofline_tokens_per_second"), 1)} tok/s</span>')
+            roof_pieces = [f'{roof["fraction_of_roofline"] * 100:.1f}% ',
+                         _span(f'of {fmt_num(roof.get("roofline_tokens_per_second"), 1)} tok/s', "muted")]
         elif roof and roof.get("roofline_unavailable"):  # MIG, or a device of unknown bandwidth: said, not dropped
-            roof_html = f'<span class="muted">no roofline: {esc(roof["roofline_unavailable"])}</span>'
+            roof_pieces = [_span(f'no roofline: {roof["roofline_unavailable"]}', "muted")]
         else:
-            roof_html = "&#8212;"
+            roof_pieces = [DASH]
         projected = _get(r, "projection", "projected_minutes")
         if _is_num(projected):  # one VisDial round timed: the full val set projected from it
-            roof_html = (f'{fmt_num(projected, 1)} min <span class="muted">VisDial val '
-                         f'({fmt_num(_get(r, "projection", "visdial_val_rounds"), 0)} rounds)</span>')
+            roof_pieces = [f"{fmt_num(projected, 1)} min ",
+                         _span(f'VisDial val ({fmt_num(_get(r, "projection", "visdial_val_rounds"), 0)} rounds)',
+                               "muted")]
             target = _get(r, "projection", "target")
             if isinstance(target, dict):
-                roof_html += f'<br><span class="muted">{esc(_target_text(target))}</span>'
+                roof_pieces += [BR, _span(_target_text(target), "muted")]
         peak = _peak_memory(cost.get("memory"))
-        rows.append(f"<tr>{head}<td class=num>{fmt_num(median * 1000) if _is_num(median) else '&#8212;'}</td>"
-                    f"<td class=num>{'<br>'.join(rates) or '&#8212;'}</td><td class=num>{roof_html}</td>"
-                    f"<td class=num>{human_bytes(peak[1]) if peak else '&#8212;'}</td>"
-                    f"<td class=num>{human_bytes(cost.get('weight_bytes'))}</td></tr>")
-    note = ('<p class="muted">Roofline (decode): batch-1 decode reads every weight once per token, so memory '
+        rate_pieces = [x for rate in rates for x in (BR, rate)][1:] or [DASH]
+        rows.append(_row(head + [_cell(fmt_num(median * 1000) if _is_num(median) else DASH, cls="num"),
+                                 _cell(*rate_pieces, cls="num"), _cell(*roof_pieces, cls="num"),
+                                 _cell(human_bytes(peak[1]) if peak else DASH, cls="num"),
+                                 _cell(human_bytes(cost.get("weight_bytes")), cls="num")]))
+    note = _muted("Roofline (decode): batch-1 decode reads every weight once per token, so memory "
             "bandwidth / weight bytes bounds tokens/s; the fraction is measured / bound. Projection (option "
             "scoring, 100 options): the median time of one round times the rounds of VisDial val, with every "
-            "round's context encoded anew (an upper bound: the task reuses the previous round's prefix).</p>")
-    return _section("profile", "Profile", _table(headers, rows, "profile-table") + note)
+            "round's context encoded anew (an upper bound: the task reuses the previous round's prefix).")
+    return _section("profile", "Profile", _table(headers, rows, "profile-table"), note)
 
 
-def _plots(run: Run) -> str:
+def _plots(run: Run) -> dict | None:
     precisions = run.ok_precisions
     figures: list[tuple[str, str | None]] = []
     ok_costs = [r for r in run.ok_evals if isinstance(r.get("cost"), dict)]
@@ -584,12 +566,12 @@ def _plots(run: Run) -> str:
         if uri is None:
             continue
         if uri.startswith("data:"):
-            parts.append(f'<figure><img src="{uri}" alt="{esc(title)}"><figcaption>{esc(title)}</figcaption></figure>')
+            parts.append({"kind": "figure", "uri": uri, "title": title})
         else:
             parts.append(_note(f"{title}: could not be drawn ({uri})"))
     if not parts:
-        return ""
-    return _section("plots", "Plots", "".join(parts))
+        return None
+    return _section("plots", "Plots", *parts)
 
 
 # ------------------------------------------------------------------------------------- qualitative examples
@@ -640,14 +622,10 @@ class Thumbnails:
         except Exception:  # missing, truncated, not an image, too large: a placeholder instead
             return None
 
-    def html(self, root: Path | None, ident: Any, hit: bool = False, caption: str | None = None) -> str:
+    def thumb(self, root: Path | None, ident: Any, hit: bool = False, caption: str | None = None) -> dict:
+        """One thumbnail for the template's `thumb` macro: the image's data URI, or None for a placeholder."""
         ident_s = "" if ident is None else str(ident)
-        uri = self.data_uri(root, ident_s)
-        inner = (f'<img src="{uri}" alt="{esc(ident_s)}" title="{esc(ident_s)}">' if uri else
-                 f'<span class="placeholder" title="image not found: {esc(ident_s)}">{esc(ident_s or "?")}</span>')
-        mark = '<span class="mark">\u2713</span>' if hit else ""
-        cap = f'<span class="cap">{esc(caption)}</span>' if caption else ""
-        return f'<span class="thumb{" hit" if hit else ""}">{inner}{mark}{cap}</span>'
+        return {"uri": self.data_uri(root, ident_s), "ident": ident_s, "hit": hit, "caption": caption}
 
 
 def _first(example: dict, keys: Iterable[str]) -> tuple[str | None, Any]:
@@ -694,7 +672,7 @@ def _rank_text(example: dict) -> str:
     return f"rank {rank}" if rank is not None else ""
 
 
-def _render_retrieval(ex: dict, thumbs: Thumbnails, root: Path | None) -> str | None:
+def _render_retrieval(ex: dict, thumbs: Thumbnails, root: Path | None) -> dict | None:
     top = _top_list(ex)
     _, target = _first(ex, TARGET_KEYS)
     if top is None or target is None:
@@ -702,31 +680,19 @@ def _render_retrieval(ex: dict, thumbs: Thumbnails, root: Path | None) -> str | 
     title_key, title = _first(ex, ("story_id", "id", "image", "caption_id"))
     captions = _as_text_list(_first(ex, ("captions", "caption", "text", "query"))[1])
     context = _as_text_list(_first(ex, ("context_images", "context", "context_photos", "images"))[1])
-    parts = [f'<div class="example"><b>{esc(title_key or "example")} {esc(title)}</b> '
-             f'<span class="muted">target {esc(target)}; {esc(_rank_text(ex))}</span>']
-    if captions:
-        parts.append('<ol class="captions">' + "".join(f"<li>{esc(c)}</li>" for c in captions) + "</ol>")
-    if context:
-        parts.append('<div class="muted">context images</div><div class="thumbs">'
-                     + "".join(thumbs.html(root, c) for c in context[:TOP_SHOWN]) + "</div>")
-    parts.append(f'<div class="muted">top {min(TOP_SHOWN, len(top))} retrieved (\u2713 = target)</div>'
-                 '<div class="thumbs">')
-    found = False
+    shown = []
     for i, item in enumerate(top[:TOP_SHOWN]):
         ident = _id_of(item)
-        hit = str(ident) == str(target)
-        found |= hit
-        parts.append(thumbs.html(root, ident, hit=hit, caption=f"#{i + 1} {ident}"))
-    parts.append("</div>")
-    if not found:
-        parts.append('<div class="muted">target (not in the top '
-                     f'{TOP_SHOWN}):</div><div class="thumbs">'
-                     f'{thumbs.html(root, target, hit=True, caption=str(target))}</div>')
-    parts.append("</div>")
-    return "".join(parts)
+        shown.append(thumbs.thumb(root, ident, hit=str(ident) == str(target), caption=f"#{i + 1} {ident}"))
+    found = any(t["hit"] for t in shown)
+    return {"kind": "retrieval", "title_key": title_key or "example", "title": _text(title),
+            "target": str(target), "rank": _rank_text(ex), "captions": captions,
+            "context": [thumbs.thumb(root, c) for c in context[:TOP_SHOWN]], "top": shown,
+            "top_shown": TOP_SHOWN,
+            "missing_target": None if found else thumbs.thumb(root, target, hit=True, caption=str(target))}
 
 
-def _render_dialog(ex: dict, thumbs: Thumbnails, root: Path | None) -> str | None:
+def _render_dialog(ex: dict, thumbs: Thumbnails, root: Path | None) -> dict | None:
     question = ex.get("question")
     top = _top_list(ex)
     _, top_answers = _first(ex, ("top_answers", "top_answer_texts", "top5_answers"))
@@ -751,18 +717,15 @@ def _render_dialog(ex: dict, thumbs: Thumbnails, root: Path | None) -> str | Non
             text = f"option #{index}"
         hit = (index is not None and gt is not None and str(index) == str(gt)) or (
             index is None and gt_answer is not None and text == str(gt_answer))
-        shown_index = index is not None and not text.startswith("option #")
-        suffix = f' <span class="muted">(#{esc(index)})</span>' if shown_index else ""
-        mark = " \u2713" if hit else ""
-        entries.append(f'<li class="{"hit" if hit else ""}">{esc(text)}{suffix}{mark}</li>')
+        entries.append({"text": text, "index": _text(index), "hit": hit,
+                        "index_shown": index is not None and not text.startswith("option #")})
     gt_text = f"gt: {gt_answer} (#{gt})" if gt_answer is not None else f"gt: option #{gt}"
-    return (f'<div class="example"><div class="thumbs">{thumbs.html(root, image_id)}<div>'
-            f'<b>image {esc(image_id)}, round {esc(ex.get("round"))}</b><br>Q: {esc(question)}<br>'
-            f'<span class="muted">{esc(gt_text)}; {esc(_rank_text(ex))}</span>'
-            f'<ol class="answers">{"".join(entries)}</ol></div></div></div>')
+    return {"kind": "dialog", "image": thumbs.thumb(root, image_id), "image_id": _text(image_id),
+            "round": _text(ex.get("round")), "question": str(question), "gt_text": gt_text, "rank": _rank_text(ex),
+            "answers": entries}
 
 
-def _render_caption(ex: dict, thumbs: Thumbnails, root: Path | None) -> str | None:
+def _render_caption(ex: dict, thumbs: Thumbnails, root: Path | None) -> dict | None:
     _, image = _first(ex, ("image", "image_id", "id"))
     text_key, text = _first(ex, ("generated", "caption", "prediction", "text"))
     if image is None or text is None:
@@ -772,13 +735,12 @@ def _render_caption(ex: dict, thumbs: Thumbnails, root: Path | None) -> str | No
     extra = f" {_rank_text(ex)}" if _first(ex, RANK_KEYS)[0] else ""
     if top:
         extra += "; top: " + ", ".join(str(_id_of(t)) for t in top[:TOP_SHOWN])
-    return (f'<div class="example"><div class="thumbs">{thumbs.html(root, image)}<div>'
-            f'<b>{esc(image)}</b> <span class="muted">{esc(extra)}</span><br>{esc(text_key)}: {esc(text)}'
-            + ('<ol class="captions">' + "".join(f"<li>{esc(r)}</li>" for r in refs[:5]) + "</ol>" if refs else "")
-            + "</div></div></div>")
+    return {"kind": "caption", "image": thumbs.thumb(root, image), "image_id": str(image), "extra": extra,
+            "text_key": text_key, "text": str(text), "refs": refs[:5]}
 
 
-def _examples_for(run: Run, task: str, setting: Any, thumbs: Thumbnails) -> str:
+def _examples_for(run: Run, task: str, setting: Any, thumbs: Thumbnails) -> list[dict]:
+    """The blocks of one task's examples: a heading, maybe a note, up to MAX_EXAMPLES examples."""
     candidates = sorted((r for r in run.ok_evals if str(r.get("task")) == task and r.get("setting") == setting
                          and r.get("predictions_file")), key=lambda r: precision_key(r.get("precision")))
     title = _label(task, setting)
@@ -806,51 +768,49 @@ def _examples_for(run: Run, task: str, setting: Any, thumbs: Thumbnails) -> str:
             if len(rendered) >= MAX_EXAMPLES:
                 break
         if not rendered:
-            return f"<h3>{esc(title)}</h3>" + _note("The predictions have no fields this report knows how to show.")
+            return [{"kind": "h3", "text": title, "where": None},
+                    _note("The predictions have no fields this report knows how to show.")]
         where = f"protocol {rec.get('protocol')} at {rec.get('precision')}"
-        hint = "" if root else _note("No image directory given for this task: thumbnails are placeholders.")
-        return f'<h3>{esc(title)} <span class="muted">({esc(where)})</span></h3>{hint}' + "".join(rendered)
-    return ""
+        hint = [] if root else [_note("No image directory given for this task: thumbnails are placeholders.")]
+        return [{"kind": "h3", "text": title, "where": where}, *hint, *rendered]
+    return []
 
 
-def _qualitative(run: Run, thumbs: Thumbnails) -> str:
-    parts = [_examples_for(run, task, setting, thumbs) for task, setting in run.task_settings()]
-    parts = [p for p in parts if p]
-    if not parts:
-        return ""
-    return _section("examples", "Qualitative examples", "".join(parts))
+def _qualitative(run: Run, thumbs: Thumbnails) -> dict | None:
+    blocks = [b for task, setting in run.task_settings() for b in _examples_for(run, task, setting, thumbs)]
+    if not blocks:
+        return None
+    return _section("examples", "Qualitative examples", *blocks, nav="Examples")
 
 
-def _skipped_data(run: Run) -> str:
+def _skipped_data(run: Run) -> dict | None:
     rows = []
     for r in sorted(run.evals, key=lambda r: (str(r.get("task")), str(r.get("setting")),
                                               precision_key(r.get("precision")), str(r.get("protocol")))):
-        head = (f"<td>{esc(r.get('task'))}</td><td>{esc(r.get('setting'))}</td><td>{esc(r.get('protocol'))}</td>"
-                f"<td>{esc(r.get('precision'))}</td>")
+        head = [_cell(r.get(k)) for k in ("task", "setting", "protocol", "precision")]
         if r.get("status", "ok") != "ok":
-            reason = esc("cell skipped: " + str(r.get("reason")))
-            rows.append(f'<tr>{head}<td colspan=4 class="skipped">{reason}</td></tr>')
+            rows.append(_row(head + [_cell("cell skipped: " + str(r.get("reason")), colspan=4, cls="skipped")]))
             continue
         reasons = r.get("skipped") if isinstance(r.get("skipped"), dict) else {}
         examples = r.get("skipped_examples") if isinstance(r.get("skipped_examples"), list) else []
-        reasons_html = "<br>".join(f"{esc(k)}: {esc(v)}" for k, v in reasons.items()) or "&#8212;"
-        examples_html = ("<details><summary>" + esc(f"{len(examples)} listed") + "</summary>"
-                         + "<br>".join(esc(e) for e in examples) + "</details>") if examples else "&#8212;"
-        rows.append(f"<tr>{head}<td class=num>{esc(r.get('n_examples'))}</td>"
-                    f"<td class=num>{esc(r.get('n_skipped', 0))}</td>"
-                    f"<td>{reasons_html}</td><td>{examples_html}</td></tr>")
+        reason_pieces = [x for k, v in reasons.items() for x in (BR, f"{k}: {_text(v)}")][1:] or [DASH]
+        listed = {"details": f"{len(examples)} listed", "lines": [_text(e) for e in examples]} if examples else DASH
+        rows.append(_row(head + [_cell(r.get("n_examples"), cls="num"), _cell(r.get("n_skipped", 0), cls="num"),
+                                 _cell(*reason_pieces), _cell(listed)]))
     if not rows:
-        return ""
+        return None
     headers = ["Task", "Setting", "Protocol", "Precision", "Examples", "Skipped", "Reasons", "Skipped examples"]
     return _section("skipped", "Skipped data", _table(headers, rows, "skipped-table"))
 
 
-def _environment(run: Run) -> str:
+def _environment(run: Run) -> dict:
     env = run.doc.get("environment")
     config = run.doc.get("config")
-    dump = lambda v: esc(json.dumps(v, indent=2, sort_keys=True, default=str))  # noqa: E731
-    return _section("environment", "Environment and configuration",
-                    f"<h3>Environment</h3><pre>{dump(env)}</pre><h3>Configuration</h3><pre>{dump(config)}</pre>")
+    def dump(v: Any) -> dict:
+        return {"kind": "pre", "text": json.dumps(v, indent=2, sort_keys=True, default=str)}
+
+    return _section("environment", "Environment and configuration", {"kind": "h3", "text": "Environment"},
+                    dump(env), {"kind": "h3", "text": "Configuration"}, dump(config), nav="Environment")
 
 
 # ---------------------------------------------------------------------------------------------- speed-ups
@@ -868,10 +828,10 @@ def read_benchmarks(path: Path) -> dict:
     return document
 
 
-def _speedups(benchmarks: dict | None) -> str:
+def _speedups(benchmarks: dict | None) -> dict | None:
     """The fast paths against the original scripts' way of working (issue targets and whether they were met)."""
     if not benchmarks:
-        return ""
+        return None
     rows = []
     for b in benchmarks["benchmarks"]:
         if not isinstance(b, dict):
@@ -879,18 +839,18 @@ def _speedups(benchmarks: dict | None) -> str:
         extra = b.get("extra_info") if isinstance(b.get("extra_info"), dict) else {}
         fast, naive = _get(b, "stats", "min"), extra.get("naive_seconds")
         speedup, target = extra.get("speedup"), extra.get("target")
-        met = "&#8212;"
+        met: Any = DASH
         if _is_num(speedup) and _is_num(target):
-            met = '<span class="pos">met</span>' if speedup >= target else '<span class="neg">missed</span>'
-        rows.append(f"<tr><td>{esc(b.get('name'))}</td><td class=num>{fmt_num(fast, 3)}</td>"
-                    f"<td class=num>{fmt_num(naive, 3)}</td><td class=num>{fmt_num(speedup, 1)}x</td>"
-                    f"<td class=num>{fmt_num(target, 0)}x</td><td>{met}</td></tr>")
+            met = _span("met", "pos") if speedup >= target else _span("missed", "neg")
+        rows.append(_row([_cell(b.get("name")), _cell(fmt_num(fast, 3), cls="num"),
+                          _cell(fmt_num(naive, 3), cls="num"), _cell(f"{_text(fmt_num(speedup, 1))}x", cls="num"),
+                          _cell(f"{_text(fmt_num(target, 0))}x", cls="num"), _cell(met)]))
     cpu = _get(benchmarks, "machine_info", "cpu", "brand_raw") or _get(benchmarks, "machine_info", "processor")
     note = _note(f"pytest-benchmark run of {benchmarks.get('datetime', '?')} on {cpu or 'an unknown CPU'}: the "
                  "fastest round of each fast path against the reference path written the way the original "
                  "scripts work, on the same model and inputs (outputs asserted identical).")
     headers = ["Benchmark", "Fast path s", "Original-style s", "Speed-up", "Target", ""]
-    return _section("speedups", "Speed-ups", _table(headers, rows, "speedup-table") + note)
+    return _section("speedups", "Speed-ups", _table(headers, rows, "speedup-table"), note)
 
 
 # ---------------------------------------------------------------------------------------------- assembly
@@ -899,19 +859,24 @@ def render_report(document: dict, run_dir: Path, image_roots: dict[str, Path] | 
                   benchmarks: dict | None = None) -> str:
     run = Run(document, Path(run_dir))
     thumbs = Thumbnails(image_roots)
-    sections = [("summary", "Summary", _summary(run)), ("accuracy", "Accuracy", _accuracy(run)),
-                ("cost", "Cost", _cost(run)), ("profile", "Profile", _profile(run)),
-                ("speedups", "Speed-ups", _speedups(benchmarks)), ("plots", "Plots", _plots(run)),
-                ("examples", "Examples", _qualitative(run, thumbs)), ("skipped", "Skipped data", _skipped_data(run)),
-                ("environment", "Environment", _environment(run))]
-    nav = "".join(f'<a href="#{a}">{esc(t)}</a>' for a, t, body in sections if body)
-    title = f"fromage-bench report \u2014 {run.run_dir.name}"
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
-            f"<header><h1>{esc(title)}</h1></header><nav>{nav}</nav><main>"
-            + "".join(body for _, _, body in sections) + "</main></body></html>\n")
+    sections = [_summary(run), _accuracy(run), _cost(run), _profile(run), _speedups(benchmarks), _plots(run),
+                _qualitative(run, thumbs), _skipped_data(run), _environment(run)]
+    return _environment_for_templates().get_template("report.html.j2").render(
+        title=f"fromage-bench report \u2014 {run.run_dir.name}", csp=CSP, sections=[s for s in sections if s])
+
+
+_JINJA: jinja2.Environment | None = None
+
+
+def _environment_for_templates() -> jinja2.Environment:
+    """The templates' Jinja2 environment: autoescape on for every template (escaping is the default, so
+    dataset text cannot become markup), None shown as an em dash."""
+    global _JINJA
+    if _JINJA is None:
+        _JINJA = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
+                                    keep_trailing_newline=True,
+                                    finalize=lambda value: DASH if value is None else value)
+    return _JINJA
 
 
 def _default_image_roots(document: dict) -> dict[str, Path]:

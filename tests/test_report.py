@@ -242,7 +242,7 @@ def test_every_image_is_a_decodable_data_uri(report):
 def test_dataset_text_is_escaped(report):
     _, _, text = report
     assert "A cat &lt;script&gt;alert(1)&lt;/script&gt; &amp; a dog" in text
-    assert "&lt;script&gt;document.title=&#x27;PWNED&#x27;&lt;/script&gt;" in text
+    assert "&lt;script&gt;document.title=&#39;PWNED&#39;&lt;/script&gt;" in text
     assert "<script" not in text and "<b>bold</b>" not in text and "answer 3 &lt;b&gt;bold&lt;/b&gt;" in text
     assert "Fake &lt;CPU&gt; &amp; co" in text and "fromage_model/&lt;weights &amp; co&gt;" in text
 
@@ -424,9 +424,43 @@ def test_memory_columns_say_which_to_read_with_the_baseline_and_missing_nvml(tmp
     assert row[header.index("Before cell")][1] == "13.00 GiB"
     assert row[header.index("Peak CUDA alloc (read this)")][1] == "14.00 GiB"
     assert row[header.index("Peak NVML process")][1] == "n/a"
-    assert html.escape(memory["nvml_process_unavailable"]) in text  # the reason, on hover
+    assert memory["nvml_process_unavailable"].replace("'", "&#39;") in text  # the reason, on hover (escaped)
     assert "from a reset allocator" in text
     old_text = write_report(old_dir).read_text()
     old_header = [t for _, t in parse(old_text).tables["cost-table"][0]]
     assert "Before cell" not in old_header and "Peak NVML process" not in old_header
     assert "high-water marks" in old_text
+
+
+HOSTILE = '<script>alert(1)</script>"onerror=alert(2) x="'
+
+
+def test_template_escapes_hostile_task_setting_caption_and_reason(tmp_path):
+    """The templates escape by default: a task, setting, caption, image id and skip reason full of markup stay
+    text (decoded back to the same string by an HTML parser), in element text and in attributes alike."""
+    run_dir = tmp_path / "hostile"
+    (run_dir / "predictions").mkdir(parents=True)
+    (run_dir / "predictions" / "p.jsonl").write_text(json.dumps(
+        {"image": f"img{HOSTILE}", "generated": f"cap{HOSTILE}", "references": [f"ref{HOSTILE}"]}) + "\n")
+    task, setting = f"task{HOSTILE}", f"setting{HOSTILE}"
+    records = [
+        {"kind": "eval", "status": "ok", "task": task, "setting": setting, "protocol": "p", "precision": "fp32",
+         "metrics": {"BLEU-4": 1.0}, "n_examples": 1, "n_skipped": 0, "predictions_file": "predictions/p.jsonl",
+         "cost": {"load_seconds": 1.0, "examples_per_second": 2.0, "examples_unit": f"unit{HOSTILE}"}},
+        {"kind": "eval", "status": "skipped", "task": task, "setting": setting, "protocol": "p", "precision": "int8",
+         "reason": f"reason{HOSTILE}"}]
+    write_results(run_dir, {"created": "2026-12-01T00:00:00Z", "config": {}, "environment": {}, "records": records})
+    text = write_report(run_dir).read_text(encoding="utf-8")
+
+    assert "<script" not in text and '"onerror=' not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    doc = parse(text)
+    skipped = [cells for cells in doc.tables["skipped-table"][1:] if cells[3][1] == "int8"][0]
+    assert [t for _, t in skipped[:2]] == [task, setting]
+    assert skipped[4][1] == f"cell skipped: reason{HOSTILE}"
+    placeholder_titles = re.findall(r'class="placeholder" title="([^"]*)"', text)  # a raw quote would end it
+    assert [html.unescape(t) for t in placeholder_titles] == [f"image not found: img{HOSTILE}"]
+    accuracy = doc.tables["accuracy-table"][2]
+    assert [t for _, t in accuracy[:3]] == [task, setting, "p"]
+    plain = html.unescape(re.sub(r"<[^>]+>", "", text))
+    assert f"cap{HOSTILE}" in plain and f"ref{HOSTILE}" in plain

@@ -67,7 +67,7 @@ def test_no_console_errors_or_external_requests(browser, report, tmp_path):
 
 def test_images_decode_and_injected_caption_stays_text(browser, report, tmp_path):
     text = report.read_text(encoding="utf-8")
-    assert "&lt;script&gt;document.title=&#x27;PWNED&#x27;&lt;/script&gt;" in text
+    assert "&lt;script&gt;document.title=&#39;PWNED&#39;&lt;/script&gt;" in text
     probe, n = re.subn(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", text)
     assert n == 1  # without the CSP only the escaping keeps the payload inert
     page_file = tmp_path / "probe.html"
