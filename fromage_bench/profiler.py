@@ -220,12 +220,10 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     return 2 * nbytes / statistics.median(times)
 
 
-def _decode_roofline(model, per_token_seconds: float, bandwidth: dict | float | None,
-                     copy_bandwidth: float | None) -> dict:
+def _decode_roofline(model, per_token_seconds: float, bandwidth: dict, copy_bandwidth: float | None) -> dict:
+    """`bandwidth`: `devices.peak_bandwidth`'s answer for the device (its figure, source, or the reason for none)."""
     from model.precision import weight_bytes
 
-    if not isinstance(bandwidth, dict):  # a bare figure: given by hand
-        bandwidth = peak_bandwidth(torch.device("cpu"), override=bandwidth)
     peak = bandwidth.get("bytes_per_second")
     lm_bytes = weight_bytes(model.model.lm)  # every LM weight is read once per generated token at batch 1
     roof = {"weight_bytes": lm_bytes, "measured_tokens_per_second": 1.0 / per_token_seconds,

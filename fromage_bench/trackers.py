@@ -78,11 +78,6 @@ def examples_rate(latency: dict) -> dict:
     return out
 
 
-def synchronize(device: torch.device | None = None) -> None:
-    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
-        torch.cuda.synchronize(device)
-
-
 def release_memory() -> None:
     """Collect what a freed model left (its LM and static decoders form reference cycles) and hand the
     allocator's cached blocks back, so the next model's load and peaks start from what is really held."""

@@ -2,8 +2,10 @@
 import json
 
 import pytest
+import torch
 
 from fromage_bench.cli import main
+from fromage_bench.devices import peak_bandwidth
 from fromage_bench.profiler import SCENARIOS, _decode_roofline, time_it
 from fromage_bench.results import load, read_results
 
@@ -77,7 +79,8 @@ def test_a_failing_path_is_recorded_and_the_others_still_run(tiny_dir, tmp_path,
 
 def test_roofline_arithmetic(tiny):
     weight = tiny.model.lm
-    roof = _decode_roofline(tiny, per_token_seconds=0.01, bandwidth=1e9, copy_bandwidth=None)
+    roof = _decode_roofline(tiny, per_token_seconds=0.01, bandwidth=peak_bandwidth(torch.device("cpu"), override=1e9),
+                            copy_bandwidth=None)
     # 100 tokens/s measured; the roofline is bandwidth / bytes; the fraction is bytes*rate / bandwidth
     assert roof["measured_tokens_per_second"] == pytest.approx(100.0)
     assert roof["roofline_tokens_per_second"] == pytest.approx(1e9 / roof["weight_bytes"])
