@@ -506,27 +506,11 @@ def make_standins(data: str | Path, out: str | Path, *, seed: int = 0, preset: s
 # -- an untrained FROMAGe over the stand-ins ------------------------------------------------------------
 def write_untrained_fromage(out_dir: str | Path, standins_dir: str | Path, seed: int = 0, *, n_visual_tokens: int = 1,
                             shared_emb_dim: int = 128, input_prompt: str | None = None) -> Path:
-    """`model_args.json` naming the stand-ins (by a path relative to `out_dir`) and a freshly initialised
-    `pretrained_ckpt.pth.tar` (seeded), like `make_tiny`: `load_fromage(out_dir)` then loads them."""
-    from transformers import CLIPVisionModel, OPTForCausalLM
+    """The original recipe's initial state over the stand-ins (`model.fresh.write_untrained_fromage`, the path
+    `fromage-bench train --init fresh` takes): `load_fromage(out_dir)` then loads it."""
+    from model.fresh import write_untrained_fromage as write_initial_state
 
-    from model.args import ModelArgs
-    from model.backbones import load_image_processor, load_tokenizer
-    from model.checkpoint import save_release
-    from model.fromage import FromageModel
-
-    out_dir, standins_dir = Path(out_dir), Path(standins_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    opt_dir, clip_dir = standins_dir / "opt", standins_dir / "clip"
-    torch.manual_seed(seed)
-    tokenizer = load_tokenizer(opt_dir)
-    lm = OPTForCausalLM.from_pretrained(str(opt_dir)).eval()
-    lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    vision = CLIPVisionModel.from_pretrained(str(clip_dir)).eval()
-    processor = load_image_processor(clip_dir)
+    standins_dir = Path(standins_dir)
     extra = {"input_prompt": input_prompt} if input_prompt else {}
-    args = ModelArgs(opt_version=os.path.relpath(opt_dir, out_dir), visual_encoder=os.path.relpath(clip_dir, out_dir),
-                     n_visual_tokens=n_visual_tokens, shared_emb_dim=shared_emb_dim, extra=extra)
-    model = FromageModel(args, tokenizer, lm, vision, processor, torch.float32)
-    save_release(model, out_dir, args)
-    return out_dir
+    return write_initial_state(out_dir, standins_dir / "opt", standins_dir / "clip", seed,
+                               n_visual_tokens=n_visual_tokens, shared_emb_dim=shared_emb_dim, extra=extra)

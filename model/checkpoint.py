@@ -78,27 +78,29 @@ def apply_trained_weights(model: FromageModel, state_dict: dict[str, torch.Tenso
             target.copy_(value.to(device=target.device, dtype=target.dtype))
 
 
-def trained_state_dict(model: FromageModel) -> "OrderedDict[str, torch.Tensor]":
-    """The pruned release state dict of a model (what `apply_trained_weights` reads back)."""
+def trained_state_dict(model: FromageModel, ret_row: torch.Tensor | None = None) -> "OrderedDict[str, torch.Tensor]":
+    """The pruned release state dict of a model (what `apply_trained_weights` reads back). `ret_row`: the [RET]
+    row to write instead of the embedding matrix's (training keeps it in fp32 when the matrix is bf16)."""
     own = _trained_parameters(model)
     out = OrderedDict()
     for key in trained_keys(model):
         if key == RET_ROW_KEY:
-            row = model.input_embeddings.weight[model.retrieval_token_idx]
+            row = model.input_embeddings.weight[model.retrieval_token_idx] if ret_row is None else ret_row
             out[key] = row.detach().float().cpu().reshape(1, -1).clone()
         else:
             out[key] = own[key].detach().float().cpu().clone()
     return out
 
 
-def save_release(model: FromageModel, out_dir: str | Path, args: ModelArgs | None = None) -> Path:
+def save_release(model: FromageModel, out_dir: str | Path, args: ModelArgs | None = None,
+                 ret_row: torch.Tensor | None = None) -> Path:
     """Write `model_args.json` + `pretrained_ckpt.pth.tar` (the backbones are referenced, not copied)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     args = args or model.args
     raw = args.to_dict()
     raw["retrieval_token_idx"] = model.retrieval_token_idx
-    state = {"state_dict": trained_state_dict(model)}
+    state = {"state_dict": trained_state_dict(model, ret_row)}
     atomic_write(out_dir / CHECKPOINT_FILE, lambda f: torch.save(state, f))
     atomic_write_text(out_dir / MODEL_ARGS_FILE, json.dumps(raw, indent=4) + "\n")
     return out_dir

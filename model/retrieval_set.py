@@ -118,6 +118,15 @@ class RetrievalSet:
         except ValueError as err:
             raise FromageInputError(directory, str(err)) from None
 
+    def save_original_pickle(self, path: str | Path) -> Path:
+        """Write the set as one of the original's `cc3m_embeddings*.pkl` files (the format `from_original_pickles`
+        reads): a pickled dict of `paths` (resolved against `image_root`, so the original code opens them) and
+        `embeddings`, an (N, D) float32 numpy array. Only for the original code: this project loads the
+        safetensors set and never unpickles by default."""
+        data = {"paths": [self.resolve(i) for i in range(len(self))],
+                "embeddings": self.embeddings.float().cpu().numpy()}
+        return atomic_write_bytes(Path(path), pickle.dumps(data, protocol=4))
+
     @classmethod
     def from_original_pickles(cls, pickle_paths: Sequence[str | Path], *, trust_pickle: bool = False) -> "RetrievalSet":
         """Read the original `cc3m_embeddings*.pkl` files. Unpickling runs arbitrary code, hence the opt-in."""

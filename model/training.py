@@ -4,8 +4,10 @@ Reads top to bottom: configuration, processes, the trainable tensors, one traini
 retrieval pass, optimiser step), checkpoints, logging, export, and `train`, the loop that ties them up.
 
 What is trained: `visual_embeddings` (image -> LM input tokens), `visual_fc` (image -> retrieval space),
-`text_hidden_fcs` (LM hidden state -> retrieval space), `logit_scale`, and the `[RET]` input-embedding row.
-The OPT language model and the CLIP vision tower stay frozen and in eval mode.
+`text_hidden_fcs` (LM hidden state -> retrieval space), the `[RET]` input-embedding row, and `logit_scale` only
+with `learn_logit_scale` (the original's bf16 training leaves it where it starts: see `TrainConfig`).
+The OPT language model and the CLIP vision tower stay frozen and in eval mode, loaded in the training precision
+(bf16 on CUDA, as the original casts them); the trained tensors and their AdamW states are fp32.
 
 The `[RET]` row is a separate parameter spliced into the frozen LM wherever the row is used: in the
 input embeddings (where a token is `[RET]`) and, because OPT ties its output layer to the input
@@ -26,11 +28,14 @@ import contextlib
 import copy
 import csv
 import hashlib
+import io
+import json
 import logging
 import math
 import os
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,36 +46,60 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from typing import Callable
+
+from .args import ModelArgs
 from .checkpoint import save_release
 from .errors import FromageInputError
-from .files import atomic_write
+from .files import atomic_write, atomic_write_text
+from .fresh import build_initial_model, load_release_for_training
 from .fromage import FromageModel
 from .inference import Fromage
-from .loading import load_fromage
 from .losses import IGNORE_INDEX, contrastive_loss_share, distributed, token_loss_share
-from .precision import resolve_placement
-from .train_data import MAX_LEN, Batch, CaptionDataset, Collate, ShardedBatches
+from .precision import Placement, resolve_placement
+from .train_data import MAX_LEN, Batch, CaptionDataset, Collate, KeyedBatches
 from .train_stories import StoryQueries, StorySource, story_sequences
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 RELEASE_DIR = "release"
+BEST_DIR = "ckpt_best"          # the release-format export of the best validation step (the original's ckpt_best)
 METRICS_FILE = "metrics.csv"
+VAL_METRICS_FILE = "val_metrics.csv"
+BEST_METRIC = "t2i_R@1"         # what picks ckpt_best, as in the original
+MAX_LOGIT_SCALE = math.log(100)  # open_clip's clamp of a learned temperature
 METRICS_FIELDS = ["step", "loss", "caption_loss", "retrieval_loss", "lr", "grad_norm", "seconds",
                   "ret_lm_loss", "skipped_images", "story_loss"]
 CHECKPOINT_FORMAT = "fromage-bench-train-1"
 
 
 # -- configuration --------------------------------------------------------------------------------------
+Validate = Callable[[Fromage, int], dict]  # (the model in eval mode, step) -> {metric: value}
+
+
 @dataclass
 class TrainConfig:
-    """Defaults are the original's (batch 180 on one GPU, 10 epochs x 2000 steps)."""
+    """Defaults are the original's (batch 180 on one GPU, 10 epochs x 2000 steps).
 
-    model_dir: Path                 # initial model (release format); its trained maps are the initialisation
+    `learn_logit_scale`: the original trains `logit_scale` in bf16, where an AdamW step (at most about lr = 3e-4)
+    is below half the spacing of bf16 numbers at its initial log(1/0.07) = 2.659 (2^-6 = 0.0156 between 2 and
+    4), so every update rounds back and the temperature stays 1/0.07 for the whole run. Here the trained tensors
+    are fp32, so by default `logit_scale` is left out of the optimiser to keep the original's behaviour; with
+    `learn_logit_scale` it is trained and clamped to [0, log 100] after each step, as open_clip does.
+    """
+
+    model_dir: Path | None          # initial model (release format); its trained maps are the initialisation
     train_tsv: Path
     image_dir: Path
     out: Path                       # metrics.csv, checkpoints/, release/
+    init: str = "release"           # "release": start from model_dir; "fresh": the original's initial state
+    opt_version: str | None = None  # backbones: Hugging Face id (local cache) or directory; override model_dir's
+    visual_model: str | None = None
+    n_visual_tokens: int = 1        # --init fresh: the maps' shapes (the original's defaults)
+    shared_emb_dim: int = 256
+    text_emb_layers: list[int] = field(default_factory=lambda: [-1])
+    learn_logit_scale: bool = False  # see the class docstring
     steps: int = 20000              # optimiser steps in total (a resumed run continues up to this)
     batch_size: int = 180           # per process; the global batch is batch_size x processes
     lr: float = 3e-4
@@ -89,6 +118,9 @@ class TrainConfig:
     grad_clip: float = 1.0          # <= 0: no clipping
     max_len: int = MAX_LEN
     renorm_ret: bool = True         # rescale the [RET] row to the mean norm of the other rows after each step
+    epoch_steps: int | None = None  # micro-batches per epoch (the original's --steps-per-epoch 2000); None: a pass
+    validate: Validate | None = None  # called on the main process before training and every val_every steps
+    val_every: int = 2000           # optimiser steps between validations (the original: 2000, one epoch)
     save_every: int = 1000          # optimiser steps between checkpoints (0: only at the end)
     resume: Path | None = None      # a checkpoint file, or a directory holding checkpoints/
     seed: int = 0
@@ -116,6 +148,14 @@ class TrainConfig:
             ((self.stories is None) == (self.story_images is None), "--stories",
              "needs --story-images (and the other way round)"),
             (set(self.log) <= {"tensorboard"}, "--log", "the only extra logger is tensorboard"),
+            (self.init in ("release", "fresh"), "--init", "must be release or fresh"),
+            (self.init != "release" or self.model_dir is not None, "--model-dir", "is needed (or --init fresh)"),
+            (self.init != "fresh" or (self.opt_version and self.visual_model), "--init fresh",
+             "needs --opt-version and --visual-model (a Hugging Face id in the local cache, or a directory)"),
+            (self.init != "fresh" or self.model_dir is None, "--model-dir",
+             "is a starting point of its own: drop it with --init fresh"),
+            (self.epoch_steps is None or self.epoch_steps >= 1, "--epoch-steps", "must be >= 1"),
+            (self.val_every >= 1, "--val-every", "must be >= 1"),
         ]
         for ok, flag, problem in checks:
             if not ok:
@@ -146,16 +186,17 @@ def setup_processes(device: str | None, precision: str | None) -> Processes:
     gloo on CPU, NCCL on GPU, one GPU per process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    placement = resolve_placement(device, "fp32")  # the weights stay fp32; `precision` is the autocast
+    placement = resolve_placement(device, "fp32")  # the device only: `precision` is checked below
     dev = placement.device
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
     precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
     if precision not in ("fp32", "bf16", "fp16"):
-        raise FromageInputError(f"--precision {precision}", "training runs in fp32, or with bf16/fp16 autocast on CUDA")
-    if precision != "fp32" and dev.type != "cuda":
-        raise FromageInputError(f"--precision {precision}", "autocast is for CUDA only: on CPU training runs in fp32")
-    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise FromageInputError(f"--precision {precision}", "training runs in fp32, bf16 or fp16")
+    if precision == "fp16" and dev.type != "cuda":
+        raise FromageInputError(f"--precision {precision}", "fp16 training is for CUDA only",
+                                "on CPU train in fp32 (or bf16)")
+    if precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise FromageInputError(f"--precision {precision}", "this GPU has no bf16 support", "use --precision fp16")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -170,17 +211,41 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # CPU and every CUDA device
 
 
-# -- the trainable tensors ------------------------------------------------------------------------------
-def make_trainable(model: FromageModel) -> tuple[nn.Parameter, dict[str, nn.Parameter]]:
-    """Freeze everything, then enable the trained maps; the [RET] row becomes its own parameter.
+# -- the starting model and the trainable tensors --------------------------------------------------------
+def load_for_training(cfg: TrainConfig, procs: Processes) -> tuple[Fromage, torch.Tensor]:
+    """(the starting model, its [RET] row in fp32): the frozen backbones in the training precision, the trained
+    tensors in fp32, no retrieval set (see `model.fresh`)."""
+    placement = Placement(procs.device, procs.precision)
+    if cfg.init == "fresh":
+        args = ModelArgs(opt_version=cfg.opt_version, visual_encoder=cfg.visual_model,
+                         n_visual_tokens=cfg.n_visual_tokens, shared_emb_dim=cfg.shared_emb_dim,
+                         text_emb_layers=list(cfg.text_emb_layers))
+        model = build_initial_model(args, placement, seed=cfg.seed)
+        ret_row = model.input_embeddings.weight[model.retrieval_token_idx].detach().float().clone()
+        origin = f"fresh|{cfg.seed}"
+    else:
+        model, ret_row = load_release_for_training(cfg.model_dir, placement, opt_version=cfg.opt_version,
+                                                   visual_model=cfg.visual_model)
+        origin = f"release|{Path(cfg.model_dir).resolve()}"
+    digest = hashlib.sha256(repr((sorted(model.args.to_dict().items()), origin, procs.precision)).encode())
+    return Fromage(model, placement, fingerprint=digest.hexdigest()[:16]), ret_row
+
+
+def make_trainable(model: FromageModel, ret_row: torch.Tensor | None = None,
+                   learn_logit_scale: bool = False) -> tuple[nn.Parameter, dict[str, nn.Parameter]]:
+    """Freeze everything, then enable the trained maps (and `logit_scale` if it is learned); the [RET] row
+    (`ret_row`, default the embedding matrix's) becomes its own fp32 parameter.
     Returns (ret_row, {name: parameter}) in a fixed order (the optimiser's and the checkpoint's)."""
     model.requires_grad_(False)
     params = {}
     for name, param in model.named_parameters():
+        if name == "logit_scale" and not learn_logit_scale:
+            continue
         if not name.startswith(("lm.", "visual_model.")):
             params[name] = param.requires_grad_(True)
-    row = model.input_embeddings.weight[model.retrieval_token_idx]
-    ret_row = nn.Parameter(row.detach().clone().float())
+    if ret_row is None:
+        ret_row = model.input_embeddings.weight[model.retrieval_token_idx]
+    ret_row = nn.Parameter(ret_row.detach().clone().float())
     params["ret_row"] = ret_row
     return ret_row, params
 
@@ -327,6 +392,9 @@ def optimizer_step(optimizer, scaler, params: dict[str, nn.Parameter], ret_row: 
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    if "logit_scale" in params:  # learned: clamped as open_clip clamps it (a temperature of at most 100)
+        with torch.no_grad():
+            params["logit_scale"].clamp_(0, MAX_LOGIT_SCALE)
     if ret_norm is not None:  # as the original: keep the [RET] row at the mean norm of the frozen rows
         with torch.no_grad():
             ret_row.mul_(ret_norm / ret_row.norm())
@@ -366,7 +434,7 @@ def gather_objects(obj) -> list:
 
 
 def save_checkpoint(path: Path, step: int, params: dict[str, nn.Parameter], optimizer, scaler, cfg: TrainConfig,
-                    procs: Processes, skipped: int) -> None:
+                    procs: Processes, skipped: int, best: "Best | None" = None) -> None:
     """Everything a bit-exact continuation needs, written atomically (a temporary file, then a rename).
     Every process calls it (each contributes its generator states); the main process writes."""
     ranks = gather_objects({"rng": rng_state(), "skipped": skipped})
@@ -376,7 +444,8 @@ def save_checkpoint(path: Path, step: int, params: dict[str, nn.Parameter], opti
         "format": CHECKPOINT_FORMAT, "step": step, "data_position": step * cfg.grad_accum,
         "world_size": procs.world_size, "global_batch": cfg.batch_size * procs.world_size,
         "grad_accum": cfg.grad_accum, "seed": cfg.seed, "max_len": cfg.max_len,
-        "global_story_batch": global_story_batch(cfg, procs),
+        "global_story_batch": global_story_batch(cfg, procs), "epoch_steps": cfg.epoch_steps or 0,
+        "best": {"score": best.score, "step": best.step} if best is not None else None,
         "trainable": {name: p.detach().cpu().clone() for name, p in params.items()},
         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
         "lr_schedule": {"lr": cfg.lr, "warmup": cfg.warmup},  # the schedule is a function of the step
@@ -408,8 +477,9 @@ def find_checkpoint(path: Path) -> Path:
 
 
 def load_checkpoint(path: Path, params: dict[str, nn.Parameter], optimizer, scaler, cfg: TrainConfig,
-                    procs: Processes) -> tuple[int, int]:
-    """Restore the state saved by `save_checkpoint`; returns (step, this process's skipped-image count)."""
+                    procs: Processes) -> tuple[int, int, "Best"]:
+    """Restore the state saved by `save_checkpoint`; returns (step, this process's skipped-image count, the best
+    validation so far)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -417,13 +487,17 @@ def load_checkpoint(path: Path, params: dict[str, nn.Parameter], optimizer, scal
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise FromageInputError(path, "not a fromage-bench training checkpoint")
     expected = {"global_batch": cfg.batch_size * procs.world_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
-                "max_len": cfg.max_len, "global_story_batch": global_story_batch(cfg, procs)}
+                "max_len": cfg.max_len, "global_story_batch": global_story_batch(cfg, procs),
+                "epoch_steps": cfg.epoch_steps or 0}
     differ = [f"{k} {ckpt.get(k, 0)} (now {v})" for k, v in expected.items() if ckpt.get(k, 0) != v]
     if differ:
         raise FromageInputError(path, f"was written with {', '.join(differ)}: the data order would not continue",
-                                "resume with the same global batch, --grad-accum, --seed, --max-len and stories")
+                                "resume with the same global batch, --grad-accum, --seed, --max-len, --epoch-steps "
+                                "and stories")
     if list(ckpt["trainable"]) != list(params):
-        raise FromageInputError(path, "holds other trained tensors than this model has", "same --model-dir as the run?")
+        learned = "logit_scale" in ckpt["trainable"]
+        raise FromageInputError(path, "holds other trained tensors than this model has",
+                                f"same --model-dir as the run, and {'' if learned else 'no '}--learn-logit-scale?")
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(ckpt["trainable"][name])
@@ -436,7 +510,8 @@ def load_checkpoint(path: Path, params: dict[str, nn.Parameter], optimizer, scal
     else:
         log.warning("%s was written by %d processes, this run has %d: generator states are not restored "
                     "(only dropout uses them)", path, ckpt["world_size"], procs.world_size)
-    return ckpt["step"], skipped
+    best = Best(**ckpt["best"]) if ckpt.get("best") else Best()
+    return ckpt["step"], skipped, best
 
 
 # -- logging ----------------------------------------------------------------------------------------------
@@ -501,21 +576,40 @@ class MetricsLog:
 
 
 # -- export ---------------------------------------------------------------------------------------------
-def backbone_reference(name: str, model_dir: Path) -> str:
+ORIGINAL_NAME_PARTS = {"opt_version": "facebook/opt", "visual_encoder": "clip"}  # what the original's loader tests
+
+
+def backbone_reference(name: str, model_dir: Path | None) -> str:
     """A backbone named by a path (relative to the initial model's directory, or to the working directory) is
-    written as an absolute path, so the export loads from anywhere; a Hugging Face id is kept as it is."""
-    for candidate in (Path(model_dir) / name, Path(name).expanduser()):
+    written as an absolute path, so the export loads from anywhere; a Hugging Face id (found in the hub cache)
+    is kept as it is."""
+    candidates = ([Path(model_dir) / name] if model_dir is not None else []) + [Path(name).expanduser()]
+    for candidate in candidates:
         if candidate.is_dir():
             return str(candidate.resolve())
     return name
 
 
-def export_release(model: FromageModel, model_dir: Path, out_dir: Path) -> Path:
-    """model_args.json + pretrained_ckpt.pth.tar, which `load_fromage(out_dir)` reads."""
+def warn_if_not_original_loadable(args: ModelArgs, out_dir: Path) -> None:
+    """The original's `load_fromage` builds OPT only if `opt_version` contains "facebook/opt" and CLIP only if
+    `visual_encoder` contains "clip"; a backbone from a local directory is named by its path, which may not."""
+    for key, part in ORIGINAL_NAME_PARTS.items():
+        name = getattr(args, key)
+        if part not in name:
+            where = "the local directory" if Path(name).is_dir() else "the name"
+            log.warning("%s: %s is %s %s, without %r in it: the original code's load_fromage needs %r there "
+                        "(train from a Hugging Face id in the hub cache, or edit model_args.json)",
+                        out_dir, key, where, name, part, part)
+
+
+def export_release(model: FromageModel, model_dir: Path | None, out_dir: Path, ret_row: torch.Tensor) -> Path:
+    """model_args.json + pretrained_ckpt.pth.tar, which `load_fromage(out_dir)` (and the original's) reads; the
+    [RET] row is the fp32 trained one, whatever the precision of the embedding matrix."""
     args = copy.deepcopy(model.args)
     args.opt_version = backbone_reference(args.opt_version, model_dir)
     args.visual_encoder = backbone_reference(args.visual_encoder, model_dir)
-    return save_release(model, out_dir, args)
+    warn_if_not_original_loadable(args, out_dir)
+    return save_release(model, out_dir, args, ret_row=ret_row)
 
 
 def trained_fingerprint(fromage: Fromage, params: dict[str, nn.Parameter]) -> str:
@@ -526,6 +620,87 @@ def trained_fingerprint(fromage: Fromage, params: dict[str, nn.Parameter]) -> st
     return digest.hexdigest()[:16]
 
 
+# -- validation -------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def preserved_rng():
+    """Validation must not move the generators training draws from (data-loader seeds, dropout): resuming
+    bit for bit then does not depend on where validations fell."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
+class ValidationLog:
+    """val_metrics.csv (step, then the metrics in the order the first validation gave them) and TensorBoard
+    `val/*`, main process only; on resume the rows after the checkpoint's step are dropped."""
+
+    def __init__(self, out: Path, resumed_step: int, tensorboard):
+        self.path = out / VAL_METRICS_FILE
+        self.rows = []
+        if resumed_step and self.path.is_file():
+            with self.path.open(newline="") as f:
+                self.rows = [row for row in csv.DictReader(f) if int(row["step"]) <= resumed_step]
+        self.tensorboard = tensorboard
+        self._write()
+
+    def _write(self) -> None:
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for row in self.rows for k in row)) or ["step"])
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.path, text.getvalue())
+
+    def write(self, step: int, metrics: dict) -> None:
+        self.rows.append({"step": step, **metrics})
+        self._write()
+        if self.tensorboard is not None:
+            for key, value in metrics.items():
+                self.tensorboard.add_scalar(f"val/{key}", value, step)
+
+
+@dataclass
+class Best:
+    """The best validation so far (`BEST_METRIC`), kept in checkpoints so that a resumed run continues it."""
+    score: float = -math.inf
+    step: int = -1
+
+
+def run_validation(fromage: Fromage, ret_row: nn.Parameter, step: int, cfg: TrainConfig, procs: Processes,
+                   val_log: ValidationLog | None, best: Best) -> None:
+    """Validate (every process calls `cfg.validate`: the tasks share their batches out among the processes and
+    all get the same metrics), log on the main process, and export `ckpt_best` when `BEST_METRIC` improves."""
+    model = fromage.model
+    install_ret_row(model, ret_row)  # the trained row, where inference reads it
+    model.eval()
+    with preserved_rng(), torch.no_grad(), procs.autocast():
+        metrics = cfg.validate(fromage, step)
+    set_train_mode(model)
+    score = metrics.get(BEST_METRIC)
+    improved = score is not None and score > best.score
+    if improved:
+        best.score, best.step = float(score), step
+    if procs.is_main:
+        val_log.write(step, metrics)
+        if improved:
+            export_release(model, cfg.model_dir, cfg.out / BEST_DIR, ret_row.detach())
+            atomic_write_text(cfg.out / BEST_DIR / "best.json",
+                              json.dumps({"step": step, "metric": BEST_METRIC, "value": float(score)}) + "\n")
+        log.info("validation at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    if distributed():
+        dist.barrier()  # ckpt_best is written before any process trains on
+
+
+def validation_due(step: int, start: int, cfg: TrainConfig) -> bool:
+    """Before training (a run that starts at step 0), every `val_every` steps, and at the end."""
+    if cfg.validate is None:
+        return False
+    if step == start:
+        return start == 0
+    return step % cfg.val_every == 0 or step == cfg.steps
+
+
 # -- the loop ---------------------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
@@ -534,6 +709,8 @@ class TrainResult:
     release_dir: Path | None       # the export (main process only)
     checkpoint: Path | None        # the last checkpoint written
     skipped_images: int            # over all processes
+    skipped_reasons: dict = field(default_factory=dict)  # this process's skipped images by reason
+    best: Best = field(default_factory=Best)             # the best validation (step -1: none)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -547,10 +724,10 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 def _train(cfg: TrainConfig, procs: Processes) -> TrainResult:
     cfg.check()
-    fromage = load_fromage(cfg.model_dir, device=procs.device, precision="fp32")
+    fromage, initial_ret_row = load_for_training(cfg, procs)
     model = fromage.model
     dataset = CaptionDataset(cfg.train_tsv, cfg.image_dir, model.tokenizer, model.feature_extractor,
-                             model.retrieval_token_idx, cfg.max_len)
+                             model.retrieval_token_idx, cfg.max_len, seed=cfg.seed)
     global_batch = cfg.batch_size * procs.world_size
     if len(dataset) < global_batch:
         raise FromageInputError(cfg.train_tsv, f"has {len(dataset)} rows, fewer than one global batch ({global_batch})")
@@ -560,27 +737,31 @@ def _train(cfg: TrainConfig, procs: Processes) -> TrainResult:
         stories = StorySource(cfg.stories, cfg.story_images, model, cfg.story_batch, procs.world_size, procs.rank,
                               cfg.seed)
     seed_everything(cfg.seed + procs.rank)
-    ret_row, params = make_trainable(model)
+    ret_row, params = make_trainable(model, initial_ret_row, cfg.learn_logit_scale)
     optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=cfg.betas, eps=1e-8,
                                   weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(procs.device.type, enabled=procs.precision == "fp16")
     ret_norm = mean_frozen_row_norm(model) if cfg.renorm_ret else None
-    start, skipped = 0, 0
+    start, skipped, best = 0, 0, Best()
     if cfg.resume is not None:
-        start, skipped = load_checkpoint(find_checkpoint(cfg.resume), params, optimizer, scaler, cfg, procs)
+        start, skipped, best = load_checkpoint(find_checkpoint(cfg.resume), params, optimizer, scaler, cfg, procs)
 
-    sampler = ShardedBatches(len(dataset), cfg.batch_size, procs.world_size, procs.rank, cfg.seed,
-                             start=start * cfg.grad_accum, stop=cfg.steps * cfg.grad_accum)
+    sampler = KeyedBatches(len(dataset), cfg.batch_size, procs.world_size, procs.rank, cfg.seed,
+                           start=start * cfg.grad_accum, stop=cfg.steps * cfg.grad_accum, epoch_batches=cfg.epoch_steps)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers,
                                          collate_fn=Collate(model.tokenizer.pad_token_id, cfg.max_len),
                                          pin_memory=procs.device.type == "cuda")
-    metrics = None
+    metrics = val_log = None
     if procs.is_main:
         cfg.out.mkdir(parents=True, exist_ok=True)
         metrics = MetricsLog(cfg.out, start, "tensorboard" in cfg.log)
+        if cfg.validate is not None:
+            val_log = ValidationLog(cfg.out, start, metrics.tensorboard)
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not (procs.is_main and cfg.progress))
-    history, last_checkpoint = [], None
+    history, last_checkpoint, reasons = [], None, Counter()
     set_train_mode(model)
+    if validation_due(start, start, cfg):
+        run_validation(fromage, ret_row, start, cfg, procs, val_log, best)
     batches = iter(loader)
     for step in range(start + 1, cfg.steps + 1):
         began = time.time()
@@ -591,10 +772,14 @@ def _train(cfg: TrainConfig, procs: Processes) -> TrainResult:
         for micro in range(cfg.grad_accum):
             batch = next(batches)
             skipped += batch.skipped
+            reasons.update(batch.reasons)
             index = (step - 1) * cfg.grad_accum + micro
             concat = concat_this_batch(cfg.seed, index, cfg.concat_prob)
             queries = stories.queries(index) if stories is not None else None
             shares += micro_step(model, ret_row, batch.to(procs.device), concat, cfg, procs, scaler, queries).cpu()
+        if batch.skipped:
+            log.warning("step %d: %d unreadable image(s) replaced by random rows (%s)", step, batch.skipped,
+                        ", ".join(f"{n} {r}" for r, n in batch.reasons.most_common()))
         grad_norm = optimizer_step(optimizer, scaler, params, ret_row, cfg, ret_norm)
         row = metrics_row(step, shares / cfg.grad_accum, skipped, lr, grad_norm, time.time() - began, cfg)
         history.append(row)
@@ -602,9 +787,11 @@ def _train(cfg: TrainConfig, procs: Processes) -> TrainResult:
             metrics.write(row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}", cap=f"{row['caption_loss']:.3f}", ret=f"{row['retrieval_loss']:.3f}")
+        if validation_due(step, start, cfg):
+            run_validation(fromage, ret_row, step, cfg, procs, val_log, best)
         if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
             last_checkpoint = checkpoint_path(cfg.out, step)
-            save_checkpoint(last_checkpoint, step, params, optimizer, scaler, cfg, procs, skipped)
+            save_checkpoint(last_checkpoint, step, params, optimizer, scaler, cfg, procs, skipped, best)
     bar.close()
     if metrics is not None:
         metrics.close()
@@ -612,13 +799,11 @@ def _train(cfg: TrainConfig, procs: Processes) -> TrainResult:
     install_ret_row(model, ret_row)
     model.eval().requires_grad_(False)
     fromage.fingerprint = trained_fingerprint(fromage, params)
-    if fromage.retrieval_set is not None:  # embedded with the initial visual_fc: no longer this model's
-        fromage.retrieval_set = fromage.path_array = fromage.emb_matrix = None
-    release = export_release(model, cfg.model_dir, cfg.out / RELEASE_DIR) if procs.is_main else None
+    release = export_release(model, cfg.model_dir, cfg.out / RELEASE_DIR, ret_row.detach()) if procs.is_main else None
     total_skipped = int(sum_over_processes(torch.tensor(skipped, dtype=torch.float64)))
     if distributed():
         dist.barrier()  # the export exists before any process returns
     if total_skipped and procs.is_main:
-        log.warning("%d unreadable image(s) were skipped (replaced by the next readable row)", total_skipped)
-    return TrainResult(fromage, history, release, last_checkpoint, total_skipped)
-
+        log.warning("%d unreadable image(s) were skipped, each replaced by a random row (this process, this run: %s)",
+                    total_skipped, ", ".join(f"{n} {r}" for r, n in reasons.most_common()) or "none")
+    return TrainResult(fromage, history, release, last_checkpoint, total_skipped, dict(reasons), best)
