@@ -593,13 +593,12 @@ def backbone_reference(name: str, model_dir: Path | None) -> str:
 def warn_if_not_original_loadable(args: ModelArgs, out_dir: Path) -> None:
     """The original's `load_fromage` builds OPT only if `opt_version` contains "facebook/opt" and CLIP only if
     `visual_encoder` contains "clip"; a backbone from a local directory is named by its path, which may not."""
-    for key, part in ORIGINAL_NAME_PARTS.items():
-        name = getattr(args, key)
-        if part not in name:
-            where = "the local directory" if Path(name).is_dir() else "the name"
-            log.warning("%s: %s is %s %s, without %r in it: the original code's load_fromage needs %r there "
-                        "(train from a Hugging Face id in the hub cache, or edit model_args.json)",
-                        out_dir, key, where, name, part, part)
+    lacking = [f"{key} {getattr(args, key)} lacks {part!r}" for key, part in ORIGINAL_NAME_PARTS.items()
+               if part not in getattr(args, key)]
+    if lacking:
+        log.warning("%s: %s, which the original code's load_fromage needs (backbones from local directories are "
+                    "named by their path; a Hugging Face id from the hub cache is written as the id)",
+                    out_dir, "; ".join(lacking))
 
 
 def export_release(model: FromageModel, model_dir: Path | None, out_dir: Path, ret_row: torch.Tensor) -> Path:
