@@ -250,10 +250,13 @@ def test_unreadable_images_are_skipped_and_counted(tiny, tmp_path):
     model = tiny.model
     data = CaptionDataset(tsv, images, model.tokenizer, model.feature_extractor, model.retrieval_token_idx)
     items = [data[i] for i in range(4)]
-    assert [item["skipped"] for item in items] == [0, 2, 1, 0]
-    assert items[1]["input_ids"] == items[3]["input_ids"]  # rows 2 and 3 fall through to row 4
+    # rows 2 and 3 are replaced by random readable rows (1 or 4), drawn again while the draw is unreadable
+    assert [item["row"] for item in items][::3] == [0, 3] and {items[1]["row"], items[2]["row"]} <= {0, 3}
+    assert [item["skipped"] for item in items][::3] == [0, 0] and items[1]["skipped"] >= 1 and items[2]["skipped"] >= 1
+    assert items[1]["reasons"]["corrupt image"] == 1 and items[2]["reasons"]["missing image"] >= 1
     batch = Collate(model.tokenizer.pad_token_id)(items)
-    assert batch.input_ids.shape == (4, 24) and batch.skipped == 3
+    assert batch.input_ids.shape == (4, 24) and batch.skipped == items[1]["skipped"] + items[2]["skipped"]
+    assert batch.reasons == items[1]["reasons"] + items[2]["reasons"]
     assert batch.input_ids[0, batch.lengths[0] - 1] == model.retrieval_token_idx
 
 
