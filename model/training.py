@@ -669,7 +669,8 @@ class Best:
 def run_validation(fromage: Fromage, ret_row: nn.Parameter, step: int, cfg: TrainConfig, procs: Processes,
                    val_log: ValidationLog | None, best: Best) -> None:
     """Validate (every process calls `cfg.validate`: the tasks share their batches out among the processes and
-    all get the same metrics), log on the main process, and export `ckpt_best` when `BEST_METRIC` improves."""
+    all get the same metrics), log on the main process, and export `ckpt_best` when `BEST_METRIC` improves. As in
+    the original, the validation before training is logged but is no candidate for the best checkpoint."""
     model = fromage.model
     install_ret_row(model, ret_row)  # the trained row, where inference reads it
     model.eval()
@@ -677,7 +678,7 @@ def run_validation(fromage: Fromage, ret_row: nn.Parameter, step: int, cfg: Trai
         metrics = cfg.validate(fromage, step)
     set_train_mode(model)
     score = metrics.get(BEST_METRIC)
-    improved = score is not None and score > best.score
+    improved = step > 0 and score is not None and score > best.score
     if improved:
         best.score, best.step = float(score), step
     if procs.is_main:
