@@ -701,10 +701,21 @@ def validation_due(step: int, start: int, cfg: TrainConfig) -> bool:
     return step % cfg.val_every == 0 or step == cfg.steps
 
 
+def match_backbone_dtype(model: FromageModel) -> None:
+    """Cast the trained maps to the backbones' dtype (after the export, which keeps fp32): the model in memory is
+    then the one `load_fromage(release, precision=...)` gives, and runs without autocast."""
+    dtype = model.lm_dtype
+    if dtype == model.dtype:
+        return
+    for module in (model.text_hidden_fcs, model.visual_embeddings, model.visual_fc):
+        module.to(dtype)
+    model.logit_scale.data = model.logit_scale.data.to(dtype)
+
+
 # -- the loop ---------------------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
-    fromage: Fromage               # the trained model in memory ([RET] row installed, eval mode)
+    fromage: Fromage               # the trained model in memory ([RET] row installed, eval mode, one dtype)
     history: list[dict]            # one row per optimiser step of this run (what metrics.csv holds)
     release_dir: Path | None       # the export (main process only)
     checkpoint: Path | None        # the last checkpoint written
@@ -800,6 +811,7 @@ def _train(cfg: TrainConfig, procs: Processes) -> TrainResult:
     model.eval().requires_grad_(False)
     fromage.fingerprint = trained_fingerprint(fromage, params)
     release = export_release(model, cfg.model_dir, cfg.out / RELEASE_DIR, ret_row.detach()) if procs.is_main else None
+    match_backbone_dtype(model)
     total_skipped = int(sum_over_processes(torch.tensor(skipped, dtype=torch.float64)))
     if distributed():
         dist.barrier()  # the export exists before any process returns

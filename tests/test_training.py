@@ -317,6 +317,6 @@ def test_cuda_autocast_steps_and_export(base_config, tmp_path, precision):
                            precision=precision))
     assert all(torch.isfinite(torch.tensor([r["loss"], r["grad_norm"]])).all() for r in result.history)
     assert result.history[0]["caption_loss"] == pytest.approx(7.4, abs=0.5)  # the fp32 CPU run starts at 7.41
-    loaded = load_fromage(result.release_dir, device="cuda", precision="fp32")
+    loaded = load_fromage(result.release_dir, device="cuda", precision=precision)  # the backbones trained at it
     prompts = [["A red circle.[RET]"]]
     torch.testing.assert_close(loaded.retrieval_embeddings(prompts), result.fromage.retrieval_embeddings(prompts))

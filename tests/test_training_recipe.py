@@ -180,6 +180,12 @@ def test_bf16_training_exports_the_fp32_ret_row(tiny_dir, colour_data, tmp_path)
     assert trained.dtype == torch.float32 and not torch.equal(trained, trained.bfloat16().float())
     exported = torch.load(result.release_dir / CHECKPOINT_FILE, weights_only=True)["state_dict"][RET_ROW_KEY]
     assert torch.equal(exported.reshape(-1), trained)
+    # the model in memory is the export loaded at bf16 (maps cast after the export), and runs without autocast
+    loaded = load_fromage(result.release_dir, device="cpu", precision="bf16")
+    picture = Image.new("RGB", (50, 40), COLOURS["red"])
+    prompts = [["A red circle.[RET]"], [picture, "A picture of a red square.[RET]"]]
+    assert result.fromage.model.dtype == torch.bfloat16
+    assert torch.equal(result.fromage.retrieval_embeddings(prompts), loaded.retrieval_embeddings(prompts))
 
 
 # -- logit_scale ------------------------------------------------------------------------------------------
