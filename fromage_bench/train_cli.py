@@ -145,13 +145,15 @@ def validation_root(out: Path, tsv: Path, image_dir: Path) -> Path:
     """OUT/val-data laid out as the tasks' cc3m setting expects it, by links to the user's files."""
     from tasks.caption_data import FILES
 
+    import secrets
+
     root = out / VAL_ROOT
     for role, target in (("cc3m/captions", tsv), ("cc3m/images", image_dir)):
         link = root / FILES[role]
         link.parent.mkdir(parents=True, exist_ok=True)
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(Path(target).resolve())
+        staged = link.with_name(f".{link.name}.{secrets.token_hex(6)}")
+        staged.symlink_to(Path(target).resolve())
+        os.replace(staged, link)  # atomic: every torchrun process may do this at once
     return root
 
 
