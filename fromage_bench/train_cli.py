@@ -138,7 +138,14 @@ def validation(args):
         raise FromageInputError(args.val_image_dir, "not a directory (--val-image-dir)")
     require_java()
     root = validation_root(args.out, args.val_tsv, args.val_image_dir)
-    return lambda fromage, step: validation_metrics(fromage, root, args.val_batch_size)
+
+    def validate(fromage, step: int) -> dict[str, float]:
+        metrics = validation_metrics(fromage, root, args.val_batch_size)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"validation at step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()), flush=True)
+        return metrics
+
+    return validate
 
 
 def validation_root(out: Path, tsv: Path, image_dir: Path) -> Path:

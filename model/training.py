@@ -687,9 +687,19 @@ def run_validation(fromage: Fromage, ret_row: nn.Parameter, step: int, cfg: Trai
             export_release(model, cfg.model_dir, cfg.out / BEST_DIR, ret_row.detach())
             atomic_write_text(cfg.out / BEST_DIR / "best.json",
                               json.dumps({"step": step, "metric": BEST_METRIC, "value": float(score)}) + "\n")
-        log.info("validation at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     if distributed():
         dist.barrier()  # ckpt_best is written before any process trains on
+
+
+def warn_if_best_is_from_a_later_step(out: Path, start: int) -> None:
+    """A run resumed from an earlier checkpoint than its last may find in ckpt_best a step it is about to redo."""
+    try:
+        recorded = json.loads((out / BEST_DIR / "best.json").read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if recorded > start:
+        log.warning("%s holds step %d, after the checkpoint's step %d (a continuation this run replaces): it is "
+                    "overwritten when a validation beats the checkpoint's best", out / BEST_DIR, recorded, start)
 
 
 def validation_due(step: int, start: int, cfg: TrainConfig) -> bool:
@@ -756,6 +766,7 @@ def _train(cfg: TrainConfig, procs: Processes) -> TrainResult:
     start, skipped, best = 0, 0, Best()
     if cfg.resume is not None:
         start, skipped, best = load_checkpoint(find_checkpoint(cfg.resume), params, optimizer, scaler, cfg, procs)
+        warn_if_best_is_from_a_later_step(cfg.out, start)
 
     sampler = KeyedBatches(len(dataset), cfg.batch_size, procs.world_size, procs.rank, cfg.seed,
                            start=start * cfg.grad_accum, stop=cfg.steps * cfg.grad_accum, epoch_batches=cfg.epoch_steps)

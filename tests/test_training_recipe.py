@@ -363,6 +363,33 @@ def test_validation_metrics_equal_the_tasks_own(tiny_dir, colour_data, val_data,
     assert load_fromage(out / "ckpt_best", device="cpu") is not None
 
 
+def test_validation_resumes_its_best_and_leaves_the_generators_alone(tiny_dir, colour_data, tmp_path):
+    tsv, images = colour_data
+    scores = {0: 50.0, 2: 9.0, 4: 3.0, 6: 7.0}
+
+    def validate(fromage, step):
+        torch.rand(3), torch.randn(2)  # validation code may draw: training must not notice
+        return {"t2i_R@1": scores[step], "i2t_R@1": 1.0}
+
+    base = TrainConfig(model_dir=tiny_dir, train_tsv=tsv, image_dir=images, out=tmp_path / "a", steps=6, batch_size=8,
+                       lr=3e-3, warmup=1, save_every=2, workers=0, progress=False, val_every=2)
+    plain = train(base)
+    validated = train(replace(base, out=tmp_path / "b", validate=validate))
+    assert [r["loss"] for r in plain.history] == [r["loss"] for r in validated.history]
+    states = [torch.load(r.checkpoint, weights_only=True)["ranks"][0]["rng"]["torch"] for r in (plain, validated)]
+    assert torch.equal(*states)
+    assert (validated.best.step, validated.best.score) == (2, 9.0)  # step 0's 50 came before training: no candidate
+    out = tmp_path / "b"
+    assert json.loads((out / "ckpt_best" / "best.json").read_text())["step"] == 2
+    assert [r["step"] for r in read_metrics(out / "val_metrics.csv")] == [0, 2, 4, 6]
+
+    resumed = train(replace(base, out=out, validate=validate, resume=out / "checkpoints" / "step_0000004.pt"))
+    assert (resumed.best.step, resumed.best.score) == (2, 9.0)  # 7 at step 6 does not beat the restored 9
+    assert [(r["step"], r["t2i_R@1"]) for r in read_metrics(out / "val_metrics.csv")] == [
+        (0, 50.0), (2, 9.0), (4, 3.0), (6, 7.0)]
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in plain.history[4:]]
+
+
 def test_validation_flags_are_checked_before_any_model_work(tiny_dir, colour_data, tmp_path, capsys):
     tsv, images = colour_data
     common = ["train", "--model-dir", str(tiny_dir), "--train-tsv", str(tsv), "--image-dir", str(images),
