@@ -84,15 +84,24 @@ class TaskModel(Protocol):
         ...
 
 
+# A model without the protocol's family members (a test double written for FROMAGe) counts as FROMAGe.
 def has(model: Any, capability: str) -> bool:
     return capability in getattr(model, "capabilities", FAMILY_CAPABILITIES["fromage"])
+
+
+def family_of(model: Any) -> str:
+    return getattr(model, "family", "fromage")
+
+
+def retrieval_token_of(model: Any) -> str | None:
+    return getattr(model, "retrieval_token", "[RET]")
 
 
 def missing_capability(model: Any, capability: str, needed_for: str) -> str | None:
     """The reason a cell is skipped, or None if the model can do it."""
     if has(model, capability):
         return None
-    family = getattr(model, "family", "?")
+    family = family_of(model)
     return f"the {family} family cannot {_VERBS.get(capability, capability)}, which {needed_for} needs"
 
 
