@@ -441,7 +441,10 @@ def train_clip_text_tower(vision, vision_head: nn.Module, logit_scale: torch.Ten
                                  max_position_embeddings=settings.text_max_len, projection_dim=settings.embed_dim,
                                  bos_token_id=clip_tokenizer.bos_token_id, eos_token_id=clip_tokenizer.eos_token_id,
                                  pad_token_id=clip_tokenizer.pad_token_id)
-    config = CLIPConfig(text_config=text_config.to_dict(), vision_config=vision.config.to_dict(),
+    # FROMAGe reads the vision part with CLIPVisionModel: naming that architecture in it keeps the vision config
+    # FROMAGe's `model_identity` covers what a vision-only save gave (so retrieval sets stay FROMAGe's own)
+    vision_config = {**vision.config.to_dict(), "architectures": ["CLIPVisionModel"]}
+    config = CLIPConfig(text_config=text_config.to_dict(), vision_config=vision_config,
                         projection_dim=settings.embed_dim, logit_scale_init_value=float(logit_scale))
     torch.manual_seed(seed)
     clip = CLIPModel(config)
