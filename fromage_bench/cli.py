@@ -34,8 +34,13 @@ def _load(args):
 
 def cmd_make_tiny(args) -> int:
     from model import make_tiny
+    from model.tiny import make_tiny_gill
 
-    out = make_tiny(args.out, seed=args.seed, n_visual_tokens=args.n_visual_tokens)
+    if args.family == "gill":  # GILL's release layout (model.gill); 4 visual tokens unless asked, as its release
+        out = make_tiny_gill(args.out, seed=args.seed, n_visual_tokens=args.n_visual_tokens or 4)
+        print(f"wrote a tiny GILL model to {out}")
+        return 0
+    out = make_tiny(args.out, seed=args.seed, n_visual_tokens=args.n_visual_tokens or 1)
     print(f"wrote a tiny FROMAGe model to {out}")
     return 0
 
@@ -301,7 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-tiny", help="write a tiny FROMAGe model directory in the release format (offline)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-visual-tokens", type=int, choices=(1, 4), default=1)
+    p.add_argument("--n-visual-tokens", type=int, choices=(1, 4), help="default: 1 (fromage), 4 (gill)")
+    p.add_argument("--family", choices=("fromage", "gill"), default="fromage",
+                   help="release layout to write: FROMAGe's (default) or GILL's")
     p.set_defaults(func=cmd_make_tiny)
 
     p = sub.add_parser("convert-embeddings", help="convert the original cc3m_embeddings*.pkl to a safe retrieval set")
