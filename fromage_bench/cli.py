@@ -26,10 +26,12 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load(args):
     from model import load_fromage
+    from model.gill import is_gill_release, load_gill
 
-    return load_fromage(args.model_dir, opt_version=args.opt_version, visual_model=args.visual_model, device=args.device,
-                        precision=args.precision, retrieval_set=args.retrieval_set, random_init=args.random_init,
-                        seed=args.seed or 0, accept_foreign_retrieval_set=args.accept_foreign_retrieval_set)
+    load = load_gill if is_gill_release(args.model_dir) else load_fromage  # same keyword arguments
+    return load(args.model_dir, opt_version=args.opt_version, visual_model=args.visual_model, device=args.device,
+                precision=args.precision, retrieval_set=args.retrieval_set, random_init=args.random_init,
+                seed=args.seed or 0, accept_foreign_retrieval_set=args.accept_foreign_retrieval_set)
 
 
 def cmd_make_tiny(args) -> int:
@@ -70,6 +72,8 @@ def cmd_info(args) -> int:
         "retrieval_set_size": len(fromage.retrieval_set) if fromage.retrieval_set else 0,
         "fingerprint": fromage.fingerprint,
     }
+    if getattr(fromage, "release_info", None):  # GILL: its [IMG] ids, decision model, unused generation map
+        info["release"] = {**fromage.release_info, "ignored_checkpoint_keys": len(fromage.release_info["ignored_checkpoint_keys"])}
     print(json.dumps(info, indent=2))
     return 0
 

@@ -235,3 +235,23 @@ def test_foreign_decision_model_is_named(release, tmp_path):
     torch.save({"state_dict": {"weight": torch.zeros(2, 64)}}, broken / "decision_model.pth.tar")
     with pytest.raises(FromageInputError, match="decision_model.pth.tar"):
         load_gill(broken, device="cpu")
+
+
+def test_cli_builds_a_gill_set_and_refuses_a_fromage_set_for_gill(tmp_path, release, photos, capsys):
+    """`build-retrieval-set` and `info` load a GILL directory as GILL (not as a FROMAGe release missing its keys)."""
+    image_dir = str(next(iter(photos.values())).parent)
+    assert main(["build-retrieval-set", "--model-dir", str(release), "--images", image_dir,
+                 "--out", str(tmp_path / "gill_set"), "--device", "cpu", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["info", "--model-dir", str(release), "--device", "cpu", "--retrieval-set", str(tmp_path / "gill_set")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["retrieval_set_size"] == len(photos) and info["trained_parameters"] > 0
+    assert info["release"]["decision_model"]["in_features"] == 64
+    fromage_dir = write_tiny_release_dir(tmp_path / "f", seed=3)
+    assert main(["build-retrieval-set", "--model-dir", str(fromage_dir), "--images", image_dir,
+                 "--out", str(tmp_path / "fromage_set"), "--device", "cpu", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["info", "--model-dir", str(release), "--device", "cpu",
+                 "--retrieval-set", str(tmp_path / "fromage_set")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "retrieval_paths.json" in err[0] and "built by model" in err[0]
