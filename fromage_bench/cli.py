@@ -84,6 +84,10 @@ def cmd_generate(args) -> int:
 
     use_embedded_default(args)
     fromage = _load(args)
+    if "generate" not in getattr(fromage, "capabilities", {"generate"}):  # GILL (model/gill.py): retrieval only
+        from model.errors import FromageInputError
+
+        raise FromageInputError(args.model_dir, f"the {fromage.family} family cannot generate text here")
     prompt = [load_image(args.image)] if args.image else []
     prompt.append(args.text)
     outputs = fromage.generate_for_images_and_texts(prompt, num_words=args.num_words, ret_scale_factor=args.ret_scale_factor)

@@ -255,3 +255,9 @@ def test_cli_builds_a_gill_set_and_refuses_a_fromage_set_for_gill(tmp_path, rele
                  "--retrieval-set", str(tmp_path / "fromage_set")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "retrieval_paths.json" in err[0] and "built by model" in err[0]
+
+
+def test_cli_generate_refuses_gill_in_one_line(release, capsys):
+    assert main(["generate", "--model-dir", str(release), "--device", "cpu", "--text", "a dog"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(release) in err[0] and "cannot generate" in err[0]
