@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -53,15 +54,21 @@ def _gen_mapper_state(gen: torch.Generator) -> dict[str, torch.Tensor]:
     """GILL's gill_mapper TextFcLayer (fc, nn.Transformer, model, query_embs) at a small width, seeded."""
     width = GEN_MAPPER_WIDTH
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-    mapper = nn.ModuleDict({
+    with warnings.catch_warnings():  # torch notes that norm_first disables its nested-tensor fast path
+        warnings.simplefilter("ignore", UserWarning)
+        mapper = _gen_mapper(width)
+    state = {f"model.gen_text_hidden_fcs.0.{k}": v.detach().clone() for k, v in mapper.state_dict().items()}
+    state["model.gen_text_hidden_fcs.0.query_embs"] = torch.randn(1, NUM_CLIP_TOKENS, width, generator=gen)
+    return state
+
+
+def _gen_mapper(width: int) -> nn.ModuleDict:
+    return nn.ModuleDict({
         "fc": nn.Linear(LM_HIDDEN, width),
         "tfm": nn.Transformer(batch_first=True, norm_first=True, d_model=width, num_encoder_layers=4,
                               num_decoder_layers=4, dim_feedforward=width * 4, dropout=0.0, nhead=4),
         "model": nn.Linear(width, GEN_EMB_DIM),
     })
-    state = {f"model.gen_text_hidden_fcs.0.{k}": v.detach().clone() for k, v in mapper.state_dict().items()}
-    state["model.gen_text_hidden_fcs.0.query_embs"] = torch.randn(1, NUM_CLIP_TOKENS, width, generator=gen)
-    return state
 
 
 def _trained_state_dict(seed: int, n_visual_tokens: int) -> dict[str, torch.Tensor]:
