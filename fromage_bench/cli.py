@@ -156,7 +156,7 @@ def eval_config_from_args(args):
              "opt_version": args.opt_version, "visual_model": args.visual_model, "device": args.device,
              "protocols": args.protocol, "limit": args.limit, "batch_size": args.batch_size, "seed": args.seed,
              "option_batch_size": args.option_batch_size, "image_workers": args.image_workers,
-             "retrieval_set": args.retrieval_set}
+             "retrieval_set": args.retrieval_set, "clip": args.clip, "label": args.label}
     if args.accept_foreign_retrieval_set:
         flags["accept_foreign_retrieval_set"] = True
     values.update({k: v for k, v in flags.items() if v is not None})  # flags win over the file
@@ -223,7 +223,7 @@ def _write_report(run_dir: Path) -> None:
 
 
 def cmd_tasks(args) -> int:
-    from .runner import list_tasks
+    from .runner import family_support, list_tasks
 
     for t in list_tasks():
         print(f"{t['name']}: {t['description']}")
@@ -231,6 +231,12 @@ def cmd_tasks(args) -> int:
         print(f"    metrics: {', '.join(t['metrics'])}")
         for role, path in t["files"].items():
             print(f"    {role}: <data-root>/{path}")
+    families, rows = family_support()
+    width = max(len(cell) for cell, _ in rows)
+    print("\nmodel families (yes: runs; no: the cell is recorded as skipped, with the reason):")
+    print((f"    {'task:setting'.ljust(width)}  " + "  ".join(f.ljust(7) for f in families)).rstrip())
+    for cell, support in rows:
+        print((f"    {cell.ljust(width)}  " + "  ".join(("yes" if support[f] else "no").ljust(7) for f in families)).rstrip())
     return 0
 
 
@@ -350,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--nproc", type=int, help="run under torchrun with N processes (examples sharded, same results)")
     p.add_argument("--keep-journal", action="store_true", help="keep OUT/.journal (per-batch results) after success")
+    # model families (model/family.py): --model-dir detects FROMAGe / GILL / CLIP from the directory's files
+    p.add_argument("--clip", help="evaluate a CLIP model instead of --model-dir: a local directory or a Hugging Face "
+                                  "id in the local cache (nothing is downloaded)")
+    p.add_argument("--label", help="the model's name in the results (default: its family)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", help="compare two runs; exit 1 if NEW regressed beyond tolerance, else 0")

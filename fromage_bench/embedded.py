@@ -2,7 +2,7 @@
 
 Stages, each cached under the work directory and reused while its parameters are unchanged:
 1. the miniworld (`data synth`): datasets in the real formats, drawn from scenes we generate;
-2. the stand-in backbones (`make-standins`): a small OPT LM and CLIP vision tower pretrained on it;
+2. the stand-in backbones (`make-standins`): a small OPT LM and a CLIP model pretrained on it (`standin_clip_dir`);
 3. FROMAGe trained on top (`train`), exported in the release format;
 4. its retrieval set (`build-retrieval-set`) over the miniworld's CC3M-style training images, so that `generate`,
    the examples and the demo retrieve images offline with no setup (`ensure_model` builds stages 1-4);
@@ -36,7 +36,14 @@ RETRIEVAL_ARGS = ["--precision", "fp32", "--batch-size", "64"]
 # Bumped when a stage's code changes what it writes for the same arguments, so that caches are rebuilt.
 # 2026-12-01: photo-like images (data), crop/squash pretraining (standins), trained on them (fromage).
 # 2026-12-01 (later): chat requests among the training pairs (data), hence new stand-ins and model.
-REVISIONS = {"data": 4, "standins": 3, "fromage": 4, "retrieval": 1}
+# 2026-12-01 (FAM): standins/clip is a whole CLIPModel (a text tower trained against the frozen vision tower).
+REVISIONS = {"data": 4, "standins": 4, "fromage": 4, "retrieval": 1}
+
+
+def standin_clip_dir(work: Path = DEFAULT_WORK) -> Path:
+    """The embedded default's stand-in CLIP: a whole CLIPModel directory (text and vision towers, projections,
+    tokenizer, processor). FROMAGe's visual encoder is its vision tower; `eval --clip DIR` is the CLIP baseline."""
+    return Path(work) / "standins" / "clip"
 
 
 def _stage(work: Path, name: str, params: list[str], run) -> Path:

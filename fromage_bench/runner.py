@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 
-from model import PRECISIONS, FromageInputError, load_fromage, resolve_placement
+from model import PRECISIONS, FromageInputError, resolve_placement
 from model.errors import require_known
+from model.family import model_record
+from model.loading import detect_family, load_model
 from tasks import REGISTRY, parse_protocols, parse_task_spec
 from tasks.base import RunContext, TaskResult
 from tasks.cache import FeatureCache
@@ -50,6 +52,8 @@ class EvalConfig:
     cache_dir: Path | None = None
     progress: bool = True
     keep_journal: bool = False
+    clip: str | None = None   # a CLIP model (directory or cached hub id) instead of --model-dir
+    label: str | None = None  # the model's name in the results (default: its family)
 
     def to_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
@@ -84,10 +88,28 @@ def validate(config: EvalConfig) -> list:
         raise FromageInputError("--option-batch-size", "must be >= 1")
     if config.image_workers is not None and config.image_workers < 0:
         raise FromageInputError("--image-workers", "must be >= 0 (0 decodes images in the main process)")
-    if config.model_dir is None and not config.random_init:
-        raise FromageInputError("--model-dir", "required (or --random-init)")
+    if config.model_dir is None and not config.random_init and config.clip is None:
+        raise FromageInputError("--model-dir", "required (or --clip, or --random-init)")
+    model_family(config)  # an unknown model directory fails here, before any model work
     _check_output_dir(config.out)
     return cells
+
+
+def model_family(config: EvalConfig) -> str:
+    if config.clip is not None:
+        if config.model_dir is not None:
+            raise FromageInputError("--clip", "give either --clip or --model-dir, not both")
+        return "clip"
+    return detect_family(config.model_dir) if config.model_dir is not None else "fromage"
+
+
+def model_entry(config: EvalConfig) -> dict:
+    """The results' top-level "model": family, label, source (directory or hub id)."""
+    family = model_family(config)
+    source = config.clip if config.clip is not None else config.model_dir
+    if source is None:
+        source = "random-init"
+    return model_record(family, config.label or family, source)
 
 
 def run_eval(config: EvalConfig) -> Path:
@@ -114,7 +136,7 @@ def run_eval(config: EvalConfig) -> Path:
             shutil.rmtree(final_predictions, ignore_errors=True)
             (staging / "predictions").rename(final_predictions)
             path = write_results(config.out, {
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model": model_entry(config),
                 "config": config.to_json(), "environment": {**describe_environment(), "processes": group.world_size},
                 "records": records})
             if not config.keep_journal:
@@ -166,11 +188,13 @@ def _run_precision(config: EvalConfig, cells, precision: str, staging: Path, jou
             raise
         return _skipped_records(cells, precision, str(err))
     torch.manual_seed(config.seed)
-    with Stopwatch() as load_clock, MemoryTracker(placement.device) as load_memory:
-        model = load_fromage(config.model_dir, opt_version=config.opt_version, visual_model=config.visual_model,
-                             device=placement.device, precision=precision, retrieval_set=config.retrieval_set,
-                             random_init=config.random_init, seed=config.seed,
-                             accept_foreign_retrieval_set=config.accept_foreign_retrieval_set)
+    try:
+        with Stopwatch() as load_clock, MemoryTracker(placement.device) as load_memory:
+            model = _load(config, placement, precision)
+    except FromageInputError as err:
+        if not err.where.startswith("precision="):  # a precision this family does not run: its cells are skipped
+            raise
+        return _skipped_records(cells, precision, str(err))
     load_cost = {"load_seconds": load_clock.seconds, "load_memory": load_memory.summary(),
                  "weight_bytes": model.weight_bytes}
     cache = FeatureCache(config.cache_dir, model.fingerprint) if config.cache_dir else None
@@ -180,6 +204,17 @@ def _run_precision(config: EvalConfig, cells, precision: str, staging: Path, jou
     del model  # the records hold numbers only: this was the last reference
     release_memory()
     return records
+
+
+def _load(config: EvalConfig, placement, precision: str):
+    if config.clip is not None:
+        return load_model(clip=config.clip, device=placement.device, precision=precision)
+    fromage_options = dict(opt_version=config.opt_version, visual_model=config.visual_model,
+                           retrieval_set=config.retrieval_set, random_init=config.random_init, seed=config.seed,
+                           accept_foreign_retrieval_set=config.accept_foreign_retrieval_set)
+    if model_family(config) == "clip":
+        fromage_options = {k: v for k, v in fromage_options.items() if k in ("retrieval_set", "random_init") and v}
+    return load_model(config.model_dir, device=placement.device, precision=precision, **fromage_options)
 
 
 def _run_cell(config: EvalConfig, model, task, setting: str, precision: str, load_cost: dict, cache, staging: Path,
@@ -196,7 +231,7 @@ def _run_cell(config: EvalConfig, model, task, setting: str, precision: str, loa
     model.counters.clear()
     cache_before = (cache.hits, cache.misses) if cache is not None else None
     with Stopwatch() as clock, MemoryTracker(model.placement.device) as memory:
-        results = task.run(ctx, setting, protocols)
+        results = task.run_cell(ctx, setting, protocols)
     latency = cell_latency(ctx.timings)
     compute_seconds = sum(step["compute_seconds"] for step in latency["steps"].values())
     cost = {**load_cost, "wall_seconds": clock.seconds, "memory": memory.summary(), "latency": latency,
@@ -238,6 +273,9 @@ def _cache_work(cache, before: tuple[int, int] | None) -> dict[str, int]:
 
 
 def _record(result: TaskResult, precision: str, cost: dict, staging: Path) -> dict:
+    if result.status == "skipped":  # the model's family cannot do this cell: no metrics, no cost
+        return {"kind": "eval", "task": result.task, "setting": result.setting, "protocol": result.protocol,
+                "precision": precision, "status": "skipped", "reason": result.reason}
     name = f"{result.task}-{result.setting}-{result.protocol}-{precision}.jsonl"
     lines = "".join(json.dumps(p, default=str) + "\n" for p in result.predictions)
     atomic_write_text(staging / "predictions" / name, lines)
@@ -271,3 +309,15 @@ def list_tasks() -> list[dict]:
     return [{"name": t.name, "description": t.description, "settings": list(t.settings), "protocols": list(t.protocols),
              "files": t.files, "metrics": list(t.metrics),
              "paper": {f"{s}/{p}": v for (s, p), v in t.paper.items()}} for t in REGISTRY.values()]
+
+
+def family_support() -> tuple[tuple[str, ...], list[tuple[str, dict[str, bool]]]]:
+    """(families, [(task:setting, {family: runs?})]) from each task's `needs` and `model.family`'s capabilities."""
+    from types import SimpleNamespace
+
+    from model.family import FAMILIES, FAMILY_CAPABILITIES
+
+    stand_ins = {f: SimpleNamespace(family=f, capabilities=FAMILY_CAPABILITIES[f]) for f in FAMILIES}
+    rows = [(f"{t.name}:{s}", {f: t.unsupported(stand_ins[f], s) is None for f in FAMILIES})
+            for t in REGISTRY.values() for s in t.settings]
+    return FAMILIES, rows

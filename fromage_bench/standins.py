@@ -3,8 +3,13 @@ formats of the real ones, so that FROMAGe can be trained and evaluated on top of
 
     OUT/opt/    OPTForCausalLM + GPT-2-style byte-level BPE tokenizer (vocab.json, merges.txt,
                 tokenizer_config.json), trained here on the miniworld's text (causal LM)
-    OUT/clip/   CLIPVisionModel + preprocessor_config.json (its size = the tower's image_size), trained here
-                contrastively against a small text tower (discarded) on the CC3M-style training pairs
+    OUT/clip/   a whole CLIPModel (config model_type "clip") + its tokenizer + preprocessor_config.json (its size =
+                the tower's image_size), as openai/clip-vit-large-patch14 is: FROMAGe loads its vision tower
+                (`CLIPVisionModel.from_pretrained` reads the vision part), the CLIP baseline family all of it. The
+                vision tower is trained contrastively against a small helper text tower (discarded) on the
+                CC3M-style training pairs; then the CLIPModel's own text tower (CLIPTextModel + text projection) is
+                trained against the frozen vision tower and its projection head on the same pairs (locked-image
+                tuning), so the vision weights are the ones FROMAGe is trained on, unchanged by the text tower
     OUT/standins.json   their quality: LM held-out perplexity vs a unigram model, vision R@1 vs chance
     OUT/model_args.json + OUT/pretrained_ckpt.pth.tar   (unless disabled) an untrained FROMAGe over them,
                 the starting point for `fromage-bench train --model-dir OUT`
@@ -56,9 +61,11 @@ class VisionSettings:
     heads: int = 4
     image_size: int = 96       # = the miniworld's canvas: patch 32 gives one token per grid cell
     patch: int = 32
-    embed_dim: int = 128       # contrastive space (the projection heads are discarded)
+    embed_dim: int = 128       # contrastive space (the vision head becomes the CLIPModel's visual projection)
     text_hidden: int = 128
     text_layers: int = 2
+    text_steps: int = 300      # the CLIPModel's text tower, trained after the vision tower against it (frozen)
+    text_max_len: int = 77     # CLIP's text length
     steps: int = 500
     batch_size: int = 128
     lr: float = 1e-3
@@ -73,7 +80,7 @@ class VisionSettings:
 PRESETS = {
     "tiny": (LMSettings(hidden=64, layers=2, heads=2, steps=30, batch_tokens=512, max_len=128, warmup=5),
              VisionSettings(hidden=64, layers=1, heads=2, text_hidden=64, text_layers=1, embed_dim=64, steps=30,
-                            batch_size=32, warmup=5, hard_negatives=32)),
+                            batch_size=32, warmup=5, hard_negatives=32, text_steps=20)),
     # small: vision 400 steps (not the default 500) keeps the embedded default within 10 minutes now that its
     # images are photo-like JPEGs (slower to decode) and its paper protocols encode every image twice
     "small": (LMSettings(), VisionSettings(steps=400)),
@@ -406,10 +413,86 @@ def pretrain_vision(train_pairs: Sequence[tuple[object, str]], heldout_pairs: Se
         swapped = torch.stack([sims[i, i ^ 1] for i in range(len(own))])
         report["heldout_hard_negatives"] = {"accuracy": round(float((own > swapped).float().mean()) * 100, 2),
                                             "chance": 50.0, "n": len(own)}
-    save_pretrained(vision, out_dir)
+    clip, clip_tokenizer, report["clip_text_tower"] = train_clip_text_tower(
+        vision, vision_head, logit_scale.detach(), train_pixels, [c for _, c in train_pairs], held_pixels,
+        [c for _, c in heldout_pairs], tokenizer, settings, seed, progress)
+    save_pretrained(clip, out_dir)
     save_pretrained(processor, out_dir)
+    clip_tokenizer.save_pretrained(str(out_dir))
     report["seconds"] = round(time.perf_counter() - start, 1)
     return report
+
+
+def train_clip_text_tower(vision, vision_head: nn.Module, logit_scale: torch.Tensor, train_pixels: torch.Tensor,
+                          train_captions: Sequence[str], held_pixels: torch.Tensor, held_captions: Sequence[str],
+                          tokenizer, settings: VisionSettings, seed: int = 0,
+                          progress: Callable[[str], None] | None = None):
+    """(CLIPModel, its tokenizer, quality numbers): a CLIPModel holding copies of the trained `vision` tower and
+    `vision_head` (its visual projection), with a CLIPTextModel text tower and text projection trained here with
+    InfoNCE against the frozen image embeddings (computed once). The vision weights are copied, never trained."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
+
+    from model.clip_baseline import clip_text_ids, stand_in_clip_tokenizer
+
+    clip_tokenizer = stand_in_clip_tokenizer(tokenizer)
+    text_config = CLIPTextConfig(vocab_size=len(clip_tokenizer), hidden_size=settings.text_hidden,
+                                 intermediate_size=4 * settings.text_hidden, num_hidden_layers=settings.text_layers,
+                                 num_attention_heads=4 if settings.text_hidden % 4 == 0 else 1,
+                                 max_position_embeddings=settings.text_max_len, projection_dim=settings.embed_dim,
+                                 bos_token_id=clip_tokenizer.bos_token_id, eos_token_id=clip_tokenizer.eos_token_id,
+                                 pad_token_id=clip_tokenizer.pad_token_id)
+    # FROMAGe reads the vision part with CLIPVisionModel: naming that architecture in it keeps the vision config
+    # FROMAGe's `model_identity` covers what a vision-only save gave (so retrieval sets stay FROMAGe's own)
+    vision_config = {**vision.config.to_dict(), "architectures": ["CLIPVisionModel"]}
+    config = CLIPConfig(text_config=text_config.to_dict(), vision_config=vision_config,
+                        projection_dim=settings.embed_dim, logit_scale_init_value=float(logit_scale))
+    torch.manual_seed(seed)
+    clip = CLIPModel(config)
+    with torch.no_grad():
+        clip.vision_model.load_state_dict(vision.state_dict())
+        clip.visual_projection.weight.copy_(vision_head.weight)
+    clip.vision_model.requires_grad_(False)
+    clip.visual_projection.requires_grad_(False)
+    clip.eval()
+
+    def image_embeddings(pixels):
+        with torch.no_grad():
+            return torch.cat([clip.visual_projection(clip.vision_model(pixel_values=pixels[i:i + 256].float())
+                                                     .pooler_output) for i in range(0, len(pixels), 256)])
+
+    def text_ids(captions):
+        return [clip_text_ids(clip_tokenizer, c, settings.text_max_len) for c in captions]
+
+    def embed_texts(ids_list):
+        ids, mask = _pad(ids_list, clip_tokenizer.pad_token_id)
+        return clip.text_projection(clip.text_model(input_ids=ids, attention_mask=mask).pooler_output)
+
+    start = time.perf_counter()
+    train_images, train_ids = image_embeddings(train_pixels), text_ids(train_captions)
+    params = list(clip.text_model.parameters()) + list(clip.text_projection.parameters()) + [clip.logit_scale]
+    optimiser = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, 0.98), weight_decay=0.05)
+    batches = _batches(len(train_ids), settings.batch_size, settings.text_steps, random.Random(f"clip-text:{seed}"))
+    curve = []
+    clip.text_model.train()
+    for step in range(settings.text_steps):
+        for group in optimiser.param_groups:
+            group["lr"] = settings.lr * _schedule(step, settings.text_steps, settings.warmup)
+        batch = next(batches)
+        loss = _contrastive(train_images[batch], embed_texts([train_ids[i] for i in batch]), clip.logit_scale)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimiser.step()
+        curve.append(loss.item())
+        if progress and (step % 50 == 0 or step == settings.text_steps - 1):
+            progress(f"clip text step {step + 1}/{settings.text_steps}: loss {loss.item():.3f}")
+    clip.eval().requires_grad_(False)
+    with torch.no_grad():
+        held = recall_at_1(image_embeddings(held_pixels), embed_texts(text_ids(held_captions)))
+    report = {"seconds": round(time.perf_counter() - start, 1), "steps": settings.text_steps,
+              "parameters": sum(p.numel() for p in clip.text_model.parameters()),
+              "first_loss": round(_mean(curve[:10]), 4), "final_loss": round(_mean(curve[-20:]), 4), "heldout": held}
+    return clip, clip_tokenizer, report
 
 
 # -- data -----------------------------------------------------------------------------------------------

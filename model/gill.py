@@ -37,7 +37,7 @@ from .errors import FromageInputError, read_json
 from .files import atomic_write, atomic_write_text
 from .fromage import FromageModel
 from .inference import Fromage
-from .loading import _fingerprint, _load_retrieval_set, _tensors_digest, model_identity
+from .loading import GILL_ARGS_KEYS, _fingerprint, _load_retrieval_set, _tensors_digest, model_identity
 from .precision import resolve_placement
 from .retrieval_set import RetrievalSet
 
@@ -47,8 +47,6 @@ FAMILY = "gill"
 DECISION_MODEL_FILE = "decision_model.pth.tar"
 IMG_ROWS_KEY = "model.input_embeddings.weight"  # (num_tokens, D): the trained [IMG0..] input-embedding rows
 GEN_PREFIX = "model.gen_text_hidden_fcs."       # the Stable Diffusion map: not needed for retrieval
-# Keys that only GILL's model_args.json has (FROMAGe's has shared_emb_dim, no num_tokens).
-_GILL_MARKERS = ("ret_emb_dim", "ret_text_fc_mode", "gen_emb_dim", "text_fc_mode", "gen_token_idx")
 _RELEASE_HINT = "a GILL model directory holds model_args.json and pretrained_ckpt.pth.tar (decision_model.pth.tar optional)"
 
 
@@ -130,15 +128,15 @@ def read_gill_args(model_dir: str | Path) -> GillArgs:
 
 
 def is_gill_release(model_dir: str | Path | None) -> bool:
-    """Whether `model_dir`'s model_args.json is GILL's: it has `num_tokens` and one of GILL's own keys. Never
-    raises: an unreadable file is not GILL's (the FROMAGe loader then reports it)."""
+    """Whether `model_dir`'s model_args.json is GILL's, by `model.loading.detect_family`'s rule (a key only GILL's
+    has: `GILL_ARGS_KEYS`). Never raises: an unreadable file is not GILL's (the FROMAGe loader then reports it)."""
     if model_dir is None:
         return False
     try:
         raw = json.loads((Path(model_dir) / MODEL_ARGS_FILE).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(raw, dict) and "num_tokens" in raw and any(k in raw for k in _GILL_MARKERS)
+    return isinstance(raw, dict) and any(k in raw for k in GILL_ARGS_KEYS)
 
 
 class LinearTextFc(nn.Module):

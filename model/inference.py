@@ -13,6 +13,7 @@ from PIL import Image
 from torch import nn
 
 from .errors import FromageInputError
+from .family import FAMILY_CAPABILITIES
 from .fromage import FromageModel
 from .generation import GenerationOutput, generate
 from .images import CROP, SQUASH, open_image, pixel_batches, pixel_values, prepare
@@ -45,7 +46,12 @@ class RetQuery:
 
 
 class Fromage(nn.Module):
-    """Wraps a FromageModel (`.model`, as in the original) with an optional retrieval set."""
+    """Wraps a FromageModel (`.model`, as in the original) with an optional retrieval set. Implements
+    `model.family.TaskModel` (the members tasks use), family "fromage"."""
+
+    family = "fromage"
+    capabilities = FAMILY_CAPABILITIES["fromage"]
+    retrieval_token = "[RET]"
 
     def __init__(self, model: FromageModel, placement: Placement, retrieval_set: RetrievalSet | None = None,
                  fingerprint: str = "", model_identity: str = ""):
@@ -75,6 +81,28 @@ class Fromage(nn.Module):
         matrix = retrieval_set.embeddings.to(device=self.model.device, dtype=self.model.dtype)
         with torch.no_grad():
             self.emb_matrix = self.model.logit_scale.exp() * F.normalize(matrix, dim=1)
+
+    # -- what tasks read (`model.family.TaskModel`) instead of reaching into `.model` ------------------------
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.detach()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def model_args(self):
+        """The release's `ModelArgs` (input prompts, dimensions)."""
+        return self.model.args
+
+    @property
+    def retrieval_token_id(self) -> int:
+        return self.model.retrieval_token_idx
 
     @property
     def weight_bytes(self) -> int:

@@ -163,3 +163,53 @@ def model_identity(args: ModelArgs, tensors_digest: str, vision_config, processo
         described["family"] = family
     described = json.dumps(described, sort_keys=True, default=str)
     return hashlib.sha256(described.encode()).hexdigest()[:16]
+
+
+# -- model families (`model.family`) ----------------------------------------------------------------------
+GILL_ARGS_KEYS = ("num_tokens", "gen_token_idx")  # in a GILL release's model_args.json, never in FROMAGe's
+MODEL_DIR_KINDS = ("a FROMAGe release (model_args.json + pretrained_ckpt.pth.tar), a GILL release (model_args.json "
+                   "with num_tokens / gen_token_idx) or a CLIP model (config.json with model_type \"clip\")")
+
+
+def detect_family(model_dir: str | Path) -> str:
+    """"fromage", "gill" or "clip" from the directory's files; anything else is bad input naming what a
+    model directory holds (the FROMAGe checkpoint itself is checked by `load_fromage`)."""
+    from .args import MODEL_ARGS_FILE
+    from .clip_baseline import is_clip_dir
+    from .errors import read_json
+
+    model_dir = Path(model_dir)
+    args_file = model_dir / MODEL_ARGS_FILE
+    if args_file.is_file():
+        raw = read_json(args_file, hint="a FROMAGe or GILL release directory holds model_args.json")
+        return "gill" if isinstance(raw, dict) and any(k in raw for k in GILL_ARGS_KEYS) else "fromage"
+    if is_clip_dir(model_dir):
+        return "clip"
+    raise FromageInputError(args_file, "missing", f"--model-dir takes {MODEL_DIR_KINDS}")
+
+
+def load_model(model_dir: str | Path | None = None, *, clip: str | Path | None = None,
+               device: str | torch.device | None = None, precision: str | None = None, **fromage_options):
+    """A `model.family.TaskModel` of the family `model_dir` holds (`detect_family`), or the CLIP model `clip`
+    (a local directory or a hub id in the local HF cache). `fromage_options`: `load_fromage`'s other keyword
+    arguments (FROMAGe and GILL; CLIP takes none)."""
+    if clip is not None and model_dir is not None:
+        raise FromageInputError("--clip", "give either --clip or --model-dir, not both")
+    family = "clip" if clip is not None else ("fromage" if model_dir is None else detect_family(model_dir))
+    if family == "clip":
+        from .clip_baseline import load_clip
+
+        for option in ("random_init", "retrieval_set"):
+            if fromage_options.get(option):
+                raise FromageInputError(f"--{option.replace('_', '-')}", "not supported for the clip family")
+
+        return load_clip(clip if clip is not None else model_dir, resolve_placement(device, precision))
+    if family == "gill":
+        import importlib.util
+
+        if importlib.util.find_spec(f"{__package__}.gill") is None:
+            raise FromageInputError(model_dir, "GILL release directory: not supported yet")
+        from .gill import load_gill
+
+        return load_gill(model_dir, device=device, precision=precision, **fromage_options)
+    return load_fromage(model_dir, device=device, precision=precision, **fromage_options)

@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from model.errors import FromageInputError
+from model.family import IMAGE_RETRIEVAL, missing_capability
 from model.images import CROP
 
 
@@ -44,6 +45,8 @@ class TaskResult:
     paper: dict[str, float] | None = None
     predictions: list[dict[str, Any]] = field(default_factory=list)  # one JSON-able dict per example
     extra: dict[str, Any] = field(default_factory=dict)
+    status: str = "ok"            # "skipped": the model's family cannot do this cell (`reason` says why)
+    reason: str | None = None
 
 
 @dataclass
@@ -66,7 +69,7 @@ def _synchronize(device) -> None:
 @dataclass
 class RunContext:
     """Where a task runs: the model, the data, and the harness services it may use."""
-    model: Any                     # model.Fromage
+    model: Any                     # a model.family.TaskModel (model.Fromage, model.clip_baseline.ClipBaseline, ...)
     data_root: Path
     limit: int | None = None       # first N examples (stories, dialogues, captions)
     cache: Any = None              # tasks.cache.FeatureCache or None
@@ -135,9 +138,37 @@ class Task:
     # protocol -> image preprocessing (`model.images`) where it is not "crop", the API's and training's: the
     # original VIST / VisDial scripts squash, so their `paper` protocols do
     preprocess: dict[str, str] = field(default_factory=dict)
+    # capabilities (`model.family`) a model needs for a setting ("*": every setting); a family without them
+    # gets a skipped cell with the reason
+    needs: dict[str, tuple[str, ...]] = field(default_factory=lambda: {"*": (IMAGE_RETRIEVAL,)})
+    # family -> (setting, protocol) -> the paper's numbers for that family (e.g. its CLIP ViT-L/14 rows); `paper`
+    # holds FROMAGe's
+    family_paper: dict[str, dict[tuple[str, str], dict[str, float]]] = field(default_factory=dict)
 
     def preprocessing(self, protocol: str) -> str:
         return self.preprocess.get(protocol, CROP)
+
+    def unsupported(self, model, setting: str) -> str | None:
+        """Why `model`'s family cannot run this setting, or None."""
+        for capability in (*self.needs.get("*", ()), *self.needs.get(setting, ())):
+            reason = missing_capability(model, capability, f"{self.name}:{setting}")
+            if reason:
+                return reason
+        return None
+
+    def run_cell(self, ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> list[TaskResult]:
+        """`run`, or one skipped result per protocol when the model's family lacks what the setting needs."""
+        reason = self.unsupported(ctx.model, setting)
+        if reason is None:
+            return self.run(ctx, setting, protocols)
+        return [TaskResult(task=self.name, setting=setting, protocol=protocol, metrics={}, n_examples=0,
+                           skipped=Skipped(), status="skipped", reason=reason) for protocol in protocols]
+
+    def paper_numbers(self, setting: str, protocol: str, family: str = "fromage") -> dict[str, float] | None:
+        """The paper's numbers for this cell and model family, where it has them."""
+        table = self.paper if family == "fromage" else self.family_paper.get(family, {})
+        numbers = table.get((setting, protocol))
+        return dict(numbers) if numbers is not None else None
 
     def path(self, ctx: RunContext, role: str, setting: str | None = None) -> Path:
         key = f"{setting}/{role}" if setting and f"{setting}/{role}" in self.files else role
@@ -153,16 +184,17 @@ class Task:
                 raise FromageInputError(path, f"missing ({self.name} needs its {role} here)",
                                         f"see `fromage-bench tasks` for the expected layout under --data-root")
 
-    def result(self, setting: str, protocol: str, **fields) -> TaskResult:
-        """This task's result for one setting x protocol, with the paper's numbers for it where it has them."""
+    def result(self, setting: str, protocol: str, family: str = "fromage", **fields) -> TaskResult:
+        """This task's result for one setting x protocol, with the paper's numbers for it (for the model's
+        `family`) where it has them."""
         extra = {"image_preprocessing": self.preprocessing(protocol), **fields.pop("extra", {})}
-        return TaskResult(task=self.name, setting=setting, protocol=protocol, paper=self.paper.get((setting, protocol)),
-                          extra=extra, **fields)
+        return TaskResult(task=self.name, setting=setting, protocol=protocol,
+                          paper=self.paper_numbers(setting, protocol, family), extra=extra, **fields)
 
     def results(self, setting: str, protocols: tuple[str, ...], *, metrics: dict, n_examples: int, skipped: Skipped,
-                predictions: list, extra: dict) -> list[TaskResult]:
+                predictions: list, extra: dict, family: str = "fromage") -> list[TaskResult]:
         """One result per protocol, for tasks whose protocols share one computation."""
-        return [self.result(setting, protocol, metrics=dict(metrics), n_examples=n_examples, skipped=skipped,
+        return [self.result(setting, protocol, family, metrics=dict(metrics), n_examples=n_examples, skipped=skipped,
                             predictions=predictions, extra=dict(extra))
                 for protocol in protocols]
 

@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from model.errors import FromageInputError
+from model.family import GENERATE, LM_PROMPTS, family_of
 from model.inference import truncate_caption
 
 from .base import RunContext, Skipped, Task, TaskResult, register
@@ -196,8 +197,8 @@ def run(ctx: RunContext, setting: str, protocols: tuple[str, ...] = ("standard",
     source = TASK.path(ctx, "captions", setting)
     items, features = readable_images(ctx, load_setting(TASK, ctx, setting, skipped), skipped, source)
 
-    prefix = caption_prefix(model.model.args)
-    prefix_ids = prompt_prefix_ids(model.model.tokenizer, prefix)
+    prefix = caption_prefix(model.model_args)
+    prefix_ids = prompt_prefix_ids(model.tokenizer, prefix)
 
     def caption(rows: list[int]) -> list[str]:
         """The decoded (untruncated) generations of a batch of items (indices into `items`)."""
@@ -219,7 +220,7 @@ def run(ctx: RunContext, setting: str, protocols: tuple[str, ...] = ("standard",
                    for i, (k, it) in enumerate(zip(keys, items))]
     extra.update({"prompt_prefix": prefix, "max_new_tokens": MAX_NEW_TOKENS, "n_references": sum(len(it.captions) for it in items)})
     return TASK.results(setting, protocols, metrics=metrics, n_examples=len(items), skipped=skipped,
-                        predictions=predictions, extra=extra)
+                        predictions=predictions, extra=extra, family=family_of(model))
 
 
 TASK = register(Task(
@@ -233,4 +234,5 @@ TASK = register(Task(
     paper={},  # the FROMAGe paper reports no captioning scores; the spec quotes none from the training logs
     run=run,
     default_setting="cc3m",
+    needs={"*": (GENERATE, LM_PROMPTS)},
 ))

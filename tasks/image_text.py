@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from model.errors import FromageInputError
+from model.family import LM_PROMPTS, family_of, has, retrieval_token_of
 from model.images import CROP
 
 from .base import RunContext, Skipped, Task, TaskResult, register
@@ -48,16 +49,16 @@ def retrieval_prefix(model_args) -> str | None:
 
 
 def retrieval_query_ids(tokenizer, caption: str, ret_token_id: int, prefix: str | None = None,
-                        max_len: int | None = ORIGINAL_MAX_LEN) -> list[int]:
+                        max_len: int | None = ORIGINAL_MAX_LEN, ret_token: str = "[RET]") -> list[int]:
     """Token ids of one text query as the original validation built them:
     ``prefix`` tokens (no BOS) + ``BOS caption [RET]`` truncated to ``max_len`` tokens, the last one set to
     ``[RET]`` when truncation removed it. The embedding is read at the last position (the ``[RET]``)."""
-    ids = tokenizer(caption + "[RET]", add_special_tokens=True).input_ids
+    ids = tokenizer(caption + ret_token, add_special_tokens=True).input_ids
     if max_len is not None and len(ids) > max_len:
         ids = ids[:max_len]
         ids[-1] = ret_token_id
     if ids[-1] != ret_token_id:  # the tokenizer must split "[RET]" off as its own token
-        raise ValueError(f"caption {caption!r} does not end in the [RET] token after tokenisation")
+        raise ValueError(f"caption {caption!r} does not end in the {ret_token} token after tokenisation")
     prefix_ids = tokenizer(prefix, add_special_tokens=False).input_ids if prefix else []
     return list(prefix_ids) + list(ids)
 
@@ -141,15 +142,13 @@ def run(ctx: RunContext, setting: str, protocols: tuple[str, ...] = ("standard",
     captions = [(c, i) for i, item in enumerate(items) for c in item.captions]
     caption_image = [i for _, i in captions]
 
-    tokenizer = model.model.tokenizer
-    prefix = retrieval_prefix(model.model.args)
-    ret_id = model.model.retrieval_token_idx
-    queries = [retrieval_query_ids(tokenizer, c, ret_id, prefix) for c, _ in captions]
+    queries, prefix, query_extra = text_queries(model, [c for c, _ in captions])
     order = sorted(range(len(queries)), key=lambda q: len(queries[q]))  # similar lengths batch together
     size = max(1, ctx.batch_size)
 
     def embed(rows: list[int]) -> list[list[float]]:
-        prompts = [[torch.tensor(queries[q], dtype=torch.long)] for q in rows]
+        prompts = [[queries[q] if isinstance(queries[q], str) else torch.tensor(queries[q], dtype=torch.long)]
+                   for q in rows]
         return model.retrieval_embeddings(prompts, batch_size=size).float().cpu().tolist()
 
     def key(q: int) -> str:
@@ -176,10 +175,24 @@ def run(ctx: RunContext, setting: str, protocols: tuple[str, ...] = ("standard",
     for i, item in enumerate(items):
         predictions.append({"direction": "i2t", "image_id": item.image_id, "image": item.name, "rank": int(i2t[i]),
                             "best_own_caption": int(i2t_best[i]), "top": i2t_top[i].tolist()})
-    extra = {"n_images": len(items), "n_captions": len(captions), "query_prefix": prefix,
-             "query_max_len": ORIGINAL_MAX_LEN}
+    extra = {"n_images": len(items), "n_captions": len(captions), "query_prefix": prefix, **query_extra}
     return TASK.results(setting, protocols, metrics=metrics, n_examples=len(items), skipped=skipped,
-                        predictions=predictions, extra=extra)
+                        predictions=predictions, extra=extra, family=family_of(model))
+
+
+def text_queries(model, captions: list[str]) -> tuple[list, str | None, dict]:
+    """(one query per caption, the prefix put before it, what the results record of them): token ids as the
+    original validation built them for an LM family; the caption itself for CLIP (it truncates to its own
+    length, keeping the end: `model.clip_baseline`)."""
+    if not has(model, LM_PROMPTS):
+        from model.clip_baseline import CLIP_READINGS
+
+        return list(captions), None, {"query_max_len": model.max_text_len, "clip_readings": dict(CLIP_READINGS)}
+    prefix = retrieval_prefix(model.model_args)
+    token = retrieval_token_of(model)
+    queries = [retrieval_query_ids(model.tokenizer, c, model.retrieval_token_id, prefix, ret_token=token)
+               for c in captions]
+    return queries, prefix, {"query_max_len": ORIGINAL_MAX_LEN}
 
 
 TASK = register(Task(

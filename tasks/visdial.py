@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from model.datasets import ImageDir
 from model.errors import FromageInputError, read_json
+from model.family import IMAGE_RETRIEVAL, LM_PROMPTS, SCORE_CONTINUATIONS, family_of, has, retrieval_token_of
 from model.images import SQUASH
 from model.scoring import EncodedContext
 
@@ -192,12 +193,13 @@ def _readable(ctx: RunContext, image_dir: Path, dialogues: Sequence[Dialogue], p
 
 
 # -- text -----------------------------------------------------------------------------------------------
-def retrieval_text(dialogue: Dialogue) -> str:
-    """The original's query: "Q: {q}? A: {a}." for every round, joined by spaces, then `[RET]` (no caption)."""
+def retrieval_text(dialogue: Dialogue, ret_token: str | None = RET) -> str:
+    """The original's query: "Q: {q}? A: {a}." for every round, joined by spaces, then `[RET]` (no caption).
+    `ret_token` None (CLIP): the text alone."""
     parts = []
     for rnd in dialogue.rounds:
         parts += [f"Q: {rnd.question}?", f"A: {rnd.answer}."]
-    return " ".join(parts) + RET
+    return " ".join(parts) + (ret_token or "")
 
 
 def ranking_context_text(dialogue: Dialogue, round_index: int, protocol: str = "paper") -> str:
@@ -347,9 +349,10 @@ def run_retrieval(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> 
                                                        "retrieval")[:, 0].float().cpu()
                       for preprocess, by_index in features.items()}
         size = max(1, ctx.batch_size)
+        ret_token = retrieval_token_of(model)
 
         def embed(batch: list[Dialogue]) -> list[list[float]]:
-            prompts = [[retrieval_text(d)] for d in batch]
+            prompts = [[retrieval_text(d, ret_token)] for d in batch]
             return model.retrieval_embeddings(prompts, batch_size=size).float().cpu().tolist()
 
         # one normalised [RET] embedding per dialogue; float32 -> float -> JSON round-trips exactly
@@ -370,15 +373,25 @@ def run_retrieval(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> 
         for row, d in enumerate(kept):
             predictions.append({"image_id": d.image_id, "dialogue": d.index, "direction": direction,
                                 "rank": int(ranks[row]), "top5": [ids[j] for j in top_k(scores[row])],
-                                "query": f"image {d.image_id}" if protocol == "paper" else retrieval_text(d)})
+                                "query": (f"image {d.image_id}" if protocol == "paper"
+                                          else retrieval_text(d, ret_token))})
         results.append(RETRIEVAL.result(
-            setting, protocol, metrics=metrics, n_examples=len(kept), skipped=copy.deepcopy(skipped),
-            predictions=predictions,
+            setting, protocol, family_of(model), metrics=metrics, n_examples=len(kept),
+            skipped=copy.deepcopy(skipped), predictions=predictions,
             extra={"direction": direction, "pool_size": len(kept),
                    "scores": ("raw retrieval image embeddings @ normalised [RET] embeddings, ranked per image"
                               if protocol == "paper" else "cosine similarity, images ranked per dialogue"),
-                   "paper_baselines": {"CLIP ViT-L/14": dict(PAPER_RETRIEVAL_CLIP)}}))
+                   "paper_baselines": {"CLIP ViT-L/14": dict(PAPER_RETRIEVAL_CLIP)}, **clip_extra(model)}))
     return results
+
+
+def clip_extra(model) -> dict[str, Any]:
+    """How a model without an LM (CLIP) saw the dialogue (our readings); nothing for an LM family."""
+    if has(model, LM_PROMPTS):
+        return {}
+    from model.clip_baseline import CLIP_READINGS
+
+    return {"clip_readings": {**CLIP_READINGS, "query_text": "the dialogue's 'Q: q? A: a.' rounds joined by spaces"}}
 
 
 # -- visdial_ranking ------------------------------------------------------------------------------------
@@ -433,7 +446,7 @@ def run_ranking(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> li
                                     "question": rnd.question, "gt_index": rnd.gt_index, "rank": ranks[(d.index, r)],
                                     "top5": best, "answer": rnd.answer, "predicted": rnd.options[best[0]]})
         results.append(RANKING.result(
-            setting, protocol, metrics=metrics, n_examples=len(gt), skipped=copy.deepcopy(skipped),
+            setting, protocol, family_of(model), metrics=metrics, n_examples=len(gt), skipped=copy.deepcopy(skipped),
             predictions=predictions,
             extra={"dialogues": len(kept), "ndcg_rounds": n_dense, "scoring": SCORING[protocol].description,
                    "dense_index": ("flat round i*10 + round_id (the original's off-by-one)" if protocol == "paper"
@@ -516,6 +529,8 @@ RETRIEVAL = register(Task(
     paper={("val", "paper"): dict(PAPER_RETRIEVAL)},  # measured with the original protocol only
     run=run_retrieval,
     preprocess={"paper": SQUASH},  # the original script squashes (resize to 224x224, then RGB)
+    needs={"*": (IMAGE_RETRIEVAL,)},
+    family_paper={"clip": {("val", "paper"): dict(PAPER_RETRIEVAL_CLIP)}},
 ))
 
 RANKING = register(Task(
@@ -529,6 +544,7 @@ RANKING = register(Task(
     paper={("val", "paper"): dict(PAPER_RANKING)},
     run=run_ranking,
     preprocess={"paper": SQUASH},
+    needs={"*": (SCORE_CONTINUATIONS,)},
 ))
 
 TASKS = (RETRIEVAL, RANKING)

@@ -43,8 +43,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from model.clip_baseline import CLIP_READINGS
 from model.datasets import ImageDir, Story, load_stories
 from model.errors import FromageInputError
+from model.family import IMAGE_RETRIEVAL, INTERLEAVED_QUERY, LM_PROMPTS, family_of, has, retrieval_token_of
 from model.images import CROP, SQUASH
 
 from .base import RunContext, Skipped, Task, TaskResult, register
@@ -96,8 +98,8 @@ def setting_parts(setting: str, story: Story) -> tuple[tuple[str, ...], int]:
     raise ValueError(f"unknown VIST setting {setting!r}; valid: {', '.join(SETTINGS)}")
 
 
-def _with_ret(captions: Sequence[str]) -> list[str]:
-    return [c + RET_TOKEN if i == len(captions) - 1 else c for i, c in enumerate(captions)]
+def _with_ret(captions: Sequence[str], ret_token: str = RET_TOKEN) -> list[str]:
+    return [c + ret_token if i == len(captions) - 1 else c for i, c in enumerate(captions)]
 
 
 def _interleave(texts: Sequence[Any], context: Sequence[torch.Tensor]) -> list:
@@ -111,31 +113,50 @@ def _interleave(texts: Sequence[Any], context: Sequence[torch.Tensor]) -> list:
     return items
 
 
-def paper_prompt(tokenizer, captions: Sequence[str], context: Sequence[torch.Tensor] = ()) -> list:
+def paper_prompt(tokenizer, captions: Sequence[str], context: Sequence[torch.Tensor] = (),
+                 ret_token: str = RET_TOKEN) -> list:
     """The original's query: each caption tokenised on its own with special tokens (each with its own BOS),
     `[RET]` appended to the last caption with no space; interleaved with the context photos' captioning
     embeddings (caption1, image1, ..., caption_n)."""
     texts = []
-    for text in _with_ret(captions):
+    for text in _with_ret(captions, ret_token):
         ids = tokenizer(text, add_special_tokens=True).input_ids
         texts.append(torch.tensor(ids, dtype=torch.long))
-    ret_id = tokenizer.convert_tokens_to_ids(RET_TOKEN)
+    ret_id = tokenizer.convert_tokens_to_ids(ret_token)
     if int(texts[-1][-1]) != ret_id:  # the original reads the last position; retrieval_embeddings the last [RET]
-        raise RuntimeError("the tokenizer put tokens after [RET]: the paper protocol's last position is not [RET]")
+        raise RuntimeError(f"the tokenizer put tokens after {ret_token}: the paper protocol's last position is not "
+                           f"{ret_token}")
     return _interleave(texts, context)
 
 
-def corrected_prompt(captions: Sequence[str], context: Sequence[torch.Tensor] = ()) -> list:
+def corrected_prompt(captions: Sequence[str], context: Sequence[torch.Tensor] = (), ret_token: str = RET_TOKEN) -> list:
     """The model API's interleaving: strings, BOS only on the first text; `[RET]` appended with no space."""
-    return _interleave(_with_ret(captions), context)
+    return _interleave(_with_ret(captions, ret_token), context)
 
 
-def build_prompt(protocol: str, tokenizer, captions: Sequence[str], context: Sequence[torch.Tensor] = ()) -> list:
+def dual_encoder_prompt(captions: Sequence[str], context: Sequence[torch.Tensor] = ()) -> list:
+    """A query for a model without an LM (CLIP): the captions as strings (it joins them) and the context photos'
+    embeddings, no retrieval token; the same in both protocols (they differ in the images and the score dtype)."""
+    return _interleave(list(captions), context)
+
+
+def build_prompt(protocol: str, tokenizer, captions: Sequence[str], context: Sequence[torch.Tensor] = (),
+                 ret_token: str = RET_TOKEN) -> list:
     if protocol == "paper":
-        return paper_prompt(tokenizer, captions, context)
+        return paper_prompt(tokenizer, captions, context, ret_token)
     if protocol == "corrected":
-        return corrected_prompt(captions, context)
+        return corrected_prompt(captions, context, ret_token)
     raise ValueError(f"unknown protocol {protocol!r}")
+
+
+def model_prompt(model, protocol: str, captions: Sequence[str], context: Sequence[torch.Tensor] = ()) -> list:
+    """The protocol's query for this model's family: an LM prompt ending in its retrieval token, or (CLIP) the
+    dual encoder's strings and images."""
+    if not has(model, LM_PROMPTS):
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {protocol!r}")
+        return dual_encoder_prompt(captions, context)
+    return build_prompt(protocol, model.tokenizer, captions, context, retrieval_token_of(model))
 
 
 # -- scoring ----------------------------------------------------------------------------------------------
@@ -195,14 +216,13 @@ def query_embeddings(model, stories: Sequence[Story], setting: str, protocol: st
     projections, computed here if absent."""
     if context_embeddings is None:
         context_embeddings = context_projections(model, stories, setting, features)
-    tokenizer = model.model.tokenizer
     prompts = []
     for story in stories:
         captions, n_images = setting_parts(setting, story)
         context = [context_embeddings[pid] for pid in story.context[:n_images]]
-        prompts.append(build_prompt(protocol, tokenizer, captions, context))
+        prompts.append(model_prompt(model, protocol, captions, context))
     return model.retrieval_embeddings(prompts, batch_size=batch_size,
-                                      normalize_in=score_dtype(protocol, model.model.dtype))
+                                      normalize_in=score_dtype(protocol, model.dtype))
 
 
 def context_projections(model, stories: Sequence[Story], setting: str,
@@ -265,7 +285,7 @@ def run(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> list[TaskR
         ranks = {p: [] for p in protocols}
         predictions: dict[str, list[dict]] = {p: [] for p in protocols}
         if queries:
-            logit_scale = model.model.logit_scale.detach()
+            logit_scale = model.logit_scale
             pool_matrix = {}
             for protocol in protocols:
                 by_id = features[preprocess[protocol]]
@@ -309,11 +329,19 @@ def run(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> list[TaskR
         all_ranks = torch.cat(ranks[protocol]) if ranks[protocol] else torch.zeros(0, dtype=torch.long)
         metrics = story_metrics(all_ranks) if all_ranks.numel() else {}
         results.append(TASK.result(
-            setting, protocol, metrics=metrics, n_examples=len(queries), skipped=skipped,
+            setting, protocol, family_of(model), metrics=metrics, n_examples=len(queries), skipped=skipped,
             predictions=predictions[protocol],
             extra={"paper_baselines": PAPER_BASELINES[setting], "pool_size": len(pool),
-                   "n_stories": len(stories), "unreadable_photos": len(failed)}))
+                   "n_stories": len(stories), "unreadable_photos": len(failed), **family_extra(model, protocol)}))
     return results
+
+
+def family_extra(model, protocol: str) -> dict[str, Any]:
+    """What a CLIP result records of how CLIP saw the queries (our readings); nothing for an LM family."""
+    if has(model, LM_PROMPTS):
+        return {}
+    return {"clip_readings": {**CLIP_READINGS, "protocol": f"{protocol}: the protocol's image preprocessing and "
+                              f"score dtype; the query is the same text in both protocols"}}
 
 
 TASK = register(Task(
@@ -328,4 +356,7 @@ TASK = register(Task(
     run=run,
     default_setting="5cap4img",
     preprocess={"paper": SQUASH},  # the original script squashes (resize to 224x224, then RGB)
+    needs={"*": (IMAGE_RETRIEVAL,), "5cap4img": (INTERLEAVED_QUERY,)},
+    family_paper={"clip": {(setting, "paper"): dict(rows["CLIP ViT-L/14"]) for setting, rows in PAPER_BASELINES.items()},
+                  "gill": {("5cap4img", "paper"): {"R@1": 20.3, "R@5": 45.0, "R@10": 53.7}}},  # spec: GILL's row
 ))

@@ -261,3 +261,15 @@ def test_cli_generate_refuses_gill_in_one_line(release, capsys):
     assert main(["generate", "--model-dir", str(release), "--device", "cpu", "--text", "a dog"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(release) in err[0] and "cannot generate" in err[0]
+
+
+@pytest.mark.parametrize("keys", [{"num_tokens": 8}, {"gen_token_idx": [5, 6]}, {"shared_emb_dim": 256}, None])
+def test_is_gill_release_agrees_with_family_detection(tmp_path, keys):
+    from model.loading import detect_family
+
+    if keys is None:
+        (tmp_path / "model_args.json").write_text("{not json")
+        assert not is_gill_release(tmp_path)
+        return
+    (tmp_path / "model_args.json").write_text(json.dumps({"opt_version": "opt", **keys}))
+    assert is_gill_release(tmp_path) == (detect_family(tmp_path) == "gill")

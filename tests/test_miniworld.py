@@ -498,6 +498,33 @@ def test_standins_have_the_real_backbones_layout(standins):
     assert processor.size["shortest_edge"] == clip.image_size
 
 
+def test_the_standin_clip_is_a_whole_clip_model_whose_vision_tower_fromage_uses(standins, world):
+    from transformers import CLIPModel, CLIPVisionModel
+
+    from model import load_fromage
+    from model.clip_baseline import is_clip_dir, load_clip
+    from model.images import pixel_values
+    from model.precision import resolve_placement
+
+    out, report = standins
+    assert is_clip_dir(out / "clip")
+    whole = CLIPModel.from_pretrained(str(out / "clip")).eval()
+    tower = CLIPVisionModel.from_pretrained(str(out / "clip")).eval()
+    assert tower.config.architectures == ["CLIPVisionModel"]  # the vision config FROMAGe's identity covers
+    fromage = load_fromage(out, device="cpu", precision="fp32")
+    images = [mw.render(mw.random_scene(__import__("random").Random(s))) for s in range(3)]
+    pixels = pixel_values(fromage.model.feature_extractor, images)
+    with torch.no_grad():  # FROMAGe's features are the whole CLIP's vision tower's, bit for bit
+        assert torch.equal(fromage.model.vision_features(pixels), whole.vision_model(pixel_values=pixels).pooler_output)
+        assert torch.equal(tower(pixel_values=pixels).pooler_output, whole.vision_model(pixel_values=pixels).pooler_output)
+    text = report["vision"]["clip_text_tower"]
+    assert text["final_loss"] < text["first_loss"] and text["heldout"]["n"] > 0
+    clip = load_clip(out / "clip", resolve_placement("cpu", "fp32"))
+    embeddings = clip.retrieval_embeddings([["a small red circle on the left."], ["a big blue square."]])
+    assert embeddings.shape == (2, whole.config.projection_dim)
+    assert torch.allclose(embeddings.norm(dim=-1), torch.ones(2))
+
+
 def test_untrained_fromage_over_the_standins_loads(standins, tmp_path):
     from model import load_fromage
     from model.images import pixel_values
