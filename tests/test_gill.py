@@ -273,3 +273,65 @@ def test_is_gill_release_agrees_with_family_detection(tmp_path, keys):
         return
     (tmp_path / "model_args.json").write_text(json.dumps({"opt_version": "opt", **keys}))
     assert is_gill_release(tmp_path) == (detect_family(tmp_path) == "gill")
+
+
+# -- GILL rows through `fromage-bench eval` ------------------------------------------------------------------------
+GILL_PAPER_5CAP4IMG = {"R@1": 20.3, "R@5": 45.0, "R@10": 53.7}  # GILL's paper, VIST 5cap4img (issue 17)
+
+
+@pytest.fixture(scope="module")
+def gill_eval(tmp_path_factory, release):
+    from fromage_bench.synth.visdial import write_visdial
+    from fromage_bench.synth.vist import write_vist
+
+    root = tmp_path_factory.mktemp("gill-data")
+    vist = write_vist(root, n=4, seed=2, png=1)
+    write_visdial(root, n=3, seed=0, n_rounds=2)
+    out = root / "out"
+    tasks = "vist_retrieval:1cap,vist_retrieval:5cap,vist_retrieval:5cap4img,visdial_retrieval,visdial_ranking"
+    assert main(["eval", "--model-dir", str(release), "--data-root", str(root), "--tasks", tasks, "--out", str(out),
+                 "--no-progress", "--no-cache", "--precision", "fp32", "--device", "cpu"]) == 0
+    return json.loads((out / "results.json").read_text()), out, vist
+
+
+def test_eval_gives_gill_rows_with_gills_paper_numbers(gill_eval, release):
+    results, _, _ = gill_eval
+    assert results["model"] == {"family": "gill", "label": "gill", "source": str(release)}
+    cells = {(r["task"], r["setting"], r["protocol"]): r for r in results["records"]}
+    expected = {(t, s, p) for t, s in [("vist_retrieval", "1cap"), ("vist_retrieval", "5cap"),
+                                       ("vist_retrieval", "5cap4img"), ("visdial_retrieval", "val"),
+                                       ("visdial_ranking", "val")] for p in ("paper", "corrected")}
+    assert set(cells) == expected
+    assert all(r["status"] == "ok" and r["metrics"] for r in cells.values())
+    for cell, record in cells.items():
+        assert record["paper"] == (GILL_PAPER_5CAP4IMG if cell == ("vist_retrieval", "5cap4img", "paper") else None)
+    for protocol in ("paper", "corrected"):
+        assert "not in GILL's paper" in cells[("visdial_ranking", "val", protocol)]["extra"]["paper_note"]
+
+
+def test_gill_vist_ranks_are_the_reference_ranks(gill_eval, pair):
+    """The corrected 5cap4img cell's ranks, recomputed with the independent GILL re-implementation: query = the
+    five captions interleaved with the four context photos (BOS once) + all eight [IMG] tokens, pool = every story
+    photo through visual_fc (centre crop), cosine; the story's own context photos are not candidates (the task
+    masks them, as FROMAGe's VIST script does)."""
+    _, out, vist = gill_eval
+    _, ref = pair
+
+    def photo(pid):
+        return open_image(next(vist["image_dir"].glob(f"{pid}.*")))
+
+    pool = list(vist["pool"])
+    pool_embs = torch.nn.functional.normalize(ref.retrieval_image_embeddings([photo(p) for p in pool]), dim=1)
+    lines = (out / "predictions" / "vist_retrieval-5cap4img-corrected-fp32.jsonl").read_text().splitlines()
+    assert lines
+    for line in lines:
+        pred = json.loads(line)
+        prompt = []
+        for i, caption in enumerate(pred["captions"]):
+            prompt.append(caption)
+            if i < len(pred["context"]):
+                prompt.append(photo(pred["context"][i]))
+        scores = pool_embs @ ref.retrieval_embedding(prompt)
+        target = scores[pool.index(pred["target"])]
+        candidates = torch.tensor([p not in pred["context"] for p in pool])
+        assert pred["rank"] == 1 + int((scores[candidates] > target).sum())
