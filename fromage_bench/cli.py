@@ -73,7 +73,8 @@ def cmd_info(args) -> int:
         "fingerprint": fromage.fingerprint,
     }
     if getattr(fromage, "release_info", None):  # GILL: its [IMG] ids, decision model, unused generation map
-        info["release"] = {**fromage.release_info, "ignored_checkpoint_keys": len(fromage.release_info["ignored_checkpoint_keys"])}
+        release = fromage.release_info
+        info["release"] = {**release, "ignored_checkpoint_keys": len(release["ignored_checkpoint_keys"])}
     print(json.dumps(info, indent=2))
     return 0
 

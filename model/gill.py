@@ -47,7 +47,8 @@ FAMILY = "gill"
 DECISION_MODEL_FILE = "decision_model.pth.tar"
 IMG_ROWS_KEY = "model.input_embeddings.weight"  # (num_tokens, D): the trained [IMG0..] input-embedding rows
 GEN_PREFIX = "model.gen_text_hidden_fcs."       # the Stable Diffusion map: not needed for retrieval
-_RELEASE_HINT = "a GILL model directory holds model_args.json and pretrained_ckpt.pth.tar (decision_model.pth.tar optional)"
+_RELEASE_HINT = ("a GILL model directory holds model_args.json and pretrained_ckpt.pth.tar "
+                 "(decision_model.pth.tar optional)")
 
 
 def img_tokens(num_tokens: int) -> list[str]:
@@ -88,7 +89,8 @@ class GillArgs:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = MODEL_ARGS_FILE) -> "GillArgs":
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        args = cls(**{k: v for k, v in raw.items() if k in known}, extra={k: v for k, v in raw.items() if k not in known})
+        extra = {k: v for k, v in raw.items() if k not in known}
+        args = cls(**{k: v for k, v in raw.items() if k in known}, extra=extra)
         args._validate(source)
         return args
 
@@ -103,7 +105,8 @@ class GillArgs:
             (positive(self.ret_emb_dim), "ret_emb_dim must be a positive integer"),
             (positive(self.num_tokens), "num_tokens must be an integer >= 1"),
             (isinstance(self.text_emb_layers, list) and self.text_emb_layers
-             and all(isinstance(i, int) for i in self.text_emb_layers), "text_emb_layers must be a non-empty list of integers"),
+             and all(isinstance(i, int) for i in self.text_emb_layers),
+             "text_emb_layers must be a non-empty list of integers"),
             (len(set(self.text_emb_layers or [])) == len(self.text_emb_layers or []), "text_emb_layers has duplicates"),
             (self.ret_text_fc_mode == "linear", f"ret_text_fc_mode {self.ret_text_fc_mode!r} is not supported "
                                                "(only GILL's released 'linear' retrieval map)"),
