@@ -34,6 +34,7 @@ from .backbones import (load_image_processor, load_language_model, load_tokenize
                         resolve_backbone)
 from .checkpoint import CHECKPOINT_FILE, read_state_dict
 from .errors import FromageInputError, read_json
+from .family import FAMILY_CAPABILITIES, GENERATE
 from .files import atomic_write, atomic_write_text
 from .fromage import FromageModel
 from .inference import Fromage
@@ -183,6 +184,7 @@ class Gill(Fromage):
     `[IMG1..7]` after a generated `[IMG0]` and produces images with Stable Diffusion, neither of which is here."""
 
     family = FAMILY
+    capabilities = FAMILY_CAPABILITIES[FAMILY] - {GENERATE}  # everything FROMAGe does but generation
     retrieval_token = "[IMG0]"
     release_info: dict
 
@@ -191,18 +193,6 @@ class Gill(Fromage):
                                   "only retrieval and continuation scoring")
 
     generate = generate_for_images_and_texts = _not_here
-
-
-def _capabilities() -> frozenset[str]:
-    """Everything FROMAGe does except generation (see `Gill`); the names come from `model.family` when present."""
-    try:
-        from . import family
-    except ImportError:  # before model.family exists: the names it will define
-        return frozenset({"image_retrieval", "interleaved_query", "score_continuations", "lm_prompts"})
-    return frozenset(family.FAMILY_CAPABILITIES.get(FAMILY, family.CAPABILITIES)) - {family.GENERATE}
-
-
-Gill.capabilities = _capabilities()
 
 
 def load_gill(model_dir: str | Path, *, opt_version: str | None = None, visual_model: str | None = None,
