@@ -26,16 +26,23 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load(args):
     from model import load_fromage
+    from model.gill import is_gill_release, load_gill
 
-    return load_fromage(args.model_dir, opt_version=args.opt_version, visual_model=args.visual_model, device=args.device,
-                        precision=args.precision, retrieval_set=args.retrieval_set, random_init=args.random_init,
-                        seed=args.seed or 0, accept_foreign_retrieval_set=args.accept_foreign_retrieval_set)
+    load = load_gill if is_gill_release(args.model_dir) else load_fromage  # same keyword arguments
+    return load(args.model_dir, opt_version=args.opt_version, visual_model=args.visual_model, device=args.device,
+                precision=args.precision, retrieval_set=args.retrieval_set, random_init=args.random_init,
+                seed=args.seed or 0, accept_foreign_retrieval_set=args.accept_foreign_retrieval_set)
 
 
 def cmd_make_tiny(args) -> int:
     from model import make_tiny
+    from model.tiny import make_tiny_gill
 
-    out = make_tiny(args.out, seed=args.seed, n_visual_tokens=args.n_visual_tokens)
+    if args.family == "gill":  # GILL's release layout (model.gill); 4 visual tokens unless asked, as its release
+        out = make_tiny_gill(args.out, seed=args.seed, n_visual_tokens=args.n_visual_tokens or 4)
+        print(f"wrote a tiny GILL model to {out}")
+        return 0
+    out = make_tiny(args.out, seed=args.seed, n_visual_tokens=args.n_visual_tokens or 1)
     print(f"wrote a tiny FROMAGe model to {out}")
     return 0
 
@@ -65,6 +72,9 @@ def cmd_info(args) -> int:
         "retrieval_set_size": len(fromage.retrieval_set) if fromage.retrieval_set else 0,
         "fingerprint": fromage.fingerprint,
     }
+    if getattr(fromage, "release_info", None):  # GILL: its [IMG] ids, decision model, unused generation map
+        release = fromage.release_info
+        info["release"] = {**release, "ignored_checkpoint_keys": len(release["ignored_checkpoint_keys"])}
     print(json.dumps(info, indent=2))
     return 0
 
@@ -75,6 +85,10 @@ def cmd_generate(args) -> int:
 
     use_embedded_default(args)
     fromage = _load(args)
+    if "generate" not in getattr(fromage, "capabilities", {"generate"}):  # GILL (model/gill.py): retrieval only
+        from model.errors import FromageInputError
+
+        raise FromageInputError(args.model_dir, f"the {fromage.family} family cannot generate text here")
     prompt = [load_image(args.image)] if args.image else []
     prompt.append(args.text)
     outputs = fromage.generate_for_images_and_texts(prompt, num_words=args.num_words, ret_scale_factor=args.ret_scale_factor)
@@ -307,7 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-tiny", help="write a tiny FROMAGe model directory in the release format (offline)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-visual-tokens", type=int, choices=(1, 4), default=1)
+    p.add_argument("--n-visual-tokens", type=int, choices=(1, 4), help="default: 1 (fromage), 4 (gill)")
+    p.add_argument("--family", choices=("fromage", "gill"), default="fromage",
+                   help="release layout to write: FROMAGe's (default) or GILL's")
     p.set_defaults(func=cmd_make_tiny)
 
     p = sub.add_parser("convert-embeddings", help="convert the original cc3m_embeddings*.pkl to a safe retrieval set")

@@ -74,8 +74,9 @@ def paper_config(name_or_path: str) -> dict:
         raise FromageInputError(path, f"malformed JSON: {err}") from None
 
 
-def load_tokenizer(path: Path | None) -> GPT2Tokenizer:
-    """OPT's GPT-2 BPE tokenizer with FROMAGe's additions: pad = eos, cls `<|image|>`, added `[RET]`."""
+def load_tokenizer(path: Path | None, added_tokens: tuple[str, ...] = (RET_TOKEN,)) -> GPT2Tokenizer:
+    """OPT's GPT-2 BPE tokenizer with FROMAGe's additions: pad = eos, cls `<|image|>`, then `added_tokens` in
+    order (FROMAGe: `[RET]`; GILL: `[IMG0]`..`[IMG7]`, `model.gill`)."""
     if path is None:
         tokenizer = _fallback_tokenizer()
     else:
@@ -88,8 +89,10 @@ def load_tokenizer(path: Path | None) -> GPT2Tokenizer:
     # The original (transformers 4.21, slow GPT2Tokenizer) stripped the whitespace on both sides of a plain added
     # token when it split the text: "drawing [RET]\nQ:" became "drawing", "[RET]", "Q:". Current tokenizers keep
     # a lone-space (and newline) token unless the token says it strips; so say it. Re-adding an existing [RET]
-    # (a tokenizer saved with it) updates its flags in place and keeps its id.
-    tokenizer.add_tokens(AddedToken(RET_TOKEN, lstrip=True, rstrip=True, normalized=False))
+    # (a tokenizer saved with it) updates its flags in place and keeps its id. (GILL's transformers 4.30 stripped
+    # the same way.)
+    for token in added_tokens:
+        tokenizer.add_tokens(AddedToken(token, lstrip=True, rstrip=True, normalized=False))
     return tokenizer
 
 

@@ -142,7 +142,8 @@ _RUNTIME_CONFIG_KEYS = {"transformers_version", "dtype", "torch_dtype", "quantiz
                         "output_attentions", "return_dict"}
 
 
-def model_identity(args: ModelArgs, tensors_digest: str, vision_config, processor, random_init: bool, seed: int) -> str:
+def model_identity(args: ModelArgs, tensors_digest: str, vision_config, processor, random_init: bool, seed: int,
+                   family: str = "fromage") -> str:
     """The identity a retrieval set records (`Fromage.model_identity`): what determines the model's retrieval-space
     image embeddings, whatever the precision and however the backbones are spelled (local path, Hub id, override).
 
@@ -150,13 +151,17 @@ def model_identity(args: ModelArgs, tensors_digest: str, vision_config, processo
     `retrieval_token_idx`; the checkpoint's trained tensors (`visual_fc` among them, trained jointly with the
     text side, so they pin the whole model); the vision tower's architecture (its config without file names,
     versions and dtype); the image processor's settings (size, crop, mean, std, resampling); and, for a
-    random init, the seed. Not covered: the vision tower's pretrained weights themselves (hashing gigabytes at
+    random init, the seed; the model family unless it is FROMAGe (so that FROMAGe identities, and the sets built
+    under them, stay as they were). Not covered: the vision tower's pretrained weights themselves (hashing gigabytes at
     every load is too slow); a checkpoint is trained on one vision tower, so its tensors stand for it."""
     named = {k: v for k, v in args.to_dict().items() if k not in ("opt_version", "visual_encoder", "retrieval_token_idx")}
     config = {k: v for k, v in vision_config.to_dict().items() if not k.startswith("_") and k not in _RUNTIME_CONFIG_KEYS}
     settings = {k: v for k, v in processor.to_dict().items() if not k.startswith("_")} if processor is not None else None
-    described = json.dumps({"args": named, "vision": config, "processor": settings, "trained": tensors_digest,
-                            "random_init_seed": seed if random_init else None}, sort_keys=True, default=str)
+    described = {"args": named, "vision": config, "processor": settings, "trained": tensors_digest,
+                 "random_init_seed": seed if random_init else None}
+    if family != "fromage":
+        described["family"] = family
+    described = json.dumps(described, sort_keys=True, default=str)
     return hashlib.sha256(described.encode()).hexdigest()[:16]
 
 

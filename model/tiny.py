@@ -96,3 +96,43 @@ def make_tiny(out_dir: str | Path, seed: int = 0, n_visual_tokens: int = 1, *, s
         model.input_embeddings.weight[model.retrieval_token_idx].normal_(0.0, 0.2)
     save_release(model, out_dir, args)
     return out_dir
+
+
+def make_tiny_gill(out_dir: str | Path, seed: int = 0, n_visual_tokens: int = 4, *, ret_emb_dim: int = 32,
+                   gen_emb_dim: int = 16, hidden: int = 64, layers: int = 2) -> Path:
+    """Write a tiny GILL release directory (`model.gill`'s layout): 8 `[IMG]` tokens, like the release's, and an
+    LM with 7 embedding rows beyond its tokenizer, like OPT's, so that loading grows the matrix as GILL's does.
+    The generation map is a small "linear" one (GILL's 512-wide `gill_mapper` would dwarf the model); it is
+    written, never read. A decision model is written too."""
+    from torch import nn
+
+    from .gill import GillArgs, GillModel, img_tokens, save_gill_release
+
+    out_dir = Path(out_dir)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    save_trained_tokenizer(out_dir / "opt")
+    args = GillArgs(opt_version="opt", visual_encoder="clip", n_visual_tokens=n_visual_tokens, ret_emb_dim=ret_emb_dim,
+                    gen_emb_dim=gen_emb_dim, text_fc_mode="linear", num_clip_tokens=1,
+                    extra={"norm_image_embed": "none"})
+    tokenizer = load_tokenizer(out_dir / "opt", added_tokens=tuple(img_tokens(args.num_tokens)))
+    base_tokens = len(tokenizer) - 1 - args.num_tokens  # before <|image|> and the [IMG] tokens
+
+    lm = OPTForCausalLM(tiny_opt_config(base_tokens + 7, hidden=hidden, layers=layers)).eval()
+    save_pretrained(lm, out_dir / "opt")
+    vision = CLIPVisionModel(tiny_clip_config()).eval()
+    save_pretrained(vision, out_dir / "clip")
+    processor = load_image_processor(None)
+    save_pretrained(processor, out_dir / "clip")
+
+    lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model = GillModel(args, tokenizer, lm, vision, processor, torch.float32)
+    with torch.no_grad():  # trained parts: seeded, with enough spread that outputs differ between inputs
+        for fc in [model.visual_embeddings, model.visual_fc] + [m.model for m in model.ret_text_hidden_fcs]:
+            fc.weight.normal_(0.0, 0.2)
+            fc.bias.normal_(0.0, 0.02)
+        model.input_embeddings.weight[model.img_token_ids].normal_(0.0, 0.2)
+        gen_map = {"model.gen_text_hidden_fcs.0.model.weight": torch.randn(gen_emb_dim, hidden) * 0.2,
+                   "model.gen_text_hidden_fcs.0.model.bias": torch.zeros(gen_emb_dim)}
+        decision = nn.Sequential(nn.Dropout(0.5), nn.Linear(hidden, 2))
+    return save_gill_release(model, out_dir, gen_map, decision)

@@ -450,8 +450,14 @@ def run_ranking(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> li
             predictions=predictions,
             extra={"dialogues": len(kept), "ndcg_rounds": n_dense, "scoring": SCORING[protocol].description,
                    "dense_index": ("flat round i*10 + round_id (the original's off-by-one)" if protocol == "paper"
-                                   else "round round_id - 1 of dialogue i")}))
+                                   else "round round_id - 1 of dialogue i"),
+                   **RANKING_NOT_IN_PAPER.get(family_of(model), {})}))
     return results
+
+
+# Families whose paper does not report the answer ranking (their records have no `paper`): say so in `extra`.
+RANKING_NOT_IN_PAPER = {"gill": {"paper_note": "not in GILL's paper: GILL reports no VisDial answer ranking; its LM "
+                                               "scores the options as FROMAGe's does (model/gill.py)"}}
 
 
 def round_contexts(model, visuals: dict[str, torch.Tensor], dialogue: Dialogue, round_index: int,
