@@ -44,6 +44,7 @@ class TaskResult:
     paper: dict[str, float] | None = None
     predictions: list[dict[str, Any]] = field(default_factory=list)  # one JSON-able dict per example
     extra: dict[str, Any] = field(default_factory=dict)
+    chance: dict[str, float] = field(default_factory=dict)  # metric -> its level for a random ranking (tasks.chance)
 
 
 @dataclass
@@ -160,10 +161,10 @@ class Task:
                           extra=extra, **fields)
 
     def results(self, setting: str, protocols: tuple[str, ...], *, metrics: dict, n_examples: int, skipped: Skipped,
-                predictions: list, extra: dict) -> list[TaskResult]:
+                predictions: list, extra: dict, chance: dict | None = None) -> list[TaskResult]:
         """One result per protocol, for tasks whose protocols share one computation."""
         return [self.result(setting, protocol, metrics=dict(metrics), n_examples=n_examples, skipped=skipped,
-                            predictions=predictions, extra=dict(extra))
+                            predictions=predictions, extra=dict(extra), chance=dict(chance or {}))
                 for protocol in protocols]
 
 
