@@ -28,7 +28,7 @@ THUMB_PX = 96
 MAX_EXAMPLES = 5
 TOP_SHOWN = 5
 HEADLINE_METRICS = ("R@1", "NDCG", "MRR", "BLEU-4", "BLEU4", "CIDEr", "R@5", "R@10", "accuracy")
-HEADLINE_BY_TASK = (("visdial", ("NDCG", "MRR")), ("caption", ("BLEU-4", "BLEU4", "CIDEr")))
+HEADLINE_BY_TASK = (("visdial_ranking", ("NDCG", "MRR")), ("caption", ("BLEU-4", "BLEU4", "CIDEr")))
 TOP_KEYS = ("top", "topk", "top_k", "top5", "top10", "topk_preds", "top_ids", "retrieved", "predictions")
 TARGET_KEYS = ("target", "target_id", "gt", "gt_id", "gt_image", "answer_image")
 RANK_KEYS = ("rank", "gt_rank", "target_rank")
@@ -642,18 +642,20 @@ def _plots(run: Run) -> dict | None:
         return plots.throughput_by_precision(precisions, series)
 
     def accuracy_memory():
-        points: dict[str, list] = {}
+        panels: dict[str, dict[str, list]] = {}
         names: dict[str, str] = {}
         for r in ok_costs:
             metrics = r.get("metrics") if isinstance(r.get("metrics"), dict) else {}
-            label = _label(r.get("task"), r.get("setting"), r.get("protocol"))
-            metric = names.get(label) or headline_metric(metrics, str(r.get("task")))
+            task = str(r.get("task"))
+            metric = names.get(task) or headline_metric(metrics, task)
             peak = _peak_memory(_get(r, "cost", "memory"))
             if metric is None or peak is None or not _is_num(metrics.get(metric)):
                 continue
-            names[label] = metric
-            points.setdefault(label, []).append((str(r.get("precision")), peak[1], float(metrics[metric])))
-        return plots.accuracy_vs_memory(points, names)
+            names[task] = metric
+            series = " ".join(str(x) for x in (run.model_of(r), r.get("setting"), r.get("protocol")) if x)
+            panels.setdefault(task, {}).setdefault(series or task, []).append(
+                (str(r.get("precision")), peak[1], float(metrics[metric])))
+        return plots.accuracy_vs_memory(panels, names)
 
     def latency():
         panels: dict[str, dict] = {}

@@ -599,3 +599,35 @@ def test_paper_tables_show_the_difference_on_the_paper_data(tmp_path):
     assert fromage[2:5] == ["10.00-1.30", "11.50", "11.30"]  # 10.00 - 11.30 under the paper protocol, by hand
     assert [t for _, t in doc.tables["accuracy-table"][1]][:3] == ["ours", "\u0394 paper", "drift"]
     assert "the paper&#39;s datasets" in text
+
+
+def test_accuracy_vs_memory_has_a_panel_per_task_and_nothing_overlaps(monkeypatch):
+    """One panel per task; no text next to points; no legend, title or axes overlaps another (rendered extents)."""
+    from reports import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_to_data_uri", lambda fig: figures.append(fig) or "data:image/png;base64,")
+    same_memory = [("fp32", 4 * GB, 20.0), ("bf16", 2 * GB, 20.0), ("fp16", 2 * GB, 20.1), ("int8", GB, 19.0)]
+    panels = {"vist_retrieval": {f"{s} {p}": same_memory for s in ("1cap", "5cap", "5cap4img")
+                                 for p in ("paper", "corrected")},
+              "visdial_retrieval": {"val paper": same_memory[:2]}, "captioning": {"coco standard": same_memory}}
+    assert plots.accuracy_vs_memory(panels, {"vist_retrieval": "R@1", "visdial_retrieval": "R@1",
+                                             "captioning": "BLEU-4"})
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = figures[0]
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    assert [ax.get_title() for ax in fig.axes] == ["vist_retrieval (R@1)", "visdial_retrieval (R@1)",
+                                                   "captioning (BLEU-4)"]
+    assert not any(ax.texts for ax in fig.axes)  # no labels beside the points
+    from matplotlib.transforms import Bbox
+
+    boxes = [fig.legends[0].get_window_extent(renderer)]  # the precision markers' legend
+    for ax in fig.axes:  # each panel: its plot area with its title, its x label, its legend
+        boxes += [Bbox.union([ax.get_window_extent(renderer), ax.title.get_window_extent(renderer)]),
+                  ax.xaxis.label.get_window_extent(renderer), ax.get_legend().get_window_extent(renderer)]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (a, b)
