@@ -416,6 +416,7 @@ def run_reproduce(config: ReproduceConfig, run_eval: Callable | None = None) -> 
     """Run each model (resuming or reusing what is done), then write the combined results, the tables and the
     report. A model that cannot be loaded raises FromageInputError before any table is written."""
     from .environment import describe_environment
+    from .runner import _check_output_dir
     from .runner import run_eval as default_run_eval
 
     run_eval = run_eval or default_run_eval
@@ -425,6 +426,7 @@ def run_reproduce(config: ReproduceConfig, run_eval: Callable | None = None) -> 
     if len(set(labels)) != len(labels):
         raise FromageInputError("reproduce", f"a model given twice: {', '.join(labels)}")
     configs = [(model, eval_config(config, model)) for model in config.models]  # bad sources fail before any run
+    _check_output_dir(config.out)
     for stale in (TABLES_MD, TABLES_CSV, "results.json"):  # tables of an earlier request: gone until this one is done
         (config.out / stale).unlink(missing_ok=True)
     documents = {}
