@@ -163,6 +163,13 @@ class Run:
             seen.setdefault((str(r.get("task")), r.get("setting")), None)
         return list(seen)
 
+    def cells(self) -> list[tuple[str | None, str, Any]]:
+        """(model where the run has several, task, setting) of every eval record, in order."""
+        seen: dict[tuple, None] = {}
+        for r in self.evals:
+            seen.setdefault((self.model_of(r), str(r.get("task")), r.get("setting")), None)
+        return list(seen)
+
     def skipped_for(self, task: str, setting: Any, protocol: Any, precision: str,
                     model: str | None = None) -> dict | None:
         """A skipped record covering this cell: same key, or the same task(/setting) with no protocol (of `model`
@@ -486,15 +493,15 @@ def _cost_rows(run: Run) -> list[dict]:
     """One row per task x setting x precision (the protocols of one run share their cost)."""
     seen: dict[tuple, dict] = {}
     for r in run.evals:
-        key = (str(r.get("task")), r.get("setting"), str(r.get("precision")))
+        key = (str(r.get("task")), r.get("setting"), str(r.get("precision")), run.model_of(r))
         if r.get("status", "ok") != "ok":
-            if not any(k[0] == key[0] and k[2] == key[2] for k in seen):
+            if not any(k[0] == key[0] and k[2:] == key[2:] for k in seen):
                 seen.setdefault(key, r)
             continue
         if key not in seen or seen[key].get("status", "ok") != "ok":
             seen[key] = r
-    return sorted(seen.values(), key=lambda r: (precision_key(r.get("precision")), str(r.get("task")),
-                                                str(r.get("setting"))))
+    return sorted(seen.values(), key=lambda r: (precision_key(r.get("precision")), str(run.model_of(r) or ""),
+                                                str(r.get("task")), str(r.get("setting"))))
 
 
 def _cost(run: Run) -> dict | None:
@@ -511,7 +518,7 @@ def _cost(run: Run) -> dict | None:
         p = str(r.get("precision"))
         cls = "group-start" if p != last_precision else None
         last_precision = p
-        label = _label(r.get("task"), r.get("setting"))
+        label = run.where(r, r.get("task"), r.get("setting"))
         if r.get("status", "ok") != "ok":
             rows.append(_row([_cell(p), _cell(label),
                               _cell("skipped: " + str(r.get("reason")), colspan=len(headers) - 2, cls="skipped")], cls))
@@ -634,10 +641,11 @@ def _plots(run: Run) -> dict | None:
 
     def throughput():
         series: dict[str, list] = {}
-        for task, setting in run.task_settings():
+        for model, task, setting in run.cells():
             recs = {str(r.get("precision")): r for r in ok_costs
-                    if str(r.get("task")) == task and r.get("setting") == setting}
-            series[_label(task, setting)] = [_get(recs.get(p), "cost", "examples_per_second") for p in precisions]
+                    if str(r.get("task")) == task and r.get("setting") == setting and run.model_of(r) == model}
+            label = f"{model} {_label(task, setting)}" if model else _label(task, setting)
+            series[label] = [_get(recs.get(p), "cost", "examples_per_second") for p in precisions]
         series = {k: [v if _is_num(v) else None for v in vs] for k, vs in series.items()}
         return plots.throughput_by_precision(precisions, series)
 
@@ -659,14 +667,15 @@ def _plots(run: Run) -> dict | None:
 
     def latency():
         panels: dict[str, dict] = {}
-        for task, setting in run.task_settings():
+        for model, task, setting in run.cells():
             by_p = {}
             for p in precisions:
                 rec = next((r for r in ok_costs if str(r.get("task")) == task and r.get("setting") == setting
-                            and str(r.get("precision")) == p and _latency(r["cost"])[0]), None)
+                            and run.model_of(r) == model and str(r.get("precision")) == p
+                            and _latency(r["cost"])[0]), None)
                 if rec is not None:
                     by_p[p] = _latency(rec["cost"])[0]
-            panels[_label(task, setting)] = by_p
+            panels[f"{model} {_label(task, setting)}" if model else _label(task, setting)] = by_p
         return plots.latency_by_precision(panels)
 
     if ok_costs:

@@ -143,6 +143,7 @@ def make_fake_run(root: Path) -> tuple[Path, dict[str, Path]]:
 
 
 # -- a reproduce run (two models, the paper's tables), hand-made -------------------------------------------------
+HOSTILE_SOURCE = "clip<img src=x onerror=alert(3)>&co"
 CLIP_SKIP = "the clip family cannot score continuations <no LM>"
 # (model, setting) -> protocol -> R@1, R@5, R@10 (VIST); hand-chosen, distinct everywhere
 VIST_OURS = {("clip", s): {"paper": (5.0 + i, 20.0 + i, 30.0 + i), "corrected": (6.0 + i, 21.0 + i, 31.0 + i)}
@@ -186,7 +187,7 @@ def make_reproduce_document(data_root: Path) -> dict:
                         "chance": {"NDCG": 6.1, "MRR": 5.19, "R@1": 1.0, "R@5": 5.0, "R@10": 10.0}})
     records.append({"kind": "eval", "model": "clip", "task": "visdial_ranking", "setting": "val", "protocol": None,
                     "precision": "fp32", "status": "skipped", "reason": CLIP_SKIP})
-    models = {"clip": {"family": "clip", "label": "clip", "source": "clip-dir", "name": "CLIP"},
+    models = {"clip": {"family": "clip", "label": "clip", "source": HOSTILE_SOURCE, "name": "CLIP"},
               "fromage": {"family": "fromage", "label": "fromage", "source": "fromage-dir", "name": "FROMAGe"}}
     return {"created": "2026-12-01T00:00:00Z", "config": {"command": "reproduce", "data_root": str(data_root)},
             "environment": {}, "models": models, "records": records}
@@ -560,6 +561,7 @@ def test_report_leads_with_the_paper_tables_and_chance_on_other_data(reproduce_r
     assert clip[2:5] == ["skipped", "skipped", "\u2014"]  # the paper has no CLIP answer ranking either
     assert clip[-1] == f"skipped: {CLIP_SKIP}"                           # the reason, escaped
     assert html.escape(CLIP_SKIP) in text and "<no LM>" not in text
+    assert html.escape(HOSTILE_SOURCE, quote=False) in text and "<img src=x" not in text  # the summary's models
     # other data: no difference to the paper anywhere, chance in the long table instead
     tables_html = text.split('<section id="tables">')[1].split("</section>")[0]
     assert 'class="pos"' not in tables_html and 'class="neg"' not in tables_html
@@ -580,6 +582,9 @@ def test_long_table_is_folded_and_skips_are_per_model(reproduce_report):
     clip_ranking = [r for r in rows if r[:2] == ["clip", "visdial_ranking"]]
     assert clip_ranking and all(f"skipped: {CLIP_SKIP}" in r for r in clip_ranking)
     assert not any(r[:2] == ["fromage", "visdial_ranking"] and any(c.startswith("skipped") for c in r) for r in rows)
+    cost = _texts(parse(text), "cost-table")
+    assert ["fp32", "clip visdial_ranking:val"] in [r[:2] for r in cost]  # each model's cells have their own rows
+    assert ["fp32", "fromage visdial_ranking:val"] in [r[:2] for r in cost]
 
 
 def test_paper_tables_show_the_difference_on_the_paper_data(tmp_path):
