@@ -115,13 +115,19 @@ def _num(v: Any) -> float | None:
 
 
 def paper_numbers(family: str, task: str, setting: str) -> dict[str, float] | None:
-    """The paper's numbers for a family's row of a task and setting (under the paper protocol), if it has them."""
+    """The paper's numbers for a family's row of a task and setting (under the paper protocol), if it has them:
+    the task's own `paper_numbers` (issue 16 part A), else FROMAGe's `paper` and the CLIP/GILL baselines the task
+    modules list."""
     from tasks import REGISTRY
+
+    spec = REGISTRY[task]
+    if hasattr(spec, "paper_numbers"):
+        return spec.paper_numbers(setting, "paper", family)
+    if family == "fromage":
+        return spec.paper.get((setting, "paper"))
     from tasks.visdial import PAPER_RETRIEVAL_CLIP
     from tasks.vist import PAPER_BASELINES
 
-    if family == "fromage":
-        return REGISTRY[task].paper.get((setting, "paper"))
     baselines = {"vist_retrieval": PAPER_BASELINES.get(setting, {}),
                  "visdial_retrieval": {"CLIP ViT-L/14": PAPER_RETRIEVAL_CLIP}}.get(task, {})
     return baselines.get(PAPER_ROW_NAMES.get(family, ""))
@@ -389,14 +395,39 @@ def eval_config(config: ReproduceConfig, model: ModelSpec):
                               "protocols": PROTOCOLS, "precisions": [config.precision] if config.precision else [],
                               "device": config.device, "limit": config.limit, "batch_size": config.batch_size,
                               "cache_dir": config.cache_dir, "progress": config.progress}
-    source = Path(model.source)
-    if source.is_dir():
-        values["model_dir"] = source
-    elif model.family == "clip" and "clip" in EvalConfig.__dataclass_fields__:
-        values["clip"] = model.source  # a hub id in the local cache (issue 16 part A's eval flag)
+    fields = EvalConfig.__dataclass_fields__
+    if "label" in fields:  # issue 16 part A: the results' model label
+        values["label"] = model.label
+    check_source(model)
+    if model.family == "clip" and "clip" in fields:
+        values["clip"] = model.source  # a CLIP directory or a hub id in the local cache (eval --clip)
     else:
-        raise FromageInputError(source, f"not a directory (--{model.label} needs a {model.family} model directory)")
+        values["model_dir"] = Path(model.source)
     return EvalConfig(**values)
+
+
+def check_source(model: ModelSpec) -> None:
+    """Bad input before any model runs: a source that is not there, or a directory of another family than its
+    flag's (the family detection of issue 16 part A, where this build has it)."""
+    flag = f"--{model.label}"
+    if model.family == "clip":
+        try:
+            from model.clip_baseline import resolve_clip_source
+        except ImportError:  # a build without the CLIP family: only a directory can be checked
+            resolve_clip_source = None
+        if resolve_clip_source is not None:
+            resolve_clip_source(model.source)
+            return
+    source = Path(model.source)
+    if not source.is_dir():
+        raise FromageInputError(source, f"not a directory ({flag} needs a {model.family} model directory)")
+    try:
+        from model.loading import detect_family
+    except ImportError:
+        return
+    found = detect_family(source)
+    if found != model.family:
+        raise FromageInputError(source, f"a {found} model directory, but {flag} takes a {model.family} one")
 
 
 def finished(eval_cfg) -> bool:
