@@ -123,8 +123,10 @@ def _fake_runner(document: dict, calls: list):
 def test_finished_models_are_not_rerun(tmp_path):
     data = write_miniworld_root(tmp_path / "data")
     document = make_reproduce_document(data)
-    for label in ("clip", "fromage"):
-        (tmp_path / label).mkdir()
+    (tmp_path / "clip").mkdir()  # what family detection looks at: a CLIP config, a FROMAGe model_args.json
+    (tmp_path / "clip" / "config.json").write_text('{"model_type": "clip"}')
+    (tmp_path / "fromage").mkdir()
+    (tmp_path / "fromage" / "model_args.json").write_text("{}")
     models = [reproduce.ModelSpec("clip", "clip", str(tmp_path / "clip"), "CLIP"),
               reproduce.ModelSpec("fromage", "fromage", str(tmp_path / "fromage"), "FROMAGe")]
     config = reproduce.ReproduceConfig(out=tmp_path / "out", data_root=data, models=models, device="cpu")
@@ -146,23 +148,26 @@ def test_finished_models_are_not_rerun(tmp_path):
     assert calls == ["clip", "fromage"]  # another precision: another measurement
 
 
-def test_a_model_that_is_not_there_is_one_error_line(tmp_path, capsys):
+def test_a_model_that_is_not_there_is_one_error_line_before_anything_runs(tmp_path, tiny_dir, capsys):
     out = tmp_path / "out"
-    code = main(["reproduce", "--data-root", str(tmp_path), "--fromage", str(tmp_path / "no-such-model"),
-                 "--out", str(out)])
+    out.mkdir()
+    (out / "tables.md").write_text("the tables of an earlier request")
+    code = main(["reproduce", "--data-root", str(tmp_path), "--fromage", str(tiny_dir),
+                 "--fromage-vis4", str(tmp_path / "no-such-model"), "--out", str(out)])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(tmp_path / "no-such-model") in err[0] and "not a directory" in err[0]
-    assert not (out / "tables.md").exists() and not (out / "results.json").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["tables.md"]  # nothing ran: nothing written or removed
+    assert (out / "tables.md").read_text() == "the tables of an earlier request"
 
 
 def test_a_model_that_cannot_load_leaves_no_tables(tmp_path, tiny_dir, capsys):
     data = tmp_path / "data"
     write_vist(data, n=5, seed=1)
     write_visdial(data, n=2, seed=1, n_rounds=1)
-    broken = tmp_path / "broken"
+    broken = tmp_path / "broken"  # a release directory whose checkpoint is missing: found out at load time
     broken.mkdir()
-    (broken / "model_args.json").write_text("{not json")
+    (broken / "model_args.json").write_bytes((Path(tiny_dir) / "model_args.json").read_bytes())
     out = tmp_path / "out"
     (out).mkdir()
     (out / "tables.md").write_text("tables of an earlier request")
