@@ -8,6 +8,8 @@ opened from disk with no server.
 2. Every <img> decodes in the browser and the injected caption did not execute: a copy of the report with its
    CSP meta removed (so escaping alone must keep the payload inert) is loaded, and the page's state is read.
 3. The rendering is not blank: a screenshot at 1280 wide, checked with PIL.
+4. A reproduce run's report (two models) leads with the paper's tables, and its long per-metric table is folded
+   (not rendered) until its summary is clicked.
 
 Without chromium, chromedriver or selenium the tests are skipped, except under CI (the `CI` environment
 variable), where they fail.
