@@ -415,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .data_cli import add_data_parser
     from .demo import add_demo_parser
+    from .reproduce import add_reproduce_parser
     from .retrieval_build import add_build_retrieval_parser
     from .train_cli import add_train_parser
 
@@ -422,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(sub)
     add_build_retrieval_parser(sub)
     add_demo_parser(sub)
+    add_reproduce_parser(sub)  # issue 16: the paper's tables
 
     p = sub.add_parser("embedded", help="the offline default benchmark: miniworld data, stand-in backbones, "
                                         "a trained FROMAGe, every task at every precision (stages cached)")

@@ -282,6 +282,7 @@ def _record(result: TaskResult, precision: str, cost: dict, staging: Path) -> di
     n = result.n_examples
     return {"kind": "eval", "task": result.task, "setting": result.setting, "protocol": result.protocol,
             "precision": precision, "status": "ok", "metrics": result.metrics, "paper": result.paper,
+            "chance": result.chance,
             "n_examples": n, "n_skipped": result.skipped.total, "skipped": result.skipped.counts,
             "skipped_examples": result.skipped.examples, "extra": result.extra, "cost": cost,
             "predictions_file": f"predictions/{name}"}

@@ -28,7 +28,7 @@ THUMB_PX = 96
 MAX_EXAMPLES = 5
 TOP_SHOWN = 5
 HEADLINE_METRICS = ("R@1", "NDCG", "MRR", "BLEU-4", "BLEU4", "CIDEr", "R@5", "R@10", "accuracy")
-HEADLINE_BY_TASK = (("visdial", ("NDCG", "MRR")), ("caption", ("BLEU-4", "BLEU4", "CIDEr")))
+HEADLINE_BY_TASK = (("visdial_ranking", ("NDCG", "MRR")), ("caption", ("BLEU-4", "BLEU4", "CIDEr")))
 TOP_KEYS = ("top", "topk", "top_k", "top5", "top10", "topk_preds", "top_ids", "retrieved", "predictions")
 TARGET_KEYS = ("target", "target_id", "gt", "gt_id", "gt_image", "answer_image")
 RANK_KEYS = ("rank", "gt_rank", "target_rank")
@@ -142,6 +142,20 @@ class Run:
         self.precisions = sorted({str(r.get("precision")) for r in records if r.get("precision") is not None},
                                  key=precision_key)
         self.ok_precisions = sorted({str(r.get("precision")) for r in self.ok_evals}, key=precision_key)
+        from fromage_bench.reproduce import models_of, paper_data
+
+        self.models = models_of(document)          # one model (eval) or several (reproduce)
+        self.paper_data = paper_data(document)      # (the data is the paper's, why)
+        self.several_models = len(self.models) > 1
+
+    def model_of(self, record: dict) -> str | None:
+        """The record's model label where the run has several models (reproduce), else None."""
+        return str(record.get("model")) if self.several_models and record.get("model") is not None else None
+
+    def where(self, record: dict, *parts: Any) -> str:
+        """A task label (`_label` of parts), led by the record's model where the run has several."""
+        model = self.model_of(record)
+        return f"{model} {_label(*parts)}" if model else _label(*parts)
 
     def task_settings(self) -> list[tuple[str, Any]]:
         seen: dict[tuple[str, Any], None] = {}
@@ -149,10 +163,21 @@ class Run:
             seen.setdefault((str(r.get("task")), r.get("setting")), None)
         return list(seen)
 
-    def skipped_for(self, task: str, setting: Any, protocol: Any, precision: str) -> dict | None:
-        """A skipped record covering this cell: same key, or the same task(/setting) with no protocol."""
+    def cells(self) -> list[tuple[str | None, str, Any]]:
+        """(model where the run has several, task, setting) of every eval record, in order."""
+        seen: dict[tuple, None] = {}
+        for r in self.evals:
+            seen.setdefault((self.model_of(r), str(r.get("task")), r.get("setting")), None)
+        return list(seen)
+
+    def skipped_for(self, task: str, setting: Any, protocol: Any, precision: str,
+                    model: str | None = None) -> dict | None:
+        """A skipped record covering this cell: same key, or the same task(/setting) with no protocol (of `model`
+        where the run has several)."""
         for r in self.evals:
             if r.get("status", "ok") == "ok" or str(r.get("task")) != task or str(r.get("precision")) != precision:
+                continue
+            if self.model_of(r) != model:
                 continue
             if r.get("setting") not in (setting, None):
                 continue
@@ -259,8 +284,12 @@ def _summary(run: Run) -> dict:
     commit = code.get("commit")
     if commit and code.get("dirty"):
         commit = f"{commit} (dirty)"
+    if run.several_models or run.doc.get("model"):
+        model = "; ".join(f"{label}: {m.get('family')} ({m.get('source')})" for label, m in run.models.items())
     items = [
-        ("model", model), ("device", f"{device} \u2014 {hardware}" if hardware else device),
+        ("model" if len(run.models) == 1 else "models", model),
+        ("data", ("the paper's" if run.paper_data[0] else "not the paper's") + f" ({run.paper_data[1]})"),
+        ("device", f"{device} \u2014 {hardware}" if hardware else device),
         ("precisions", ", ".join(precisions) or None),
         ("tasks", ", ".join(_label(t, s) for t, s in run.task_settings()) or None),
         ("records", f"{len(run.records)} ({len(run.evals)} eval, {len(run.profiles)} profile)"),
@@ -270,27 +299,45 @@ def _summary(run: Run) -> dict:
     return _section("summary", "Summary", {"kind": "kv", "pairs": items})
 
 
+def _value_pieces(rec: dict, metric: str) -> list:
+    """A metric's value, with `± stderr` where the record has a bootstrap standard error for it."""
+    value = (rec.get("metrics") or {}).get(metric)
+    stderr = _get(rec, "uncertainty", "stderr", metric)
+    pieces: list = [_text(fmt_num(value))]
+    if _is_num(stderr):
+        ci = _get(rec, "uncertainty", "ci95", metric)
+        title = f"bootstrap standard error ({_get(rec, 'uncertainty', 'resamples')} resamples)" + (
+            f"; 95% interval {fmt_num(ci[0])} to {fmt_num(ci[1])}" if isinstance(ci, list) and len(ci) == 2
+            and all(_is_num(x) for x in ci) else "")
+        pieces.append(_span(f" \u00b1 {fmt_num(stderr)}", "stderr", title=title))
+    return pieces
+
+
 def _accuracy(run: Run) -> dict:
+    """Every metric of every cell, folded: on the paper's data with its difference to the paper, on other data
+    with the metric's chance level instead (a difference to the paper would mean nothing there)."""
     if not run.evals:
         return _section("accuracy", "Accuracy", _note("No evaluation records in this run."))
+    paper_data = run.paper_data[0]
     precisions = sorted({str(r.get("precision")) for r in run.evals}, key=precision_key)
     reference = run.ok_precisions[0] if run.ok_precisions else None
-    # Row groups: (task, setting, protocol) of every ok record, in order; task/settings with none ok get one row.
+    # Row groups: (model, task, setting, protocol) of every ok record, in order; cells with none ok get one row.
     keys: dict[tuple, None] = {}
     for r in run.ok_evals:
-        keys.setdefault((str(r.get("task")), r.get("setting"), r.get("protocol")), None)
-    for task, setting in run.task_settings():
-        if not any(k[0] == task and k[1] == setting for k in keys):
-            keys.setdefault((task, setting, None), None)
-    by_cell = {(str(r.get("task")), r.get("setting"), r.get("protocol"), str(r.get("precision"))): r
+        keys.setdefault((run.model_of(r), str(r.get("task")), r.get("setting"), r.get("protocol")), None)
+    for r in run.evals:
+        model, task, setting = run.model_of(r), str(r.get("task")), r.get("setting")
+        if not any(k[:3] == (model, task, setting) for k in keys):
+            keys.setdefault((model, task, setting, None), None)
+    by_cell = {(run.model_of(r), str(r.get("task")), r.get("setting"), r.get("protocol"), str(r.get("precision"))): r
                for r in run.ok_evals}
-
-    head = [[_cell(h, rowspan=2) for h in ("Task", "Setting", "Protocol", "Metric", "Paper")]
-            + [_cell(p, colspan=3, precision=p) for p in precisions],
-            [_cell(h) for _ in precisions for h in ("ours", "\u0394 paper", "drift")]]
+    second = "\u0394 paper" if paper_data else "chance"
+    lead = (["Model"] if run.several_models else []) + ["Task", "Setting", "Protocol", "Metric", "Paper"]
+    head = [[_cell(h, rowspan=2) for h in lead] + [_cell(p, colspan=3, precision=p) for p in precisions],
+            [_cell(h) for _ in precisions for h in ("ours", second, "drift")]]
     rows = []
-    for task, setting, protocol in keys:
-        cells = {p: by_cell.get((task, setting, protocol, p)) for p in precisions}
+    for model, task, setting, protocol in keys:
+        cells = {p: by_cell.get((model, task, setting, protocol, p)) for p in precisions}
         paper = next((c.get("paper") for c in cells.values() if c and isinstance(c.get("paper"), dict)), None) or {}
         metrics: dict[str, None] = {}
         for c in cells.values():
@@ -301,18 +348,18 @@ def _accuracy(run: Run) -> dict:
             metrics.setdefault(str(m), None)
         base = cells.get(reference) if reference else None
         for i, metric in enumerate(metrics or [None]):
-            tds = [_cell(task), _cell(setting), _cell(protocol), _cell(metric),
-                   _cell(fmt_num(paper.get(metric)) if metric in paper else DASH, cls="num paper")]
+            tds = ([_cell(model)] if run.several_models else []) + [
+                _cell(task), _cell(setting), _cell(protocol), _cell(metric),
+                _cell(fmt_num(paper.get(metric)) if metric in paper else DASH, cls="num paper")]
             for p in precisions:
                 rec = cells[p]
                 if rec is None:
-                    skipped = run.skipped_for(task, setting, protocol, p)
+                    skipped = run.skipped_for(task, setting, protocol, p, model)
                     reason = skipped.get("reason") if skipped else None
                     text = f"skipped: {reason}" if skipped else "not run"
                     tds.append(_cell(text, colspan=3, cls="skipped", precision=p))
                     continue
                 value = (rec.get("metrics") or {}).get(metric) if metric is not None else None
-                delta = value - paper[metric] if _is_num(value) and _is_num(paper.get(metric)) else None
                 if p == reference:
                     drift_piece = _span("ref", "ref")
                 else:
@@ -322,14 +369,85 @@ def _accuracy(run: Run) -> dict:
                         drift = value - ref_value if _is_num(value) and _is_num(ref_value) else None
                     drift_piece = _span(fmt_signed(drift), _sign_class(drift))
                 title = f"n={rec.get('n_examples')}, skipped examples={rec.get('n_skipped', 0)}"
-                tds += [_cell(fmt_num(value) if metric is not None else DASH, cls="num value", precision=p,
-                              title=title),
-                        _cell(fmt_signed(delta), cls=f"num delta {_sign_class(delta)}", precision=p),
-                        _cell(drift_piece, cls="num drift", precision=p)]
+                tds.append(_cell(*(_value_pieces(rec, metric) if metric is not None else [DASH]), cls="num value",
+                                 precision=p, title=title))
+                if paper_data:
+                    delta = value - paper[metric] if _is_num(value) and _is_num(paper.get(metric)) else None
+                    tds.append(_cell(fmt_signed(delta), cls=f"num delta {_sign_class(delta)}", precision=p))
+                else:
+                    level = _get(rec, "chance", metric) if metric is not None else None
+                    tds.append(_cell(fmt_num(level) if _is_num(level) else DASH, cls="num chance", precision=p,
+                                     title="a random ranking of the same candidates"))
+                tds.append(_cell(drift_piece, cls="num drift", precision=p))
             rows.append(_row(tds, "group-start" if i == 0 else None))
-    note = (_muted(f"\u0394 paper = ours \u2212 paper. Drift = this precision \u2212 {reference} (the highest "
-                   "precision that ran).") if reference else None)
-    return _section("accuracy", "Accuracy", _table([], rows, "accuracy-table", head), note)
+    compared = ("\u0394 paper = ours \u2212 paper." if paper_data else
+                f"Data not the paper's ({run.paper_data[1]}): chance = the metric for a random ranking of the same "
+                "candidates, in place of a difference to the paper.")
+    note = (_muted(f"{compared} Drift = this precision \u2212 {reference} (the highest precision that ran). "
+                   "\u00b1: bootstrap standard error.") if reference else None)
+    table = _table([], rows, "accuracy-table", head)
+    return _section("accuracy", "Every metric", _folded(f"every metric of every cell ({len(rows)} rows)", table, note),
+                    nav="Every metric")
+
+
+def _folded(summary: str, *blocks: dict | None) -> dict:
+    """Blocks inside a closed <details> with its summary line."""
+    return {"kind": "details", "summary": summary, "blocks": [b for b in blocks if b]}
+
+
+# -- the paper's tables ----------------------------------------------------------------------------------------
+
+def _paper_tables(run: Run) -> dict | None:
+    """The report's first section: Tables 1 and 2 in the paper's layout (`fromage_bench.reproduce.paper_tables`,
+    the rows tables.md has), ours under each protocol beside the paper's; the difference to the paper under the
+    paper protocol on the paper's data, chance rows (and no difference) on other data."""
+    from fromage_bench.reproduce import COLUMN_HEADS, COLUMNS, LEGEND, data_sentence, paper_tables
+
+    tables = paper_tables(run.doc)
+    if not tables:
+        return None
+    paper_data = run.paper_data[0]
+    blocks: list[dict] = [_note(data_sentence(run.paper_data))]
+    for table in tables:
+        metrics = table.spec.metrics
+        head = [[_cell("Model", rowspan=2), _cell("Setting", rowspan=2)] + [_cell(m, colspan=len(COLUMNS))
+                                                                          for m in metrics]
+                + [_cell("Note", rowspan=2)],
+                [_cell(COLUMN_HEADS[c]) for _ in metrics for c in COLUMNS]]
+        rows, last_setting = [], None
+        for row in table.rows:
+            tds = [_cell(row.model, title=f"{row.label} at {row.precision}" if row.label else None), _cell(row.setting)]
+            for metric in metrics:
+                for column in COLUMNS:
+                    tds.append(_table_cell(row.cells[(metric, column)], column,
+                                           row.cells[(metric, "reported")].value if paper_data else None))
+            skips = sorted({c.skipped for c in row.cells.values() if c.skipped is not None})
+            tds.append(_cell(row.note or "; ".join(f"skipped: {r}" for r in skips) or None, cls="muted"))
+            cls = " ".join(c for c in ("group-start" if row.setting != last_setting else "",
+                                        "chance" if row.kind == "chance" else "") if c) or None
+            rows.append(_row(tds, cls))
+            last_setting = row.setting
+        blocks += [{"kind": "h3", "text": table.spec.title, "where": None},
+                   _table([], rows, f"paper-{table.spec.key}", head)]
+    blocks.append(_muted(LEGEND + ". Numbers in percent; \u00b1 one bootstrap standard error where the run has one"
+                         + ("; under (p), the difference to the paper." if paper_data else ".")))
+    return _section("tables", "The paper's tables", *blocks, nav="Paper tables")
+
+
+def _table_cell(cell, column: str, paper_value: float | None) -> dict:
+    """One cell of a paper table: ours (± stderr), skipped with its reason, or the paper's number; on the paper's
+    data the paper-protocol cell also shows its difference to the paper."""
+    if cell.skipped is not None:
+        return _cell("skipped", cls="skipped", title=cell.skipped)
+    if column == "reported":
+        return _cell(fmt_num(cell.value) if cell.value is not None else DASH, cls="num paper")
+    pieces: list = [fmt_num(cell.value) if cell.value is not None else DASH]
+    if cell.stderr is not None:
+        pieces.append(_span(f" \u00b1 {fmt_num(cell.stderr)}", "stderr", title="bootstrap standard error"))
+    if column == "paper" and paper_value is not None and cell.value is not None:
+        delta = cell.value - paper_value
+        pieces += [BR, _span(fmt_signed(delta), _sign_class(delta), title="ours \u2212 paper")]
+    return _cell(*pieces, cls="num value")
 
 
 MEMORY_COLUMNS = (("cuda_max_allocated_bytes", "CUDA alloc"), ("cuda_max_reserved_bytes", "CUDA reserved"),
@@ -375,15 +493,15 @@ def _cost_rows(run: Run) -> list[dict]:
     """One row per task x setting x precision (the protocols of one run share their cost)."""
     seen: dict[tuple, dict] = {}
     for r in run.evals:
-        key = (str(r.get("task")), r.get("setting"), str(r.get("precision")))
+        key = (str(r.get("task")), r.get("setting"), str(r.get("precision")), run.model_of(r))
         if r.get("status", "ok") != "ok":
-            if not any(k[0] == key[0] and k[2] == key[2] for k in seen):
+            if not any(k[0] == key[0] and k[2:] == key[2:] for k in seen):
                 seen.setdefault(key, r)
             continue
         if key not in seen or seen[key].get("status", "ok") != "ok":
             seen[key] = r
-    return sorted(seen.values(), key=lambda r: (precision_key(r.get("precision")), str(r.get("task")),
-                                                str(r.get("setting"))))
+    return sorted(seen.values(), key=lambda r: (precision_key(r.get("precision")), str(run.model_of(r) or ""),
+                                                str(r.get("task")), str(r.get("setting"))))
 
 
 def _cost(run: Run) -> dict | None:
@@ -400,7 +518,7 @@ def _cost(run: Run) -> dict | None:
         p = str(r.get("precision"))
         cls = "group-start" if p != last_precision else None
         last_precision = p
-        label = _label(r.get("task"), r.get("setting"))
+        label = run.where(r, r.get("task"), r.get("setting"))
         if r.get("status", "ok") != "ok":
             rows.append(_row([_cell(p), _cell(label),
                               _cell("skipped: " + str(r.get("reason")), colspan=len(headers) - 2, cls="skipped")], cls))
@@ -523,37 +641,41 @@ def _plots(run: Run) -> dict | None:
 
     def throughput():
         series: dict[str, list] = {}
-        for task, setting in run.task_settings():
+        for model, task, setting in run.cells():
             recs = {str(r.get("precision")): r for r in ok_costs
-                    if str(r.get("task")) == task and r.get("setting") == setting}
-            series[_label(task, setting)] = [_get(recs.get(p), "cost", "examples_per_second") for p in precisions]
+                    if str(r.get("task")) == task and r.get("setting") == setting and run.model_of(r) == model}
+            label = f"{model} {_label(task, setting)}" if model else _label(task, setting)
+            series[label] = [_get(recs.get(p), "cost", "examples_per_second") for p in precisions]
         series = {k: [v if _is_num(v) else None for v in vs] for k, vs in series.items()}
         return plots.throughput_by_precision(precisions, series)
 
     def accuracy_memory():
-        points: dict[str, list] = {}
+        panels: dict[str, dict[str, list]] = {}
         names: dict[str, str] = {}
         for r in ok_costs:
             metrics = r.get("metrics") if isinstance(r.get("metrics"), dict) else {}
-            label = _label(r.get("task"), r.get("setting"), r.get("protocol"))
-            metric = names.get(label) or headline_metric(metrics, str(r.get("task")))
+            task = str(r.get("task"))
+            metric = names.get(task) or headline_metric(metrics, task)
             peak = _peak_memory(_get(r, "cost", "memory"))
             if metric is None or peak is None or not _is_num(metrics.get(metric)):
                 continue
-            names[label] = metric
-            points.setdefault(label, []).append((str(r.get("precision")), peak[1], float(metrics[metric])))
-        return plots.accuracy_vs_memory(points, names)
+            names[task] = metric
+            series = " ".join(str(x) for x in (run.model_of(r), r.get("setting"), r.get("protocol")) if x)
+            panels.setdefault(task, {}).setdefault(series or task, []).append(
+                (str(r.get("precision")), peak[1], float(metrics[metric])))
+        return plots.accuracy_vs_memory(panels, names)
 
     def latency():
         panels: dict[str, dict] = {}
-        for task, setting in run.task_settings():
+        for model, task, setting in run.cells():
             by_p = {}
             for p in precisions:
                 rec = next((r for r in ok_costs if str(r.get("task")) == task and r.get("setting") == setting
-                            and str(r.get("precision")) == p and _latency(r["cost"])[0]), None)
+                            and run.model_of(r) == model and str(r.get("precision")) == p
+                            and _latency(r["cost"])[0]), None)
                 if rec is not None:
                     by_p[p] = _latency(rec["cost"])[0]
-            panels[_label(task, setting)] = by_p
+            panels[f"{model} {_label(task, setting)}" if model else _label(task, setting)] = by_p
         return plots.latency_by_precision(panels)
 
     if ok_costs:
@@ -859,7 +981,7 @@ def render_report(document: dict, run_dir: Path, image_roots: dict[str, Path] | 
                   benchmarks: dict | None = None) -> str:
     run = Run(document, Path(run_dir))
     thumbs = Thumbnails(image_roots)
-    sections = [_summary(run), _accuracy(run), _cost(run), _profile(run), _speedups(benchmarks), _plots(run),
+    sections = [_paper_tables(run), _summary(run), _accuracy(run), _cost(run), _profile(run), _speedups(benchmarks), _plots(run),
                 _qualitative(run, thumbs), _skipped_data(run), _environment(run)]
     return _environment_for_templates().get_template("report.html.j2").render(
         title=f"fromage-bench report \u2014 {run.run_dir.name}", csp=CSP, sections=[s for s in sections if s])

@@ -70,25 +70,47 @@ def throughput_by_precision(precisions: Sequence[str], series: dict[str, Sequenc
     return _to_data_uri(fig)
 
 
-def accuracy_vs_memory(points: dict[str, list[tuple[str, float, float]]], metric_names: dict[str, str]) -> str | None:
-    """points: task label -> [(precision, memory bytes, headline metric value)]; one line per task."""
-    points = {k: v for k, v in points.items() if v}
-    if not points:
+PRECISION_MARKERS = {"fp32": "o", "bf16": "s", "fp16": "^", "int8": "D"}
+
+
+def accuracy_vs_memory(panels: dict[str, dict[str, list[tuple[str, float, float]]]],
+                       metric_names: dict[str, str]) -> str | None:
+    """panels: task -> series label (setting, protocol, model) -> [(precision, memory bytes, metric value)]; one
+    panel per task, its headline metric (`metric_names[task]`) against peak memory. Nothing is written next to a
+    point (labels would overlap where precisions cost the same memory): the marker says the precision, the colour
+    the series, and the legends below the panels say which is which."""
+    panels = {task: {k: v for k, v in series.items() if v} for task, series in panels.items()}
+    panels = {task: series for task, series in panels.items() if series}
+    if not panels:
         return None
-    fig = _figure()
-    ax = fig.add_subplot()
-    for i, (label, pts) in enumerate(points.items()):
-        pts = sorted(pts, key=lambda p: p[1])
-        xs = [p[1] / GIB for p in pts]
-        ys = [p[2] for p in pts]
-        ax.plot(xs, ys, marker="o", color=PALETTE[i % len(PALETTE)], label=f"{label} ({metric_names.get(label, '')})")
-        for precision, x, y in zip((p[0] for p in pts), xs, ys):
-            ax.annotate(precision, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("peak memory (GiB)")
-    ax.set_ylabel("headline metric")
-    ax.set_title("Accuracy vs memory, one point per precision")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    from matplotlib.lines import Line2D
+
+    cols = min(2, len(panels))
+    rows = (len(panels) + cols - 1) // cols
+    longest = max(len(series) for series in panels.values())
+    fig = _figure(width=5.2 * cols, height=rows * (3.0 + 0.16 * ((longest + 1) // 2)) + 0.4)
+    used: dict[str, None] = {}
+    for i, (task, series) in enumerate(panels.items()):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for j, (label, pts) in enumerate(series.items()):
+            pts = sorted(pts, key=lambda p: p[1])
+            colour = PALETTE[j % len(PALETTE)]
+            ax.plot([p[1] / GIB for p in pts], [p[2] for p in pts], color=colour, alpha=0.6, label=label)
+            for precision, x, y in pts:
+                used.setdefault(precision, None)
+                ax.plot([x / GIB], [y], linestyle="none", marker=PRECISION_MARKERS.get(precision, "x"),
+                        color=colour, markersize=6)
+        ax.set_title(f"{task} ({metric_names.get(task, 'headline metric')})", fontsize=9)
+        ax.set_xlabel("peak memory (GiB)", fontsize=8)
+        ax.set_ylabel(metric_names.get(task, "headline metric"), fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6.5, ncols=2, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
+    markers = [Line2D([], [], linestyle="none", marker=PRECISION_MARKERS.get(p, "x"), color="#555555", label=p)
+               for p in used]
+    # the figure's caption names the plot: a title here would sit on top of this legend
+    fig.legend(handles=markers, loc="outside upper center", ncols=len(markers) + 1, fontsize=8, frameon=False,
+               title="one point per precision (marker):", title_fontsize=8, alignment="center")
     return _to_data_uri(fig)
 
 

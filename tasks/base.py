@@ -47,6 +47,7 @@ class TaskResult:
     extra: dict[str, Any] = field(default_factory=dict)
     status: str = "ok"            # "skipped": the model's family cannot do this cell (`reason` says why)
     reason: str | None = None
+    chance: dict[str, float] = field(default_factory=dict)  # metric -> its level for a random ranking (tasks.chance)
 
 
 @dataclass
@@ -192,10 +193,11 @@ class Task:
                           paper=self.paper_numbers(setting, protocol, family), extra=extra, **fields)
 
     def results(self, setting: str, protocols: tuple[str, ...], *, metrics: dict, n_examples: int, skipped: Skipped,
-                predictions: list, extra: dict, family: str = "fromage") -> list[TaskResult]:
+                predictions: list, extra: dict, family: str = "fromage", chance: dict | None = None
+                ) -> list[TaskResult]:
         """One result per protocol, for tasks whose protocols share one computation."""
         return [self.result(setting, protocol, family, metrics=dict(metrics), n_examples=n_examples, skipped=skipped,
-                            predictions=predictions, extra=dict(extra))
+                            predictions=predictions, extra=dict(extra), chance=dict(chance or {}))
                 for protocol in protocols]
 
 

@@ -32,6 +32,7 @@ from model.images import CROP
 from .base import RunContext, Skipped, Task, TaskResult, register
 from .cache import load_features
 from .caption_data import FILES, SETTINGS, CaptionedImage, load_setting
+from .chance import best_of_mean_rank_chance, best_of_recall_chance, rank_chance
 from .metrics import mean_rank, median_rank, ranks_from_scores, recall_at_k
 
 ORIGINAL_MAX_LEN = 24   # main.py --max-len default: captions (with BOS and [RET]) are cut to this many tokens
@@ -177,7 +178,8 @@ def run(ctx: RunContext, setting: str, protocols: tuple[str, ...] = ("standard",
                             "best_own_caption": int(i2t_best[i]), "top": i2t_top[i].tolist()})
     extra = {"n_images": len(items), "n_captions": len(captions), "query_prefix": prefix, **query_extra}
     return TASK.results(setting, protocols, metrics=metrics, n_examples=len(items), skipped=skipped,
-                        predictions=predictions, extra=extra, family=family_of(model))
+                        predictions=predictions, extra=extra, family=family_of(model),
+                        chance=retrieval_chance(items))
 
 
 def text_queries(model, captions: list[str]) -> tuple[list, str | None, dict]:
@@ -193,6 +195,17 @@ def text_queries(model, captions: list[str]) -> tuple[list, str | None, dict]:
     queries = [retrieval_query_ids(model.tokenizer, c, model.retrieval_token_id, prefix, ret_token=token)
                for c in captions]
     return queries, prefix, {"query_max_len": ORIGINAL_MAX_LEN}
+
+
+def retrieval_chance(items: Sequence[CaptionedImage]) -> dict[str, float]:
+    """`summarise`'s metrics for random scores: t2i ranks one image among all; i2t takes the best of an image's own
+    captions among all captions (no median: its distribution differs per image when the caption counts do)."""
+    n_captions = sum(len(item.captions) for item in items)
+    chance = rank_chance([len(items)] * n_captions, (1, 5, 10), prefix="t2i_", mrr=False, median=True)
+    pools = [(n_captions, len(item.captions)) for item in items]
+    chance.update({f"i2t_R@{k}": best_of_recall_chance(pools, k) for k in (1, 5, 10)})
+    chance["i2t_mean_rank"] = best_of_mean_rank_chance(pools)
+    return chance
 
 
 TASK = register(Task(

@@ -46,6 +46,7 @@ from model.scoring import EncodedContext
 
 from .base import RunContext, Skipped, Task, TaskResult, limited, register
 from .cache import load_features_per_preprocess
+from .chance import ndcg_chance, rank_chance
 from .metrics import ranks_from_scores, recall_at_k, mean_rank, mean_reciprocal_rank, median_rank, visdial_ndcg
 
 DIALOGS_FILE = "visdial/visdial_1.0_val.json"
@@ -378,6 +379,7 @@ def run_retrieval(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> 
         results.append(RETRIEVAL.result(
             setting, protocol, family_of(model), metrics=metrics, n_examples=len(kept),
             skipped=copy.deepcopy(skipped), predictions=predictions,
+            chance=rank_chance([len(kept)] * len(kept), (1, 5, 10), median=True),
             extra={"direction": direction, "pool_size": len(kept),
                    "scores": ("raw retrieval image embeddings @ normalised [RET] embeddings, ranked per image"
                               if protocol == "paper" else "cosine similarity, images ranked per dialogue"),
@@ -447,7 +449,7 @@ def run_ranking(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> li
                                     "top5": best, "answer": rnd.answer, "predicted": rnd.options[best[0]]})
         results.append(RANKING.result(
             setting, protocol, family_of(model), metrics=metrics, n_examples=len(gt), skipped=copy.deepcopy(skipped),
-            predictions=predictions,
+            predictions=predictions, chance=ranking_chance(scores[protocol], annotations, targets),
             extra={"dialogues": len(kept), "ndcg_rounds": n_dense, "scoring": SCORING[protocol].description,
                    "dense_index": ("flat round i*10 + round_id (the original's off-by-one)" if protocol == "paper"
                                    else "round round_id - 1 of dialogue i"),
@@ -458,6 +460,15 @@ def run_ranking(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> li
 # Families whose paper does not report the answer ranking (their records have no `paper`): say so in `extra`.
 RANKING_NOT_IN_PAPER = {"gill": {"paper_note": "not in GILL's paper: GILL reports no VisDial answer ranking; its LM "
                                                "scores the options as FROMAGe's does (model/gill.py)"}}
+
+
+def ranking_chance(scores: dict[tuple[int, int], torch.Tensor], annotations: Sequence[DenseAnnotation],
+                   targets: Sequence[tuple[int, int] | None]) -> dict[str, float]:
+    """The chance levels of `ranking_metrics`: the N_OPTIONS options of each scored round in a uniform random order,
+    NDCG over the same dense annotations as the metric (those whose target round was scored)."""
+    chance = rank_chance([N_OPTIONS] * len(scores), (1, 5, 10, 20))
+    chance["NDCG"] = ndcg_chance(a.relevance for a, t in zip(annotations, targets) if t is not None and t in scores)
+    return chance
 
 
 def round_contexts(model, visuals: dict[str, torch.Tensor], dialogue: Dialogue, round_index: int,

@@ -51,6 +51,7 @@ from model.images import CROP, SQUASH
 
 from .base import RunContext, Skipped, Task, TaskResult, register
 from .cache import load_features_per_preprocess
+from .chance import rank_chance
 from .metrics import mean_rank, mean_reciprocal_rank, ranks_from_scores, recall_at_k
 
 RET_TOKEN = "[RET]"
@@ -253,6 +254,13 @@ def read_pool(model, stories: Sequence[Story], listed: Sequence[str], image_dir:
     return [pid for pid in candidates if pid not in failed], features, failed
 
 
+def unmasked_pool_sizes(queries: Sequence[Story], pool: Sequence[str]) -> list[int]:
+    """Per query, the candidates a random scorer could rank the target among: the pool less the story's masked
+    context photos (which always rank last). The chance levels come from these."""
+    in_pool = set(pool)
+    return [len(pool) - len({pid for pid in story.context if pid in in_pool} - {story.target}) for story in queries]
+
+
 # -- the task ---------------------------------------------------------------------------------------------
 def run(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> list[TaskResult]:
     if setting not in SETTINGS:
@@ -324,13 +332,14 @@ def run(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> list[TaskR
                             "top10": [pool[i] for i in top], "context": list(story.context),
                             "captions": list(story.captions)})
 
+    chance = rank_chance(unmasked_pool_sizes(queries, pool), KS)
     results = []
     for protocol in protocols:
         all_ranks = torch.cat(ranks[protocol]) if ranks[protocol] else torch.zeros(0, dtype=torch.long)
         metrics = story_metrics(all_ranks) if all_ranks.numel() else {}
         results.append(TASK.result(
             setting, protocol, family_of(model), metrics=metrics, n_examples=len(queries), skipped=skipped,
-            predictions=predictions[protocol],
+            predictions=predictions[protocol], chance=chance,
             extra={"paper_baselines": PAPER_BASELINES[setting], "pool_size": len(pool),
                    "n_stories": len(stories), "unreadable_photos": len(failed), **family_extra(model, protocol)}))
     return results

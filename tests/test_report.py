@@ -130,8 +130,9 @@ def make_fake_run(root: Path) -> tuple[Path, dict[str, Path]]:
                         "params": {"options": 100, **({"path": path} if path else {})},
                         "cost": {"seconds": {"median": seconds}, "options_per_second": 100 / seconds},
                         "projection": {"visdial_val_rounds": 20640, "projected_minutes": seconds * 20640 / 60}})
+    (root / "data").mkdir()  # a data root with no miniworld manifest: the report treats it as the paper's data
     config = {"tasks": "vist_retrieval:1cap,visdial_ranking:10r", "out": str(run_dir),
-              "data_root": str(root / "nodata"),
+              "data_root": str(root / "data"),
               "model_dir": "fromage_model/<weights & co>", "device": "cpu", "precisions": ["fp32", "bf16", "int8"]}
     environment = {"python": "3.11.7", "platform": "Linux", "cpu": "Fake <CPU> & co", "cpu_count": 2,
                    "memory_bytes": 8 * GB, "gpus": [], "packages": {"torch": "2.13.0"},
@@ -139,6 +140,63 @@ def make_fake_run(root: Path) -> tuple[Path, dict[str, Path]]:
     write_results(run_dir, {"created": "2026-11-27T23:30:00Z", "config": config, "environment": environment,
                             "records": records})
     return run_dir, {"vist_retrieval": images, "visdial_ranking": images}
+
+
+# -- a reproduce run (two models, the paper's tables), hand-made -------------------------------------------------
+HOSTILE_SOURCE = "clip<img src=x onerror=alert(3)>&co"
+CLIP_SKIP = "the clip family cannot score continuations <no LM>"
+# (model, setting) -> protocol -> R@1, R@5, R@10 (VIST); hand-chosen, distinct everywhere
+VIST_OURS = {("clip", s): {"paper": (5.0 + i, 20.0 + i, 30.0 + i), "corrected": (6.0 + i, 21.0 + i, 31.0 + i)}
+             for i, s in enumerate(("1cap", "5cap", "5cap4img"))}
+VIST_OURS.update({("fromage", s): {"paper": (10.0 + i, 40.0 + i, 60.0 + i), "corrected": (11.5 + i, 41.5 + i, 61.5 + i)}
+                  for i, s in enumerate(("1cap", "5cap", "5cap4img"))})
+VIST_CHANCE = {"R@1": 100 / 14, "R@5": 500 / 14, "R@10": 1000 / 14}
+IR_OURS = {"clip": {"paper": (25.0, 75.0, 100.0), "corrected": (50.0, 75.0, 100.0)},
+           "fromage": {"paper": (75.0, 100.0, 100.0), "corrected": (50.0, 100.0, 100.0)}}
+RANK_OURS = {"paper": {"NDCG": 8.5, "MRR": 11.25, "R@1": 2.5, "R@5": 12.5, "R@10": 37.5},
+             "corrected": {"NDCG": 14.75, "MRR": 3.5, "R@1": 0.0, "R@5": 5.0, "R@10": 12.5}}
+STDERR = {"R@1": 1.25, "R@5": 2.5}  # fromage 5cap4img, paper protocol
+
+
+def _vist_record(model: str, setting: str, protocol: str) -> dict:
+    r1, r5, r10 = VIST_OURS[(model, setting)][protocol]
+    rec = {"kind": "eval", "model": model, "task": "vist_retrieval", "setting": setting, "protocol": protocol,
+           "precision": "fp32", "status": "ok", "metrics": {"R@1": r1, "R@5": r5, "R@10": r10, "MRR": 1.0},
+           "chance": dict(VIST_CHANCE), "n_examples": 6, "n_skipped": 0, "extra": {"pool_size": 18}}
+    if (model, setting, protocol) == ("fromage", "5cap4img", "paper"):
+        rec["uncertainty"] = {"method": "bootstrap", "resamples": 1000, "seed": 0, "unit": "story",
+                              "stderr": dict(STDERR), "ci95": {"R@1": [27.5, 32.5], "R@5": [50.0, 60.0]}}
+    return rec
+
+
+def make_reproduce_document(data_root: Path) -> dict:
+    """A combined results document as `reproduce` writes it: CLIP and FROMAGe on VIST (3 settings) and VisDial,
+    both protocols; CLIP's answer ranking skipped; one record with a bootstrap standard error."""
+    records = [_vist_record(m, s, p) for m in ("clip", "fromage") for s in ("1cap", "5cap", "5cap4img")
+               for p in ("paper", "corrected")]
+    for model, by_protocol in IR_OURS.items():
+        for protocol, (r1, r5, r10) in by_protocol.items():
+            records.append({"kind": "eval", "model": model, "task": "visdial_retrieval", "setting": "val",
+                            "protocol": protocol, "precision": "fp32", "status": "ok",
+                            "metrics": {"R@1": r1, "R@5": r5, "R@10": r10}, "n_examples": 4, "n_skipped": 0,
+                            "chance": {"R@1": 25.0, "R@5": 100.0, "R@10": 100.0}, "extra": {"pool_size": 4}})
+    for protocol, metrics in RANK_OURS.items():
+        records.append({"kind": "eval", "model": "fromage", "task": "visdial_ranking", "setting": "val",
+                        "protocol": protocol, "precision": "fp32", "status": "ok", "metrics": dict(metrics),
+                        "n_examples": 8, "n_skipped": 0, "extra": {"dialogues": 4},
+                        "chance": {"NDCG": 6.1, "MRR": 5.19, "R@1": 1.0, "R@5": 5.0, "R@10": 10.0}})
+    records.append({"kind": "eval", "model": "clip", "task": "visdial_ranking", "setting": "val", "protocol": None,
+                    "precision": "fp32", "status": "skipped", "reason": CLIP_SKIP})
+    models = {"clip": {"family": "clip", "label": "clip", "source": HOSTILE_SOURCE, "name": "CLIP"},
+              "fromage": {"family": "fromage", "label": "fromage", "source": "fromage-dir", "name": "FROMAGe"}}
+    return {"created": "2026-12-01T00:00:00Z", "config": {"command": "reproduce", "data_root": str(data_root)},
+            "environment": {}, "models": models, "records": records}
+
+
+def write_miniworld_root(root: Path) -> Path:
+    (root / "miniworld").mkdir(parents=True)
+    (root / "miniworld" / "manifest.json").write_text('{"generator": "fromage-bench miniworld"}')
+    return root
 
 
 class _Doc(HTMLParser):
@@ -464,3 +522,117 @@ def test_template_escapes_hostile_task_setting_caption_and_reason(tmp_path):
     assert [t for _, t in accuracy[:3]] == [task, setting, "p"]
     plain = html.unescape(re.sub(r"<[^>]+>", "", text))
     assert f"cap{HOSTILE}" in plain and f"ref{HOSTILE}" in plain
+
+
+# -- the paper's tables first -----------------------------------------------------------------------------------
+def _sections(text: str) -> list[str]:
+    return re.findall(r'<section id="([^"]+)"', text)
+
+
+def _texts(doc: _Doc, table: str) -> list[list[str]]:
+    return [[t for _, t in row] for row in doc.tables[table]]
+
+
+@pytest.fixture(scope="module")
+def reproduce_report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reproduce")
+    run_dir = root / "out"
+    run_dir.mkdir()
+    write_results(run_dir, make_reproduce_document(write_miniworld_root(root / "data")))
+    return write_report(run_dir).read_text(encoding="utf-8")
+
+
+def test_report_leads_with_the_paper_tables_and_chance_on_other_data(reproduce_report):
+    text = reproduce_report
+    assert _sections(text)[0] == "tables" and _sections(text)[1] == "summary"
+    doc = parse(text)
+    table1 = _texts(doc, "paper-table1")
+    assert table1[0][:3] == ["Model", "Setting", "R@1"] and table1[1][:3] == ["(p)", "(c)", "paper"]
+    # CLIP first as in the paper, then FROMAGe, then the chance row; by hand from VIST_OURS and the paper's table
+    assert table1[2] == ["CLIP", "1cap", "5.00", "6.00", "11.90", "20.00", "21.00", "25.50", "30.00", "31.00",
+                         "32.20", "\u2014"]
+    fromage = next(r for r in table1 if r[:2] == ["FROMAGe", "5cap4img"])
+    assert fromage[2:5] == ["12.00 \u00b1 1.25", "13.50", "18.20"]  # ± the record's bootstrap standard error
+    assert fromage[5:8] == ["42.00 \u00b1 2.50", "43.50", "42.70"]
+    chance = next(r for r in table1 if r[:2] == ["chance (random ranking)", "5cap4img"])
+    assert chance[2:5] == ["7.14", "7.14", "\u2014"] and chance[8] == "71.43"
+    ranking = _texts(doc, "paper-table2_ranking")
+    clip = next(r for r in ranking if r[0] == "CLIP")
+    assert clip[2:5] == ["skipped", "skipped", "\u2014"]  # the paper has no CLIP answer ranking either
+    assert clip[-1] == f"skipped: {CLIP_SKIP}"                           # the reason, escaped
+    assert html.escape(CLIP_SKIP) in text and "<no LM>" not in text
+    assert html.escape(HOSTILE_SOURCE, quote=False) in text and "<img src=x" not in text  # the summary's models
+    # other data: no difference to the paper anywhere, chance in the long table instead
+    tables_html = text.split('<section id="tables">')[1].split("</section>")[0]
+    assert 'class="pos"' not in tables_html and 'class="neg"' not in tables_html
+    assert "not the paper" in tables_html and "miniworld" in tables_html
+    accuracy = doc.tables["accuracy-table"]
+    assert [t for _, t in accuracy[1]][:3] == ["ours", "chance", "drift"]
+    assert not any("delta" in (a.get("class") or "") for row in accuracy for a, _ in row)
+    row = next(r for r in accuracy if [t for _, t in r][:5] == ["clip", "vist_retrieval", "1cap", "paper", "R@1"])
+    assert [t for a, t in row if "chance" in (a.get("class") or "")] == ["7.14"]
+
+
+def test_long_table_is_folded_and_skips_are_per_model(reproduce_report):
+    text = reproduce_report
+    folded = text.split('<section id="accuracy">')[1].split("</section>")[0]
+    assert folded.startswith("<h2>Every metric</h2><details><summary>") and 'id="accuracy-table"' in folded
+    assert "</table>" in folded.split("</details>")[0]
+    rows = _texts(parse(text), "accuracy-table")
+    clip_ranking = [r for r in rows if r[:2] == ["clip", "visdial_ranking"]]
+    assert clip_ranking and all(f"skipped: {CLIP_SKIP}" in r for r in clip_ranking)
+    assert not any(r[:2] == ["fromage", "visdial_ranking"] and any(c.startswith("skipped") for c in r) for r in rows)
+    cost = _texts(parse(text), "cost-table")
+    assert ["fp32", "clip visdial_ranking:val"] in [r[:2] for r in cost]  # each model's cells have their own rows
+    assert ["fp32", "fromage visdial_ranking:val"] in [r[:2] for r in cost]
+
+
+def test_paper_tables_show_the_difference_on_the_paper_data(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()  # no manifest, no limit, and VisDial with its 2,064 val dialogues
+    document = make_reproduce_document(data)
+    for r in document["records"]:
+        if r["task"] == "visdial_retrieval":
+            r["extra"]["pool_size"] = 2063
+            r["n_skipped"] = 1
+    run_dir = tmp_path / "out"
+    run_dir.mkdir()
+    write_results(run_dir, document)
+    text = write_report(run_dir).read_text(encoding="utf-8")
+    doc = parse(text)
+    fromage = next(r for r in _texts(doc, "paper-table1") if r[:2] == ["FROMAGe", "1cap"])
+    assert fromage[2:5] == ["10.00-1.30", "11.50", "11.30"]  # 10.00 - 11.30 under the paper protocol, by hand
+    assert [t for _, t in doc.tables["accuracy-table"][1]][:3] == ["ours", "\u0394 paper", "drift"]
+    assert "the paper&#39;s datasets" in text
+
+
+def test_accuracy_vs_memory_has_a_panel_per_task_and_nothing_overlaps(monkeypatch):
+    """One panel per task; no text next to points; no legend, title or axes overlaps another (rendered extents)."""
+    from reports import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_to_data_uri", lambda fig: figures.append(fig) or "data:image/png;base64,")
+    same_memory = [("fp32", 4 * GB, 20.0), ("bf16", 2 * GB, 20.0), ("fp16", 2 * GB, 20.1), ("int8", GB, 19.0)]
+    panels = {"vist_retrieval": {f"{s} {p}": same_memory for s in ("1cap", "5cap", "5cap4img")
+                                 for p in ("paper", "corrected")},
+              "visdial_retrieval": {"val paper": same_memory[:2]}, "captioning": {"coco standard": same_memory}}
+    assert plots.accuracy_vs_memory(panels, {"vist_retrieval": "R@1", "visdial_retrieval": "R@1",
+                                             "captioning": "BLEU-4"})
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = figures[0]
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    assert [ax.get_title() for ax in fig.axes] == ["vist_retrieval (R@1)", "visdial_retrieval (R@1)",
+                                                   "captioning (BLEU-4)"]
+    assert not any(ax.texts for ax in fig.axes)  # no labels beside the points
+    from matplotlib.transforms import Bbox
+
+    boxes = [fig.legends[0].get_window_extent(renderer)]  # the precision markers' legend
+    for ax in fig.axes:  # each panel: its plot area with its title, its x label, its legend
+        boxes += [Bbox.union([ax.get_window_extent(renderer), ax.title.get_window_extent(renderer)]),
+                  ax.xaxis.label.get_window_extent(renderer), ax.get_legend().get_window_extent(renderer)]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (a, b)

@@ -8,6 +8,8 @@ opened from disk with no server.
 2. Every <img> decodes in the browser and the injected caption did not execute: a copy of the report with its
    CSP meta removed (so escaping alone must keep the payload inert) is loaded, and the page's state is read.
 3. The rendering is not blank: a screenshot at 1280 wide, checked with PIL.
+4. A reproduce run's report (two models) leads with the paper's tables, and its long per-metric table is folded
+   (not rendered) until its summary is clicked.
 
 Without chromium, chromedriver or selenium the tests are skipped, except under CI (the `CI` environment
 variable), where they fail.
@@ -85,3 +87,31 @@ def test_screenshot_is_not_blank(browser, report):
     img, background = assert_not_blank(browser)
     assert img.width == 1280 and img.height > 1000, img.size
     assert img.getpixel((5, 5)) != background  # the dark header band at the top
+
+
+TABLES_JS = """const s = id => document.getElementById(id).getBoundingClientRect();
+  const long = document.getElementById('accuracy-table');
+  return {tables_top: s('tables').top, summary_top: s('summary').top, first: document.querySelector('main section').id,
+    table1_rows: document.querySelectorAll('#paper-table1 tbody tr').length,
+    table1_visible: document.getElementById('paper-table1').checkVisibility(),
+    long_visible: long.checkVisibility(), folded: !long.closest('details').open}"""
+
+
+def test_reproduce_report_leads_with_the_tables_and_folds_the_long_one(browser, tmp_path):
+    from fromage_bench.results import write_results
+    from tests.test_report import make_reproduce_document, write_miniworld_root
+
+    run_dir = tmp_path / "out"
+    run_dir.mkdir()
+    write_results(run_dir, make_reproduce_document(write_miniworld_root(tmp_path / "data")))
+    page_file = write_report(run_dir)
+    page = open_page(browser, page_file.as_uri())
+    assert page["problems"] == [], page["problems"]
+    state = browser.execute_script(TABLES_JS)
+    assert state["first"] == "tables" and state["tables_top"] < state["summary_top"]
+    assert state["table1_rows"] == 9 and state["table1_visible"]  # 2 models + chance, 3 settings
+    assert state["folded"] and not state["long_visible"]            # the long table is folded ...
+    browser.find_element("css selector", "#accuracy details > summary").click()
+    assert browser.execute_script("return document.getElementById('accuracy-table').checkVisibility()")  # ... opens
+    img, _ = assert_not_blank(browser)
+    assert img.width == 1280
