@@ -25,11 +25,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from model import load_fromage
-    from model.gill import is_gill_release, load_gill
+    from model.loading import load_model
 
-    load = load_gill if is_gill_release(args.model_dir) else load_fromage  # same keyword arguments
-    return load(args.model_dir, opt_version=args.opt_version, visual_model=args.visual_model, device=args.device,
+    return load_model(args.model_dir, opt_version=args.opt_version, visual_model=args.visual_model, device=args.device,
                 precision=args.precision, retrieval_set=args.retrieval_set, random_init=args.random_init,
                 seed=args.seed or 0, accept_foreign_retrieval_set=args.accept_foreign_retrieval_set)
 

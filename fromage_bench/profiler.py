@@ -416,9 +416,9 @@ def run_profile(cfg: ProfileConfig) -> Path:
         raise FromageInputError("--min-seconds", "must be >= 0")
     if cfg.new_tokens < 2:
         raise FromageInputError("--new-tokens", "must be >= 2 (decode cost is the difference of two lengths)")
-    from .runner import _check_output_dir
+    from .runner import check_output_dir
 
-    _check_output_dir(cfg.out)
+    check_output_dir(cfg.out)
     precisions = cfg.precisions or [resolve_placement(cfg.device, None).precision]
     records = []
     for precision in precisions:

@@ -115,22 +115,10 @@ def _num(v: Any) -> float | None:
 
 
 def paper_numbers(family: str, task: str, setting: str) -> dict[str, float] | None:
-    """The paper's numbers for a family's row of a task and setting (under the paper protocol), if it has them:
-    the task's own `paper_numbers` (issue 16 part A), else FROMAGe's `paper` and the CLIP/GILL baselines the task
-    modules list."""
+    """The paper's numbers for a family's row of a task and setting (under the paper protocol), if it has them."""
     from tasks import REGISTRY
 
-    spec = REGISTRY[task]
-    if hasattr(spec, "paper_numbers"):
-        return spec.paper_numbers(setting, "paper", family)
-    if family == "fromage":
-        return spec.paper.get((setting, "paper"))
-    from tasks.visdial import PAPER_RETRIEVAL_CLIP
-    from tasks.vist import PAPER_BASELINES
-
-    baselines = {"vist_retrieval": PAPER_BASELINES.get(setting, {}),
-                 "visdial_retrieval": {"CLIP ViT-L/14": PAPER_RETRIEVAL_CLIP}}.get(task, {})
-    return baselines.get(PAPER_ROW_NAMES.get(family, ""))
+    return REGISTRY[task].paper_numbers(setting, "paper", family)
 
 
 def _precision_order(p: Any) -> int:
@@ -377,14 +365,8 @@ def embedded_models(work: Path) -> tuple[Path, list[ModelSpec]]:
     from . import embedded
 
     release, _ = embedded.ensure_model(work)
-    models = [ModelSpec("fromage", "fromage", str(release), "FROMAGe")]
-    standin_clip_dir: Callable[[Path], Path] | None = getattr(embedded, "standin_clip_dir", None)
-    if standin_clip_dir is None:
-        print("fromage-bench: warning: this build has no stand-in CLIP (embedded.standin_clip_dir): FROMAGe rows only",
-              file=sys.stderr)
-    else:
-        models.insert(0, ModelSpec("clip", "clip", str(standin_clip_dir(work)), "CLIP"))
-    return work / "data", models
+    return work / "data", [ModelSpec("clip", "clip", str(embedded.standin_clip_dir(work)), "CLIP"),
+                           ModelSpec("fromage", "fromage", str(release), "FROMAGe")]
 
 
 def eval_config(config: ReproduceConfig, model: ModelSpec):
@@ -395,11 +377,9 @@ def eval_config(config: ReproduceConfig, model: ModelSpec):
                               "protocols": PROTOCOLS, "precisions": [config.precision] if config.precision else [],
                               "device": config.device, "limit": config.limit, "batch_size": config.batch_size,
                               "cache_dir": config.cache_dir, "progress": config.progress}
-    fields = EvalConfig.__dataclass_fields__
-    if "label" in fields:  # issue 16 part A: the results' model label
-        values["label"] = model.label
+    values["label"] = model.label
     check_source(model)
-    if model.family == "clip" and "clip" in fields:
+    if model.family == "clip":
         values["clip"] = model.source  # a CLIP directory or a hub id in the local cache (eval --clip)
     else:
         values["model_dir"] = Path(model.source)
@@ -408,23 +388,17 @@ def eval_config(config: ReproduceConfig, model: ModelSpec):
 
 def check_source(model: ModelSpec) -> None:
     """Bad input before any model runs: a source that is not there, or a directory of another family than its
-    flag's (the family detection of issue 16 part A, where this build has it)."""
+    flag's."""
+    from model.clip_baseline import resolve_clip_source
+    from model.loading import detect_family
+
     flag = f"--{model.label}"
     if model.family == "clip":
-        try:
-            from model.clip_baseline import resolve_clip_source
-        except ImportError:  # a build without the CLIP family: only a directory can be checked
-            resolve_clip_source = None
-        if resolve_clip_source is not None:
-            resolve_clip_source(model.source)
-            return
+        resolve_clip_source(model.source)
+        return
     source = Path(model.source)
     if not source.is_dir():
         raise FromageInputError(source, f"not a directory ({flag} needs a {model.family} model directory)")
-    try:
-        from model.loading import detect_family
-    except ImportError:
-        return
     found = detect_family(source)
     if found != model.family:
         raise FromageInputError(source, f"a {found} model directory, but {flag} takes a {model.family} one")
@@ -447,7 +421,7 @@ def run_reproduce(config: ReproduceConfig, run_eval: Callable | None = None) -> 
     """Run each model (resuming or reusing what is done), then write the combined results, the tables and the
     report. A model that cannot be loaded raises FromageInputError before any table is written."""
     from .environment import describe_environment
-    from .runner import _check_output_dir
+    from .runner import check_output_dir
     from .runner import run_eval as default_run_eval
 
     run_eval = run_eval or default_run_eval
@@ -457,7 +431,7 @@ def run_reproduce(config: ReproduceConfig, run_eval: Callable | None = None) -> 
     if len(set(labels)) != len(labels):
         raise FromageInputError("reproduce", f"a model given twice: {', '.join(labels)}")
     configs = [(model, eval_config(config, model)) for model in config.models]  # bad sources fail before any run
-    _check_output_dir(config.out)
+    check_output_dir(config.out)
     for stale in (TABLES_MD, TABLES_CSV, "results.json"):  # tables of an earlier request: gone until this one is done
         (config.out / stale).unlink(missing_ok=True)
     documents = {}

@@ -65,7 +65,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fromage-bench" / "features"
 
 
-def _check_output_dir(out: Path) -> None:
+def check_output_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-probe-{os.getpid()}"  # one per process: torchrun ranks check at once
@@ -91,7 +91,7 @@ def validate(config: EvalConfig) -> list:
     if config.model_dir is None and not config.random_init and config.clip is None:
         raise FromageInputError("--model-dir", "required (or --clip, or --random-init)")
     model_family(config)  # an unknown model directory fails here, before any model work
-    _check_output_dir(config.out)
+    check_output_dir(config.out)
     return cells
 
 
