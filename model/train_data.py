@@ -5,7 +5,8 @@ reads it: a header with the columns `caption` and `image` in any order, other co
 honoured); image names are relative to an image directory and resolved as the tasks resolve them
 (`model.datasets.resolve_image`: as given, then with an image extension).
 Captions are tokenised like the original training code: BOS + caption + `[RET]`, at most `max_len`
-tokens (a caption that does not fit is cut and keeps `[RET]` as its last token), padded to `max_len`.
+tokens (a caption that does not fit is cut and keeps `[RET]` as its last token), padded to the batch's longest
+(at most `max_len`: padding sits after [RET] under causal attention, so it changes no loss, only the cost).
 
 The order is a pure function of (seed, micro-batch index): epoch e reads a permutation seeded with
 seed + e, cut into global batches of `batch_size x world_size` (a last partial batch is dropped), and
@@ -26,6 +27,7 @@ from .errors import FromageInputError
 from .images import try_load
 
 MAX_LEN = 24  # the original's --max-len
+PIXEL_CACHE_BYTES = 1 << 30  # decoded images kept in memory by a dataset read in the main process
 
 
 def tokenize_caption(tokenizer, caption: str, ret_id: int, max_len: int = MAX_LEN) -> list[int]:
@@ -52,6 +54,8 @@ class CaptionDataset(torch.utils.data.Dataset):
         self.processor = processor
         self.ret_id = ret_id
         self.max_len = max_len
+        self._pixels: dict[int, torch.Tensor | None] = {}
+        self._pixel_bytes = 0
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -65,14 +69,27 @@ class CaptionDataset(torch.utils.data.Dataset):
             return None
         return try_load(path)[0]  # any decoding failure (a bomb, a decoder bug) skips the row, as in evaluation
 
+    def row_pixels(self, index: int) -> torch.Tensor | None:
+        """The row's CLIP pixel values (None: unreadable), kept in memory up to PIXEL_CACHE_BYTES when read in
+        the main process (`--workers 0`): every epoch reads every image again, and on 2 CPU cores decoding and
+        resizing them was a fifth of a small model's training step. Workers keep no copy (one per worker)."""
+        if index in self._pixels:
+            return self._pixels[index]
+        image = self.read_image(index)
+        # Like the original training code: the CLIP processor as it is (resize the short side,
+        # centre crop), not the 224x224 squash that the released inference notebooks use.
+        pixels = None if image is None else self.processor([image], return_tensors="pt").pixel_values[0]
+        size = 0 if pixels is None else pixels.numel() * pixels.element_size()
+        if torch.utils.data.get_worker_info() is None and self._pixel_bytes + size <= PIXEL_CACHE_BYTES:
+            self._pixels[index] = pixels
+            self._pixel_bytes += size
+        return pixels
+
     def __getitem__(self, index: int) -> dict:
         for skipped in range(len(self.rows)):
             row = (index + skipped) % len(self.rows)
-            image = self.read_image(row)
-            if image is not None:
-                # Like the original training code: the CLIP processor as it is (resize the short side,
-                # centre crop), not the 224x224 squash that the released inference notebooks use.
-                pixels = self.processor([image], return_tensors="pt").pixel_values[0]
+            pixels = self.row_pixels(row)
+            if pixels is not None:
                 ids = tokenize_caption(self.tokenizer, self.rows[row][0], self.ret_id, self.max_len)
                 return {"pixel_values": pixels, "input_ids": ids, "skipped": skipped}
         raise FromageInputError(self.image_dir, f"none of the {len(self.rows)} images named in {self.tsv} can be read")
@@ -81,7 +98,7 @@ class CaptionDataset(torch.utils.data.Dataset):
 @dataclass
 class Batch:
     pixel_values: torch.Tensor  # (B, 3, H, W)
-    input_ids: torch.Tensor     # (B, max_len) BOS, caption, [RET], then padding
+    input_ids: torch.Tensor     # (B, <= max_len) BOS, caption, [RET], then padding to the longest row
     lengths: torch.Tensor       # (B,) real tokens per row, [RET] included
     skipped: int                # unreadable images passed over while building this batch
 
@@ -94,14 +111,16 @@ class Batch:
 
 
 class Collate:
-    """Pads token ids to max_len with `pad_id` (padding only ever sits after the last real token)."""
+    """Pads token ids to the batch's longest row (at most max_len) with `pad_id` (padding only ever sits after
+    the last real token)."""
 
     def __init__(self, pad_id: int, max_len: int = MAX_LEN):
         self.pad_id = pad_id
         self.max_len = max_len
 
     def __call__(self, items: list[dict]) -> Batch:
-        ids = torch.full((len(items), self.max_len), self.pad_id, dtype=torch.long)
+        width = min(self.max_len, max(len(item["input_ids"]) for item in items))
+        ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
         for row, item in enumerate(items):
             ids[row, :len(item["input_ids"])] = torch.tensor(item["input_ids"])
         lengths = torch.tensor([len(item["input_ids"]) for item in items])
