@@ -39,7 +39,8 @@ RETRIEVAL_ARGS = ["--precision", "fp32", "--batch-size", "64"]
 # 2026-12-01: photo-like images (data), crop/squash pretraining (standins), trained on them (fromage).
 # 2026-12-01 (later): chat requests among the training pairs (data), hence new stand-ins and model.
 # 2026-12-01 (FAM): standins/clip is a whole CLIPModel (a text tower trained against the frozen vision tower).
-REVISIONS = {"data": 4, "standins": 4, "fromage": 4, "retrieval": 1}
+# 2026-12-01 (speed): text tower run on length groups (standins), captions padded to the batch's longest (fromage).
+REVISIONS = {"data": 4, "standins": 5, "fromage": 5, "retrieval": 1}
 
 
 def standin_clip_dir(work: Path = DEFAULT_WORK) -> Path:
@@ -48,47 +49,54 @@ def standin_clip_dir(work: Path = DEFAULT_WORK) -> Path:
     return Path(work) / "standins" / "clip"
 
 
-def _stage(work: Path, name: str, params: list[str], run) -> Path:
-    """Run `run(out_dir)` unless `out_dir/.done` records the same parameters (and code version)."""
+def _stage(work: Path, name: str, params: list[str], run, timings: dict | None = None) -> Path:
+    """Run `run(out_dir)` unless `out_dir/.done` records the same parameters (and code version). `timings`
+    gets {name: (wall seconds, built)}."""
     from . import __version__
 
     out = work / name
     key = hashlib.sha256(json.dumps([name, params, __version__, REVISIONS[name]]).encode()).hexdigest()
     marker = out / ".done"
+    start = time.perf_counter()
     if marker.is_file() and marker.read_text().strip() == key:
         print(f"[embedded] {name}: cached in {out}")
+        if timings is not None:
+            timings[name] = (time.perf_counter() - start, False)
         return out
-    start = time.perf_counter()
     print(f"[embedded] {name}: building in {out}", flush=True)
     code = run(out)
     if code != 0:
         raise SystemExit(code)
     marker.write_text(key)
-    print(f"[embedded] {name}: {time.perf_counter() - start:.0f} s", flush=True)
+    seconds = time.perf_counter() - start
+    print(f"[embedded] {name}: {seconds:.0f} s", flush=True)
+    if timings is not None:
+        timings[name] = (seconds, True)
     return out
 
 
-def ensure_model(work: Path = DEFAULT_WORK, progress: bool = True) -> tuple[Path, Path]:
+def ensure_model(work: Path = DEFAULT_WORK, progress: bool = True,
+                 timings: dict | None = None) -> tuple[Path, Path]:
     """(release model directory, retrieval set directory) of the embedded default, building the stages that
     are missing or stale (data, standins, fromage, retrieval; never eval). `progress`: the retrieval stage's
-    progress bar (the other stages print a line per stage)."""
+    progress bar (the other stages print a line per stage). `timings`: see `_stage`."""
     from .cli import main
 
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    data = _stage(work, "data", DATA_ARGS, lambda o: main(["data", "synth", "--out", str(o), *DATA_ARGS]))
+    data = _stage(work, "data", DATA_ARGS, lambda o: main(["data", "synth", "--out", str(o), *DATA_ARGS]), timings)
     standins = _stage(work, "standins", STANDIN_ARGS,
-                      lambda o: main(["make-standins", "--data", str(data), "--out", str(o), *STANDIN_ARGS]))
+                      lambda o: main(["make-standins", "--data", str(data), "--out", str(o), *STANDIN_ARGS]), timings)
     trained = _stage(work, "fromage", TRAIN_ARGS, lambda o: main([
         "train", "--model-dir", str(standins), "--train-tsv", str(data / "cc3m" / "cc3m_train.tsv"),
         "--image-dir", str(data / "cc3m" / "training"), "--out", str(o), *TRAIN_ARGS,
-        "--stories", str(data / VIST_TRAIN_JSON), "--story-images", str(data / VIST_TRAIN_IMAGES)]))
+        "--stories", str(data / VIST_TRAIN_JSON), "--story-images", str(data / VIST_TRAIN_IMAGES)]), timings)
     release = trained / "release"
     # The trained model's own stage key is a parameter: a retrained model gets a rebuilt set.
     retrieval = _stage(work, "retrieval", [*RETRIEVAL_ARGS, (trained / ".done").read_text().strip()], lambda o: main([
         "build-retrieval-set", "--model-dir", str(release), "--tsv", str(data / "cc3m" / "cc3m_train.tsv"),
         "--image-dir", str(data / "cc3m" / "training"), "--out", str(o), *RETRIEVAL_ARGS,
-        *([] if progress else ["--no-progress"])]))
+        *([] if progress else ["--no-progress"])]), timings)
     return release, retrieval
 
 
@@ -98,12 +106,46 @@ def run_embedded(work: Path = DEFAULT_WORK, out: Path = DEFAULT_OUT, precisions:
 
     start = time.perf_counter()
     work = Path(work)
-    release, _ = ensure_model(work, progress="--no-progress" not in (extra_eval or []))
+    timings: dict = {}
+    release, _ = ensure_model(work, progress="--no-progress" not in (extra_eval or []), timings=timings)
     print("[embedded] eval: every task at " + precisions, flush=True)
+    eval_start = time.perf_counter()
     code = main(["eval", "--model-dir", str(release), "--data-root", str(work / "data"), "--out", str(out),
                  "--tasks", tasks, "--precisions", precisions, "--cache-dir", str(work / "features"),
                  *(extra_eval or [])])
     if code != 0:
         raise SystemExit(code)
+    timings["eval"] = (time.perf_counter() - eval_start, True)
+    doc = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    print(time_summary(timings, precision_seconds(doc["records"]), doc.get("environment", {})))
     print(f"[embedded] done in {time.perf_counter() - start:.0f} s: {out / 'results.json'}, {out / 'report.html'}")
     return out / "results.json"
+
+
+def precision_seconds(records: list[dict]) -> dict[str, float]:
+    """Each precision's evaluation seconds: its model's load (once) plus every cell's wall time, in run order."""
+    out: dict[str, float] = {}
+    loads: dict[str, float] = {}
+    for record in records:
+        cost = record.get("cost") or {}
+        precision = record["precision"]
+        out[precision] = out.get(precision, 0.0) + (cost.get("wall_seconds") or 0.0)
+        loads[precision] = max(loads.get(precision, 0.0), cost.get("load_seconds") or 0.0)
+    return {precision: seconds + loads[precision] for precision, seconds in out.items()}
+
+
+def time_summary(timings: dict[str, tuple[float, bool]], precisions: dict[str, float], environment: dict) -> str:
+    """The table printed at the end of the run: wall seconds of each stage (built or cached) and of each
+    precision's evaluation, on the machine named by the results' environment block."""
+    cpu = environment.get("cpu") or "unknown CPU"
+    cores = environment.get("cpu_count")
+    lines = [f"[embedded] wall time by stage on {cpu}" + (f", {cores} cores" if cores else "") + ":",
+             f"  {'stage':<28}{'seconds':>8}"]
+    for name, (seconds, built) in timings.items():
+        label = name if built or name == "eval" else f"{name} (cached)"
+        lines.append(f"  {label:<28}{seconds:>8.1f}")
+        if name == "eval":
+            for precision, p_seconds in precisions.items():
+                lines.append(f"    {precision + ' (load + cells)':<26}{p_seconds:>8.1f}")
+    lines.append(f"  {'total':<28}{sum(s for s, _ in timings.values()):>8.1f}")
+    return "\n".join(lines)

@@ -23,6 +23,7 @@ from tasks.base import RunContext, TaskResult
 from tasks.cache import FeatureCache
 from tasks.journal import ProcessGroupInfo
 
+from .cpu_precision import cpu_flags, low_precision_support
 from .environment import describe_environment
 from .results import atomic_write_text, write_results
 from .trackers import MemoryTracker, Stopwatch, cell_latency, examples_rate, release_memory, throughput
@@ -137,7 +138,8 @@ def run_eval(config: EvalConfig) -> Path:
             (staging / "predictions").rename(final_predictions)
             path = write_results(config.out, {
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model": model_entry(config),
-                "config": config.to_json(), "environment": {**describe_environment(), "processes": group.world_size},
+                "config": config.to_json(), "environment": {**describe_environment(), "processes": group.world_size,
+                                "cpu_low_precision": low_precision_support(cpu_flags())},
                 "records": records})
             if not config.keep_journal:
                 shutil.rmtree(journal, ignore_errors=True)  # a finished run needs no resume point

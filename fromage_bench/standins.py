@@ -302,6 +302,20 @@ def encode_images(processor, images: Sequence, batch_size: int = 256,
                       for i in range(0, len(prepared), batch_size)])
 
 
+def embed_texts_by_length(text: "TextTower", ids_list: Sequence[Sequence[int]], pad_id: int,
+                          groups: int = 4) -> torch.Tensor:
+    """`text` over token id lists, in the lists' order, run on `groups` runs of similar length, each padded to
+    its own longest: the tower masks padding and pools over real tokens, so the result is that of one padded
+    batch, at about half the tokens for captions of mixed length (one long caption pads a whole batch)."""
+    order = sorted(range(len(ids_list)), key=lambda i: len(ids_list[i]))
+    size = max(1, math.ceil(len(order) / groups))
+    parts = [text(*_pad([ids_list[i] for i in order[start:start + size]], pad_id))
+             for start in range(0, len(order), size)]
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    return torch.cat(parts)[inverse]
+
+
 def _contrastive(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     logits = logit_scale.exp().clamp(max=100) * F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T
     targets = torch.arange(len(logits))
@@ -379,8 +393,8 @@ def pretrain_vision(train_pairs: Sequence[tuple[object, str]], heldout_pairs: Se
         batch = next(plain)
         hard = [probe_groups * 2 + 2 * g + k for g in next(groups) for k in (0, 1)]
         pixels = torch.cat([train_pixels[batch]] + ([hard_pixels[hard]] if hard else []))
-        ids, mask = _pad([train_ids[i] for i in batch] + [hard_ids[i] for i in hard], pad)
-        loss = _contrastive(embed_images(pixels), text(ids, mask), logit_scale)
+        texts = embed_texts_by_length(text, [train_ids[i] for i in batch] + [hard_ids[i] for i in hard], pad)
+        loss = _contrastive(embed_images(pixels), texts, logit_scale)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -5,7 +5,8 @@ reads it: a header with the columns `caption` and `image` in any order, other co
 honoured); image names are relative to an image directory and resolved as the tasks resolve them
 (`model.datasets.resolve_image`: as given, then with an image extension).
 Captions are tokenised like the original training code: BOS + caption + `[RET]`, at most `max_len`
-tokens (a caption that does not fit is cut and keeps `[RET]` as its last token), padded to `max_len`.
+tokens (a caption that does not fit is cut and keeps `[RET]` as its last token), padded to the batch's longest
+(at most `max_len`: padding sits after [RET] under causal attention, so it changes no loss, only the cost).
 
 The order is a pure function of (seed, micro-batch index): epoch e reads a permutation seeded with
 seed + e, cut into global batches of `batch_size x world_size` (a last partial batch is dropped), and
@@ -37,6 +38,7 @@ from .images import try_load
 
 MAX_LEN = 24  # the original's --max-len
 MAX_DRAWS = 1000  # random replacements tried for one slot before the data is declared unreadable
+PIXEL_CACHE_BYTES = 1 << 30  # decoded images kept in memory by a dataset read in the main process
 
 
 def tokenize_caption(tokenizer, caption: str, ret_id: int, max_len: int = MAX_LEN) -> list[int]:
@@ -65,11 +67,26 @@ class CaptionDataset(torch.utils.data.Dataset):
         self.ret_id = ret_id
         self.max_len = max_len
         self.seed = seed
+        self._pixels: dict[int, tuple[torch.Tensor | None, str | None]] = {}
+        self._pixel_bytes = 0
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def pixels(self, index: int) -> tuple[torch.Tensor | None, str | None]:
+        """`read_pixels`, kept in memory up to PIXEL_CACHE_BYTES when read in the main process (`--workers 0`):
+        every epoch reads every image again, and on 2 CPU cores decoding and resizing them was a fifth of a small
+        model's training step. Workers keep no copy (it would be one per worker)."""
+        if index in self._pixels:
+            return self._pixels[index]
+        pixels, reason = self.read_pixels(index)
+        size = 0 if pixels is None else pixels.numel() * pixels.element_size()
+        if torch.utils.data.get_worker_info() is None and self._pixel_bytes + size <= PIXEL_CACHE_BYTES:
+            self._pixels[index] = (pixels, reason)
+            self._pixel_bytes += size
+        return pixels, reason
+
+    def read_pixels(self, index: int) -> tuple[torch.Tensor | None, str | None]:
         """(the row's CLIP pixel values, None) or (None, why the row is skipped). A name outside the image
         directory is skipped like a missing image (one bad name should not stop a long run); so is anything
         the decoder or the processor raises, as the original catches any exception."""
@@ -106,7 +123,7 @@ class CaptionDataset(torch.utils.data.Dataset):
 @dataclass
 class Batch:
     pixel_values: torch.Tensor  # (B, 3, H, W)
-    input_ids: torch.Tensor     # (B, max_len) BOS, caption, [RET], then padding
+    input_ids: torch.Tensor     # (B, <= max_len) BOS, caption, [RET], then padding to the longest row
     lengths: torch.Tensor       # (B,) real tokens per row, [RET] included
     skipped: int                # unreadable images passed over while building this batch
     reasons: Counter = field(default_factory=Counter)  # why, by reason
@@ -121,14 +138,16 @@ class Batch:
 
 
 class Collate:
-    """Pads token ids to max_len with `pad_id` (padding only ever sits after the last real token)."""
+    """Pads token ids to the batch's longest row (at most max_len) with `pad_id` (padding only ever sits after
+    the last real token)."""
 
     def __init__(self, pad_id: int, max_len: int = MAX_LEN):
         self.pad_id = pad_id
         self.max_len = max_len
 
     def __call__(self, items: list[dict]) -> Batch:
-        ids = torch.full((len(items), self.max_len), self.pad_id, dtype=torch.long)
+        width = min(self.max_len, max(len(item["input_ids"]) for item in items))
+        ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
         for row, item in enumerate(items):
             ids[row, :len(item["input_ids"])] = torch.tensor(item["input_ids"])
         lengths = torch.tensor([len(item["input_ids"]) for item in items])

@@ -150,9 +150,11 @@ def test_task_training_and_standins_read_the_same_rows(awkward_tsv):
     items = load_cc3m(tsv, images)
     assert [c for item in items for c in item.captions] == captions
     assert all(item.path.is_file() for item in items)  # with or without an extension in the TSV
-    dataset = CaptionDataset(tsv, images, tokenizer=None, processor=None, ret_id=0)
+    from transformers import CLIPImageProcessor
+
+    dataset = CaptionDataset(tsv, images, tokenizer=None, processor=CLIPImageProcessor(), ret_id=0)
     assert dataset.rows == [(r.caption, r.image) for r in read_cc3m_rows(tsv)]
-    assert all(dataset.read_image(i) is not None for i in range(len(dataset)))
+    assert all(dataset.read_pixels(i)[0] is not None for i in range(len(dataset)))
     assert read_pairs(tsv, images) == [(item.path, item.captions[0]) for item in items]
 
 

@@ -255,7 +255,9 @@ def test_unreadable_images_are_skipped_and_counted(tiny, tmp_path):
     assert [item["skipped"] for item in items][::3] == [0, 0] and items[1]["skipped"] >= 1 and items[2]["skipped"] >= 1
     assert items[1]["reasons"]["corrupt image"] == 1 and items[2]["reasons"]["missing image"] >= 1
     batch = Collate(model.tokenizer.pad_token_id)(items)
-    assert batch.input_ids.shape == (4, 24) and batch.skipped == items[1]["skipped"] + items[2]["skipped"]
+    longest = max(len(item["input_ids"]) for item in items)  # padded to the longest row, not to max_len 24
+    assert longest < 24 and batch.input_ids.shape == (4, longest)
+    assert batch.skipped == items[1]["skipped"] + items[2]["skipped"]
     assert batch.reasons == items[1]["reasons"] + items[2]["reasons"]
     assert batch.input_ids[0, batch.lengths[0] - 1] == model.retrieval_token_idx
 
