@@ -21,6 +21,7 @@ from tasks.base import RunContext, TaskResult
 from tasks.cache import FeatureCache
 from tasks.journal import ProcessGroupInfo
 
+from .bootstrap import uncertainty
 from .environment import describe_environment
 from .results import atomic_write_text, write_results
 from .trackers import MemoryTracker, Stopwatch, cell_latency, examples_rate, release_memory, throughput
@@ -242,11 +243,14 @@ def _record(result: TaskResult, precision: str, cost: dict, staging: Path) -> di
     lines = "".join(json.dumps(p, default=str) + "\n" for p in result.predictions)
     atomic_write_text(staging / "predictions" / name, lines)
     n = result.n_examples
-    return {"kind": "eval", "task": result.task, "setting": result.setting, "protocol": result.protocol,
-            "precision": precision, "status": "ok", "metrics": result.metrics, "paper": result.paper,
-            "n_examples": n, "n_skipped": result.skipped.total, "skipped": result.skipped.counts,
-            "skipped_examples": result.skipped.examples, "extra": result.extra, "cost": cost,
-            "predictions_file": f"predictions/{name}"}
+    record = {"kind": "eval", "task": result.task, "setting": result.setting, "protocol": result.protocol,
+              "precision": precision, "status": "ok", "metrics": result.metrics, "paper": result.paper,
+              "n_examples": n, "n_skipped": result.skipped.total, "skipped": result.skipped.counts,
+              "skipped_examples": result.skipped.examples, "extra": result.extra, "cost": cost,
+              "predictions_file": f"predictions/{name}"}
+    # from the predictions as written: what `compare` reads back is what the interval describes
+    record["uncertainty"] = uncertainty(record, [json.loads(line) for line in lines.splitlines()])
+    return record
 
 
 def _add_drift(records: list[dict]) -> None:
