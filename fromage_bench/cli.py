@@ -231,17 +231,15 @@ def cmd_embedded(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import run_compare
+    from .compare import parse_reports, run_compare
 
-    code, text = run_compare(args.base, args.new, args.metric_tol, args.speed_tol, args.memory_tol, rule=args.rule,
-                             output=args.format, compare_speed_anyway=args.compare_speed_anyway)
+    reports = parse_reports(args.report)
     if args.output:
-        from model.files import atomic_write_text
-
-        atomic_write_text(args.output, text)
-        print(text.splitlines()[-1] if args.format == "text" else f"{args.format} report: {args.output}")
-    else:
-        print(text, end="" if text.endswith("\n") else "\n")
+        reports[args.format] = args.output
+    code, text = run_compare(args.base, args.new, args.metric_tol, args.speed_tol, args.memory_tol, rule=args.rule,
+                             output="text" if args.output else args.format, reports=reports,
+                             compare_speed_anyway=args.compare_speed_anyway)
+    print(text, end="")
     return code
 
 
@@ -355,7 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "over the shared examples lies wholly below -metric-tol) or absolute (a drop > metric-tol)")
     p.add_argument("--format", choices=("text", "markdown", "json", "junit"), default="text",
                    help="text (default), markdown (a GitHub job summary), json (scripts), junit (one test case per record)")
-    p.add_argument("--output", type=Path, help="write the report here instead of standard output")
+    p.add_argument("--output", type=Path, help="write the --format report here (the text report goes to standard output)")
+    p.add_argument("--report", action="append", metavar="FORMAT=PATH",
+                   help="also write the report in FORMAT to PATH, from the same comparison (repeatable), "
+                        "e.g. --report junit=runs/regression/compare.xml")
     p.add_argument("--compare-speed-anyway", action="store_true",
                    help="compare speed and memory even between environments that are not comparable")
     p.set_defaults(func=cmd_compare)

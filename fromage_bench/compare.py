@@ -322,10 +322,41 @@ def _run_dir(path) -> Path:
     return path if path.is_dir() or path.name != RESULTS_FILE else path.parent
 
 
+def parse_reports(specs: list[str] | None) -> dict[str, Path]:
+    """`--report FORMAT=PATH` (repeatable) -> {format: path}."""
+    reports: dict[str, Path] = {}
+    for spec in specs or []:
+        fmt, sep, path = spec.partition("=")
+        if not sep or not path or fmt not in FORMATS:
+            raise FromageInputError(f"--report {spec}", "expected FORMAT=PATH", f"formats: {', '.join(FORMATS)}")
+        reports[fmt] = Path(path)
+    return reports
+
+
+def render(rows: list[Row], fmt: str, code: int, same: bool, reasons: list[str], speed_anyway: bool) -> str:
+    if fmt not in FORMATS:
+        raise FromageInputError(f"--format {fmt}", "unknown format", f"valid formats: {', '.join(FORMATS)}")
+    if same:
+        note = "environments comparable: speed and memory compared"
+    elif speed_anyway:
+        note = "environments differ (" + "; ".join(reasons) + "): speed and memory compared anyway"
+    else:
+        note = "environments not comparable (" + "; ".join(reasons) + "): speed and memory not compared"
+    if fmt == "json":
+        return format_json(rows, {"comparable": same, "reasons": reasons, "speed_compared": same or speed_anyway}, code)
+    if fmt == "junit":
+        return format_junit(rows, note)
+    if fmt == "markdown":
+        return format_markdown(rows, note)
+    return format_text(rows, note) + "\n"
+
+
 def run_compare(base_path, new_path, metric_tol="0.5", speed_tol="10%", memory_tol="5%", rule: str = "paired",
-                output: str = "text", compare_speed_anyway: bool = False) -> tuple[int, str]:
-    if output not in FORMATS:
-        raise FromageInputError(f"--format {output}", "unknown format", f"valid formats: {', '.join(FORMATS)}")
+                output: str = "text", compare_speed_anyway: bool = False,
+                reports: dict[str, Path] | None = None) -> tuple[int, str]:
+    """(exit code, the report in `output`'s format); `reports`: more formats written to files from the same rows."""
+    for fmt in [output, *(reports or {})]:
+        render([], fmt, 0, True, [], False)  # an unknown format fails before any work
     base, new = read_results(base_path), read_results(new_path)
     rows = compare(base, new, metric_tol=parse_tolerance(metric_tol, "metric-tol", percent=False),
                    speed_tol=parse_tolerance(speed_tol, "speed-tol", percent=True),
@@ -334,17 +365,9 @@ def run_compare(base_path, new_path, metric_tol="0.5", speed_tol="10%", memory_t
                    compare_speed_anyway=compare_speed_anyway)
     code = 1 if any(r.regressed for r in rows) else 0
     same, reasons = comparable(base.get("environment"), new.get("environment"))
-    if same:
-        note = "environments comparable: speed and memory compared"
-    elif compare_speed_anyway:
-        note = "environments differ (" + "; ".join(reasons) + "): speed and memory compared anyway"
-    else:
-        note = "environments not comparable (" + "; ".join(reasons) + "): speed and memory not compared"
-    if output == "json":
-        return code, format_json(rows, {"comparable": same, "reasons": reasons,
-                                        "speed_compared": same or compare_speed_anyway}, code)
-    if output == "junit":
-        return code, format_junit(rows, note)
-    if output == "markdown":
-        return code, format_markdown(rows, note)
-    return code, format_text(rows, note)
+    for fmt, path in (reports or {}).items():
+        from model.files import atomic_write_text
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, render(rows, fmt, code, same, reasons, compare_speed_anyway))
+    return code, render(rows, output, code, same, reasons, compare_speed_anyway)
