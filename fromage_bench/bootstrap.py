@@ -4,7 +4,8 @@ Each metric of an eval record is recomputed from the record's per-example predic
 a rank-based metric from each example's `rank` (R@k: 100 x [rank <= k]; MRR: 100 / rank; mean_rank: the
 mean; median_rank: the median), VisDial NDCG from each annotated round's `ndcg`, captioning ROUGE-L and CIDEr
 from each image's score (the corpus figure is their mean; CIDEr's document frequencies stay those of the whole
-reference set). Corpus-level BLEU and METEOR are not means of per-image scores: they are `not_available`.
+reference set), corpus BLEU-n recomputed from the resampled images' summed n-gram statistics (`bleu_stats`).
+Corpus METEOR is not a mean of per-image scores and its statistics stay inside the Java scorer: `not_available`.
 
 The resampled unit is the cluster that examples share (`Examples.unit`): a story, a dialogue (its ten rounds
 are resampled together, as they share an image and a history), an image with its captions. A resample draws
@@ -30,7 +31,7 @@ SEED = 0
 LEVEL = 0.95
 METHOD = "bootstrap"
 RANK_METRIC = re.compile(r"^(?:(?P<direction>t2i|i2t)_)?(?:R@(?P<k>\d+)|(?P<name>MRR|mean_rank|median_rank))$")
-CORPUS_ONLY = {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR"}
+CORPUS_ONLY = {"METEOR"}
 MEAN_OF_SCORES = ("ROUGE-L", "CIDEr")
 REPRODUCE_TOLERANCE = 1e-6  # relative: the predictions' JSON floats against the task's metric
 
@@ -48,12 +49,18 @@ class Examples:
     weights: dict[str, np.ndarray] = field(default_factory=dict)
     medians: set[str] = field(default_factory=set)
     not_available: dict[str, str] = field(default_factory=dict)
+    # corpus metrics: metric -> (per-row statistics (rows x s), f(summed statistics (resamples x s)) -> metric)
+    corpus: dict[str, tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]] = field(default_factory=dict)
 
     def subset(self, rows: list[int]) -> "Examples":
         index = np.asarray(rows, dtype=int)
         return Examples(self.unit, [self.row_ids[i] for i in rows], [self.clusters[i] for i in rows],
                         {m: v[index] for m, v in self.values.items()}, {m: w[index] for m, w in self.weights.items()},
-                        set(self.medians), dict(self.not_available))
+                        set(self.medians), dict(self.not_available),
+                        {m: (stats[index], f) for m, (stats, f) in self.corpus.items()})
+
+    def metrics(self) -> set[str]:
+        return set(self.values) | set(self.corpus)
 
 
 # -- per-example values from a task's predictions ----------------------------------------------------------
@@ -123,17 +130,40 @@ def _image_text(predictions: list[dict], metrics: list[str]) -> Examples:
     return examples
 
 
+def corpus_bleu(n: int) -> Callable[[np.ndarray], np.ndarray]:
+    """BLEU-n x 100 from summed statistics [testlen, reflen, guess_1..4, correct_1..4], pycocoevalcap's formula:
+    the geometric mean of the n-gram precisions (with its tiny / small guards), times the brevity penalty."""
+    tiny, small = 1e-15, 1e-9
+
+    def bleu(sums: np.ndarray) -> np.ndarray:
+        precision = np.prod([(sums[:, 6 + k] + tiny) / (sums[:, 2 + k] + small) for k in range(n)], axis=0)
+        score = precision ** (1.0 / n)
+        ratio = (sums[:, 0] + tiny) / (sums[:, 1] + small)
+        with np.errstate(divide="ignore", over="ignore"):
+            penalty = np.where(ratio < 1, np.exp(1 - 1 / ratio), 1.0)
+        return 100.0 * score * penalty
+    return bleu
+
+
 def _captioning(predictions: list[dict], metrics: list[str]) -> Examples:
     ids = [f"{i}:{p['image_id']}" for i, p in enumerate(predictions)]
     examples = Examples("image", ids, ids)
     ones = np.ones(len(predictions))
+    has_stats = bool(predictions) and all("bleu_stats" in p for p in predictions)
+    if has_stats:
+        stats = np.array([[s["testlen"], s["reflen"], *s["guess"], *s["correct"]]
+                          for s in (p["bleu_stats"] for p in predictions)], dtype=float)
     for metric in metrics:
         if metric in MEAN_OF_SCORES and all(metric in (p.get("scores") or {}) for p in predictions):
             examples.values[metric] = np.array([float(p["scores"][metric]) for p in predictions])
             examples.weights[metric] = ones
+        elif metric.startswith("BLEU-") and has_stats:
+            examples.corpus[metric] = (stats, corpus_bleu(int(metric.split("-")[1])))
+        elif metric.startswith("BLEU-"):
+            examples.not_available[metric] = "the predictions hold no per-image BLEU statistics (before 2026-12-01)"
         elif metric in CORPUS_ONLY:
-            examples.not_available[metric] = ("a corpus-level metric (n-gram / alignment statistics summed over "
-                                              "all captions), not a mean of per-image scores")
+            examples.not_available[metric] = ("METEOR's corpus score aggregates alignment statistics inside the "
+                                              "Java scorer: not a mean of the per-image scores")
     return examples
 
 
@@ -161,11 +191,12 @@ def examples_of(record: dict, predictions: list[dict]) -> Examples:
                                                          for m in metrics})
     full = statistics(examples, np.ones((1, len(set(examples.clusters)))))
     for metric in metrics:
-        if metric in examples.values:
+        if metric in examples.metrics():
             got, want = float(full[metric][0]), float(record["metrics"][metric])
             if not math.isclose(got, want, rel_tol=REPRODUCE_TOLERANCE, abs_tol=1e-9):
                 examples.not_available[metric] = f"the predictions give {got:.6g}, the record {want:.6g}"
-                del examples.values[metric], examples.weights[metric]
+                for table in (examples.values, examples.weights, examples.corpus):
+                    table.pop(metric, None)
         elif metric not in examples.not_available:
             examples.not_available[metric] = "no per-example value for this metric"
     return examples
@@ -216,6 +247,8 @@ def statistics(examples: Examples, counts: np.ndarray) -> dict[str, np.ndarray]:
         total = weights.sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             out[metric] = np.where(total > 0, weights @ values / np.where(total > 0, total, 1.0), np.nan)
+    for metric, (stats, corpus_metric) in examples.corpus.items():
+        out[metric] = corpus_metric(row_counts @ stats)
     return out
 
 
@@ -244,7 +277,7 @@ def uncertainty(record: dict, predictions: list[dict], resamples: int = RESAMPLE
             block["stderr"][metric], block["ci95"][metric] = found
     else:
         not_available.update({m: f"{n_clusters} {examples.unit}(s): nothing to resample"
-                              for m in examples.values})
+                              for m in examples.metrics()})
     if not_available:
         block["not_available"] = not_available
     return block

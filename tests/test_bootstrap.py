@@ -129,9 +129,40 @@ def test_metrics_without_a_per_example_form_say_why():
                    for i in range(5)]
     record = {"task": "captioning", "metrics": {"BLEU-4": 12.0, "CIDEr": 32.0, "ROUGE-L": 40.0}}
     u = bootstrap.uncertainty(record, predictions)
-    assert set(u["ci95"]) == {"CIDEr", "ROUGE-L"} and "corpus-level" in u["not_available"]["BLEU-4"]
+    assert set(u["ci95"]) == {"CIDEr", "ROUGE-L"} and "no per-image BLEU statistics" in u["not_available"]["BLEU-4"]
     record, predictions = _vist([1, 2, 3, 4], **{"R@1": 50.0})  # the predictions say 25
     u = bootstrap.uncertainty(record, predictions)
     assert "R@1" not in u["ci95"] and "the predictions give 25" in u["not_available"]["R@1"]
     u = bootstrap.uncertainty({"task": "vist_retrieval", "metrics": {"R@1": 0.0}}, [{"story_id": "1"}])
     assert "rank" in u["not_available"]["R@1"]
+
+
+def test_corpus_bleu_of_a_resample_is_pycocoevalcaps_bleu_of_those_captions():
+    """BLEU statistics per image, summed over a resample, give what pycocoevalcap's corpus BLEU gives for the
+    resampled captions (an image drawn twice counted twice)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    from tasks.captioning import bleu_statistics
+
+    rng = np.random.default_rng(4)
+    words = "a red blue small large circle star square on the left right at top bottom".split()
+    keys = [str(i) for i in range(12)]
+    res = {k: " ".join(rng.choice(words, size=int(rng.integers(2, 9)))) for k in keys}
+    gts = {k: [" ".join(rng.choice(words, size=int(rng.integers(3, 10)))) for _ in range(int(rng.integers(1, 4)))]
+           for k in keys}
+    corpus, _ = Bleu(4).compute_score(gts, {k: [v] for k, v in res.items()}, verbose=0)
+    stats = bleu_statistics(res, gts)
+    predictions = [{"image_id": f"{k}.jpg", "scores": {}, "bleu_stats": stats[k]} for k in keys]
+    record = {"task": "captioning", "metrics": {f"BLEU-{n + 1}": 100 * corpus[n] for n in range(4)}}
+    examples = bootstrap.examples_of(record, predictions)
+    assert not examples.not_available and set(examples.corpus) == set(record["metrics"])  # reproduced
+    draw = rng.integers(0, 12, size=12)
+    counts = np.bincount(draw, minlength=12)[None].astype(float)
+    again = {f"{i}:{j}": k for i, j in enumerate(draw) for k in [keys[j]]}
+    expected, _ = Bleu(4).compute_score({a: gts[k] for a, k in again.items()}, {a: [res[k]] for a, k in again.items()},
+                                        verbose=0)
+    got = bootstrap.statistics(examples, counts)
+    for n in range(4):
+        assert got[f"BLEU-{n + 1}"][0] == pytest.approx(100 * expected[n], rel=1e-9)
+    assert "METEOR" in bootstrap.uncertainty({"task": "captioning", "metrics": {"METEOR": 1.0}},
+                                             predictions)["not_available"]
