@@ -186,7 +186,7 @@ def examples_of(record: dict, predictions: list[dict]) -> Examples:
                                                          for m in metrics})
     try:
         examples = builder(predictions, metrics)
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
         return Examples("example", [], [], not_available={m: f"predictions lack a per-example field ({err})"
                                                          for m in metrics})
     full = statistics(examples, np.ones((1, len(set(examples.clusters)))))
