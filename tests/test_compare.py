@@ -74,6 +74,8 @@ def test_tolerance_parsing(capsys, tmp_path):
     assert main(["compare", str(base), str(base), "--speed-tol", "fast"]) == 2
     assert main(["compare", str(base), str(tmp_path / "missing")]) == 2
     assert "results file not found" in capsys.readouterr().err
+    assert main(["compare", str(base), str(base), "--report", "xml=out.xml"]) == 2
+    assert "--report xml=out.xml: expected FORMAT=PATH" in capsys.readouterr().err
 
 
 def test_int8_timed_with_and_without_the_outlier_path_is_not_comparable():
