@@ -51,5 +51,6 @@ def regression(session: nox.Session) -> None:
     Speed and memory tolerances are loose: shared CI machines are noisy; metrics must match within 0.5."""
     install(session)
     session.run("fromage-bench", "embedded", "--out", "runs/regression", "--no-progress")
+    # posargs reach compare: CI adds --report FORMAT=PATH for its job summary, artefacts and JUnit (docs/ci.md)
     session.run("fromage-bench", "compare", "baselines/embedded/results.json", "runs/regression",
-                "--metric-tol", "0.5", "--speed-tol", "60%", "--memory-tol", "25%")
+                "--metric-tol", "0.5", "--speed-tol", "60%", "--memory-tol", "25%", *session.posargs)

@@ -249,10 +249,15 @@ def cmd_embedded(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import run_compare
+    from .compare import parse_reports, run_compare
 
-    code, text = run_compare(args.base, args.new, args.metric_tol, args.speed_tol, args.memory_tol)
-    print(text)
+    reports = parse_reports(args.report)
+    if args.output:
+        reports[args.format] = args.output
+    code, text = run_compare(args.base, args.new, args.metric_tol, args.speed_tol, args.memory_tol, rule=args.rule,
+                             output="text" if args.output else args.format, reports=reports,
+                             compare_speed_anyway=args.compare_speed_anyway)
+    print(text, end="")
     return code
 
 
@@ -367,6 +372,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric-tol", default="0.5", help="allowed metric drop in points (default 0.5)")
     p.add_argument("--speed-tol", default="10%", help="allowed slow-down, relative (default 10%%)")
     p.add_argument("--memory-tol", default="5%", help="allowed memory growth, relative (default 5%%)")
+    p.add_argument("--rule", choices=("paired", "absolute"), default="paired",
+                   help="metrics: paired (default: a regression when the paired bootstrap interval of NEW - BASE "
+                        "over the shared examples lies wholly below -metric-tol) or absolute (a drop > metric-tol)")
+    p.add_argument("--format", choices=("text", "markdown", "json", "junit"), default="text",
+                   help="text (default), markdown (a GitHub job summary), json (scripts), junit (one test case per record)")
+    p.add_argument("--output", type=Path, help="write the --format report here (the text report goes to standard output)")
+    p.add_argument("--report", action="append", metavar="FORMAT=PATH",
+                   help="also write the report in FORMAT to PATH, from the same comparison (repeatable), "
+                        "e.g. --report junit=runs/regression/compare.xml")
+    p.add_argument("--compare-speed-anyway", action="store_true",
+                   help="compare speed and memory even between environments that are not comparable")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("profile", help="time inference scenarios at each precision (no accuracy)")

@@ -7,29 +7,14 @@ bf16 and fp16 against 34 s at fp32): the figure is the cost of the emulation, no
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 # x86 instruction sets with bf16 / fp16 arithmetic (dot products or matrix tiles); Arm's flags of the same use
 NATIVE = {"bf16": ("avx512_bf16", "amx_bf16", "bf16"), "fp16": ("avx512_fp16", "amx_fp16", "fphp", "asimdhp")}
 
 
-def cpu_flags(cpuinfo: str | None = None) -> set[str] | None:
-    """The first processor's flags (x86 `flags`, Arm `Features`) in /proc/cpuinfo; None where it has none."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return None
-    for line in cpuinfo.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip().lower() in ("flags", "features"):
-            return set(value.lower().split())
-    return None
-
-
-def low_precision_support(flags: set[str] | None) -> dict[str, dict]:
-    """{"bf16": {...}, "fp16": {...}}, each with `native` (True / False / None: unknown), the instructions
-    found, and a note saying what a CPU figure at that precision measures."""
+def low_precision_support(cpu_info: dict) -> dict[str, dict]:
+    """{"bf16": {...}, "fp16": {...}} for `environment.describe_cpu`'s answer, each with `native` (True / False /
+    None: flags unknown), the instructions found, and a note saying what a CPU figure at that precision measures."""
+    flags = set(cpu_info["instruction_sets"]) if cpu_info.get("source") else None
     out = {}
     for precision, instructions in NATIVE.items():
         found = sorted(f for f in instructions if flags is not None and f in flags)

@@ -59,7 +59,7 @@ def add_data_parser(subparsers) -> None:
     s.add_argument("--out", type=Path, required=True, help="data root (use as eval --data-root)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--scale", choices=("tiny", "small", "medium"), default="small",
-                   help="small: 5000 training pairs, 200 val captions, 60 stories, 30 dialogues (default); "
+                   help="small: 5000 training pairs, 400 val captions, 400 stories, 30 dialogues (default); "
                         "medium: 4-7x; tiny: for tests")
     s.set_defaults(func=cmd_data_synth)
 

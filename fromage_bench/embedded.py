@@ -40,7 +40,8 @@ RETRIEVAL_ARGS = ["--precision", "fp32", "--batch-size", "64"]
 # 2026-12-01 (later): chat requests among the training pairs (data), hence new stand-ins and model.
 # 2026-12-01 (FAM): standins/clip is a whole CLIPModel (a text tower trained against the frozen vision tower).
 # 2026-12-01 (speed): text tower run on length groups (standins), captions padded to the batch's longest (fromage).
-REVISIONS = {"data": 4, "standins": 5, "fromage": 5, "retrieval": 1}
+# 2026-12-01 (issue 19): larger evaluation splits (400 val captions, 400 stories); training files byte-identical.
+REVISIONS = {"data": 5, "standins": 5, "fromage": 5, "retrieval": 1}
 
 
 def standin_clip_dir(work: Path = DEFAULT_WORK) -> Path:

@@ -23,7 +23,7 @@ from tasks.base import RunContext, TaskResult
 from tasks.cache import FeatureCache
 from tasks.journal import ProcessGroupInfo
 
-from .cpu_precision import cpu_flags, low_precision_support
+from .bootstrap import uncertainty
 from .environment import describe_environment
 from .results import atomic_write_text, write_results
 from .trackers import MemoryTracker, Stopwatch, cell_latency, examples_rate, release_memory, throughput
@@ -138,8 +138,7 @@ def run_eval(config: EvalConfig) -> Path:
             (staging / "predictions").rename(final_predictions)
             path = write_results(config.out, {
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model": model_entry(config),
-                "config": config.to_json(), "environment": {**describe_environment(), "processes": group.world_size,
-                                "cpu_low_precision": low_precision_support(cpu_flags())},
+                "config": config.to_json(), "environment": {**describe_environment(), "processes": group.world_size},
                 "records": records})
             if not config.keep_journal:
                 shutil.rmtree(journal, ignore_errors=True)  # a finished run needs no resume point
@@ -282,12 +281,15 @@ def _record(result: TaskResult, precision: str, cost: dict, staging: Path) -> di
     lines = "".join(json.dumps(p, default=str) + "\n" for p in result.predictions)
     atomic_write_text(staging / "predictions" / name, lines)
     n = result.n_examples
-    return {"kind": "eval", "task": result.task, "setting": result.setting, "protocol": result.protocol,
-            "precision": precision, "status": "ok", "metrics": result.metrics, "paper": result.paper,
-            "chance": result.chance,
-            "n_examples": n, "n_skipped": result.skipped.total, "skipped": result.skipped.counts,
-            "skipped_examples": result.skipped.examples, "extra": result.extra, "cost": cost,
-            "predictions_file": f"predictions/{name}"}
+    record = {"kind": "eval", "task": result.task, "setting": result.setting, "protocol": result.protocol,
+              "precision": precision, "status": "ok", "metrics": result.metrics, "paper": result.paper,
+              "chance": result.chance,
+              "n_examples": n, "n_skipped": result.skipped.total, "skipped": result.skipped.counts,
+              "skipped_examples": result.skipped.examples, "extra": result.extra, "cost": cost,
+              "predictions_file": f"predictions/{name}"}
+    # from the predictions as written: what `compare` reads back is what the interval describes
+    record["uncertainty"] = uncertainty(record, [json.loads(line) for line in lines.splitlines()])
+    return record
 
 
 def _add_drift(records: list[dict]) -> None:

@@ -170,6 +170,20 @@ def score_tokenized(candidates: dict[str, str], references: dict[str, list[str]]
     return metrics, per_key
 
 
+def bleu_statistics(candidates: dict[str, str], references: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
+    """Each key's BLEU statistics as pycocoevalcap's corpus BLEU sums them (candidate length, the closest
+    reference length, n-gram guesses and matches for n = 1..4): the corpus BLEU of any resample of the keys
+    follows from their sums (fromage_bench/bootstrap.py)."""
+    from pycocoevalcap.bleu.bleu_scorer import cook_refs, cook_test
+
+    out = {}
+    for k, candidate in candidates.items():
+        comps = cook_test(candidate, cook_refs(references[k]), eff="closest")
+        out[k] = {"testlen": comps["testlen"], "reflen": comps["reflen"], "guess": comps["guess"],
+                  "correct": comps["correct"]}
+    return out
+
+
 def caption_metrics(candidates: dict[str, str], references: dict[str, list[str]]
                     ) -> tuple[dict[str, float], dict[str, dict[str, float]], dict[str, Any]]:
     """Raw candidate / reference captions by key -> (corpus metrics x 100, per-key scores, extra).
@@ -185,7 +199,7 @@ def caption_metrics(candidates: dict[str, str], references: dict[str, list[str]]
     # pycocoevalcap does, and the two BLEUs must agree (see the module docstring)
     tm = torchmetrics_bleu([res[k] for k in keys], [shortest_first(gts[k]) for k in keys])
     extra = {"torchmetrics_bleu4": tm[4], "torchmetrics_bleu": {f"BLEU-{n}": v for n, v in tm.items()},
-             "tokenized_candidates": res}
+             "tokenized_candidates": res, "bleu_statistics": bleu_statistics(res, gts)}
     return metrics, per_key, extra
 
 
@@ -214,9 +228,10 @@ def run(ctx: RunContext, setting: str, protocols: tuple[str, ...] = ("standard",
 
     keys = [str(i) for i in range(len(items))]  # image ids need not be unique across a file: index them
     metrics, per_key, extra = caption_metrics(dict(zip(keys, generated)), {k: it.captions for k, it in zip(keys, items)})
-    tokenized = extra.pop("tokenized_candidates")
+    tokenized, bleu_stats = extra.pop("tokenized_candidates"), extra.pop("bleu_statistics")
     predictions = [{"image_id": it.image_id, "image": it.name, "caption": generated[i], "generated": raw[i],
-                    "tokenized": tokenized[k], "references": list(it.captions), "scores": per_key[k]}
+                    "tokenized": tokenized[k], "references": list(it.captions), "scores": per_key[k],
+                    "bleu_stats": bleu_stats[k]}
                    for i, (k, it) in enumerate(zip(keys, items))]
     extra.update({"prompt_prefix": prefix, "max_new_tokens": MAX_NEW_TOKENS, "n_references": sum(len(it.captions) for it in items)})
     return TASK.results(setting, protocols, metrics=metrics, n_examples=len(items), skipped=skipped,

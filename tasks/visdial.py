@@ -317,8 +317,7 @@ def ranking_metrics(scores: dict[tuple[int, int], torch.Tensor], gt: dict[tuple[
     matrix = torch.stack([_in_order(option_order(scores[k], protocol)) for k in keys])
     ranks = ranks_from_scores(matrix, torch.tensor([gt[k] for k in keys]))
     metrics: dict[str, float] = {}
-    pairs = [(_in_order(option_order(scores[t], protocol, "sort")), a.relevance)
-             for a, t in zip(annotations, targets) if t is not None and t in scores]
+    pairs = [(ordered, relevance) for _, ordered, relevance in _ndcg_rounds(scores, annotations, targets, protocol)]
     if pairs:
         metrics["NDCG"] = visdial_ndcg(torch.stack([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs]))
     else:
@@ -327,6 +326,22 @@ def ranking_metrics(scores: dict[tuple[int, int], torch.Tensor], gt: dict[tuple[
     metrics.update({f"R@{k}": v for k, v in recall_at_k(ranks, (1, 5, 10, 20)).items()})
     metrics["mean_rank"] = mean_rank(ranks)
     return metrics, dict(zip(keys, ranks.tolist())), len(pairs)
+
+
+def _ndcg_rounds(scores: dict[tuple[int, int], torch.Tensor], annotations: Sequence[DenseAnnotation],
+                 targets: Sequence[tuple[int, int] | None], protocol: str) -> list[tuple]:
+    """(round, its option scores in the protocol's order, the annotation's relevance) of each dense annotation
+    whose target round was scored."""
+    return [(t, _in_order(option_order(scores[t], protocol, "sort")), a.relevance)
+            for a, t in zip(annotations, targets) if t is not None and t in scores]
+
+
+def round_ndcg(scores: dict[tuple[int, int], torch.Tensor], annotations: Sequence[DenseAnnotation],
+               targets: Sequence[tuple[int, int] | None], protocol: str) -> dict[tuple[int, int], float]:
+    """Each annotated round's NDCG (the per-example values whose mean is `ranking_metrics`' NDCG)."""
+    values = {t: visdial_ndcg(ordered[None], torch.tensor([relevance]))
+              for t, ordered, relevance in _ndcg_rounds(scores, annotations, targets, protocol)}
+    return {t: v for t, v in values.items() if v == v}  # an all-zero relevance has no NDCG (visdial_ndcg skips it)
 
 
 def top_k(scores: torch.Tensor, k: int = 5, protocol: str = "corrected") -> list[int]:
@@ -440,13 +455,15 @@ def run_ranking(ctx: RunContext, setting: str, protocols: tuple[str, ...]) -> li
     for protocol in protocols:
         targets = dense_rounds(annotations, round_counts, protocol)
         metrics, ranks, n_dense = ranking_metrics(scores[protocol], gt, annotations, targets, protocol)
+        ndcg = round_ndcg(scores[protocol], annotations, targets, protocol)
         predictions = []
         for d in kept:
             for r, rnd in enumerate(d.rounds):
                 best = top_k(scores[protocol][(d.index, r)], protocol=protocol)
                 predictions.append({"image_id": d.image_id, "dialogue": d.index, "round_id": r + 1,
                                     "question": rnd.question, "gt_index": rnd.gt_index, "rank": ranks[(d.index, r)],
-                                    "top5": best, "answer": rnd.answer, "predicted": rnd.options[best[0]]})
+                                    "top5": best, "answer": rnd.answer, "predicted": rnd.options[best[0]],
+                                    "ndcg": ndcg.get((d.index, r))})  # None: no dense annotation scores it
         results.append(RANKING.result(
             setting, protocol, family_of(model), metrics=metrics, n_examples=len(gt), skipped=copy.deepcopy(skipped),
             predictions=predictions, chance=ranking_chance(scores[protocol], annotations, targets),

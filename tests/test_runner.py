@@ -59,6 +59,17 @@ def test_results_predictions_and_report(run):
     assert not list(run.glob(".staging*")) and not (run / ".journal").exists()
 
 
+def test_every_metric_has_a_bootstrap_interval_or_a_reason(run):
+    """The uncertainty block of each record, recomputed from the predictions file the run wrote."""
+    for r in read_results(run)["records"]:
+        u = r["uncertainty"]
+        assert (u["method"], u["resamples"], u["seed"]) == ("bootstrap", 1000, 0) and u["n_units"] >= 2
+        assert u["unit"] == {"vist_retrieval": "story", "visdial_ranking": "dialogue (its rounds together)"}[r["task"]]
+        numbers = {m for m, v in r["metrics"].items() if v == v}
+        assert set(u["ci95"]) == set(u["stderr"]) == numbers and "not_available" not in u  # NDCG per round included
+        assert all(low <= high for low, high in u["ci95"].values()) and min(u["stderr"].values()) >= 0
+
+
 def test_drift_against_the_highest_precision(run):
     records = read_results(run)["records"]
     for r in records:
