@@ -71,7 +71,8 @@ def parse_tolerance(text: str | float, name: str, percent: bool) -> float:
 def record_key(r: dict) -> str:
     if r.get("kind") == "profile":
         return f"profile {r['scenario']} {json.dumps(r.get('params', {}), sort_keys=True)} @{r['precision']}"
-    return f"{r['task']}:{r['setting']} [{r.get('protocol')}] @{r['precision']}"
+    model = f"{r['model']} " if r.get("model") else ""  # reproduce's combined files: one record per model
+    return f"{model}{r['task']}:{r['setting']} [{r.get('protocol')}] @{r['precision']}"
 
 
 def _lower_is_better(metric: str) -> bool:

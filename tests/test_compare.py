@@ -291,3 +291,19 @@ def test_markdown_output_for_a_job_summary(regressed_pair, capsys):
     assert all(line.count(" | ") == 6 for line in table)
     assert main(["compare", str(base), str(base), "--format", "markdown"]) == 0
     assert capsys.readouterr().out.startswith("## fromage-bench compare: ✅ 0 regression(s)")
+
+
+def test_reproduce_records_of_two_models_are_compared_model_with_model():
+    """A combined `reproduce` file holds one record per model for the same cell: CLIP is not paired with FROMAGe."""
+    def combined(clip_r1: float, fromage_r1: float) -> dict:
+        doc = _doc()
+        clip, fromage = copy.deepcopy(doc["records"][0]), copy.deepcopy(doc["records"][0])
+        clip.update(model="clip", metrics={"R@1": clip_r1})
+        fromage.update(model="fromage", metrics={"R@1": fromage_r1})
+        doc["records"] = [clip, fromage]
+        return doc
+
+    rows = compare(combined(2.0, 20.0), combined(2.0, 20.0), rule="absolute")
+    assert rows and not any(r.regressed for r in rows)  # keyed by model: each equals its own
+    rows = compare(combined(2.0, 20.0), combined(2.0, 10.0), rule="absolute")
+    assert [r.key.split()[0] for r in rows if r.regressed] == ["fromage"]
