@@ -169,7 +169,7 @@ def test_each_precision_frees_its_model_before_the_next_loads(tiny_dir, data_roo
 
     import fromage_bench.runner as runner
 
-    real_load, loaded, alive_at_load = runner.load_fromage, [], []
+    real_load, loaded, alive_at_load = runner.load_model, [], []
 
     def load_and_decode(*args, **kwargs):
         alive_at_load.append([ref() is not None for ref in loaded])  # no gc.collect here: the runner's job
@@ -178,7 +178,7 @@ def test_each_precision_frees_its_model_before_the_next_loads(tiny_dir, data_roo
         loaded.extend([weakref.ref(model), weakref.ref(model.model.lm)])
         return model
 
-    monkeypatch.setattr(runner, "load_fromage", load_and_decode)
+    monkeypatch.setattr(runner, "load_model", load_and_decode)  # (the family-detecting loader)
     assert main(["eval", "--model-dir", str(tiny_dir), "--data-root", str(data_root), "--out", str(tmp_path / "r"),
                  "--tasks", "visdial_ranking", "--precisions", "fp32,bf16", "--device", "cpu", "--limit", "1",
                  "--no-progress", "--no-cache"]) == 0
