@@ -127,10 +127,15 @@ def precision_seconds(records: list[dict]) -> dict[str, float]:
     """Each precision's evaluation seconds: its model's load (once) plus every cell's wall time, in run order."""
     out: dict[str, float] = {}
     loads: dict[str, float] = {}
+    counted: set[tuple] = set()
     for record in records:
         cost = record.get("cost") or {}
         precision = record["precision"]
-        out[precision] = out.get(precision, 0.0) + (cost.get("wall_seconds") or 0.0)
+        # the protocols of one cell computed together carry that cell's wall time each: count it once
+        cell = (precision, record.get("task"), record.get("setting"), cost.get("wall_seconds"))
+        if cell not in counted:
+            counted.add(cell)
+            out[precision] = out.get(precision, 0.0) + (cost.get("wall_seconds") or 0.0)
         loads[precision] = max(loads.get(precision, 0.0), cost.get("load_seconds") or 0.0)
     return {precision: seconds + loads[precision] for precision, seconds in out.items()}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -134,6 +135,18 @@ def load_language_model(path: Path | None, placement: Placement, random_init_fro
     return lm
 
 
+@contextmanager
+def _transformers_log_level(level: int):
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity(level)
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
+
+
 def load_vision_model(path: Path | None, placement: Placement, random_init_from: str | None = None) -> CLIPVisionModel:
     if random_init_from is not None:
         config = CLIPVisionConfig(**paper_config(random_init_from))
@@ -141,9 +154,18 @@ def load_vision_model(path: Path | None, placement: Placement, random_init_from:
     else:
         _require_file(path, "config.json", "vision encoder")
         try:
-            vision = CLIPVisionModel.from_pretrained(str(path), dtype=placement.dtype)
+            # A whole CLIP checkpoint (openai/clip-vit-large-patch14, the stand-in) also holds the text tower, which
+            # the vision model does not use: transformers' report of those keys is noise. A missing vision weight
+            # is not: it is an error here, not a warning.
+            with _transformers_log_level(logging.ERROR):
+                vision, info = CLIPVisionModel.from_pretrained(str(path), dtype=placement.dtype,
+                                                               output_loading_info=True)
         except (OSError, ValueError) as err:
             raise FromageInputError(path, f"cannot load the CLIP vision model: {err}") from None
+        if info.get("missing_keys"):
+            missing = sorted(info["missing_keys"])
+            raise FromageInputError(path, f"not a CLIP vision checkpoint: {len(missing)} vision weights missing "
+                                          f"({', '.join(missing[:3])}, ...)")
         vision = vision.to(placement.device)
     vision.eval().requires_grad_(False)
     return vision

@@ -4,12 +4,14 @@ from __future__ import annotations
 from fromage_bench import embedded
 
 
-def record(precision: str, wall: float, load: float) -> dict:
-    return {"precision": precision, "status": "ok", "cost": {"wall_seconds": wall, "load_seconds": load}}
+def record(precision: str, wall: float, load: float, setting: str = "a", protocol: str = "paper") -> dict:
+    return {"precision": precision, "status": "ok", "task": "t", "setting": setting, "protocol": protocol,
+            "cost": {"wall_seconds": wall, "load_seconds": load}}
 
 
 def test_precision_seconds_count_each_models_load_once_and_every_cell():
-    records = [record("fp32", 1.5, 0.25), record("fp32", 2.0, 0.25), record("fp16", 4.0, 0.5),
+    records = [record("fp32", 1.5, 0.25), record("fp32", 2.0, 0.25, "b"), record("fp16", 4.0, 0.5),
+               record("fp16", 4.0, 0.5, protocol="corrected"),  # computed with the paper record: counted once
                {"precision": "int8", "status": "skipped", "reason": "no bitsandbytes"}]
     assert embedded.precision_seconds(records) == {"fp32": 3.75, "fp16": 4.5, "int8": 0.0}
 
