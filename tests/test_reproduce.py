@@ -240,3 +240,33 @@ def test_a_killed_reproduce_resumes_to_the_uninterrupted_tables(tiny_dir, tiny_v
             assert r["chance"]["R@1"] == pytest.approx(100 / r["extra"]["pool_size"])
         if r["task"] == "visdial_ranking":
             assert r["chance"]["R@1"] == pytest.approx(1.0) and r["chance"]["R@10"] == pytest.approx(10.0)
+
+
+def test_gill_rows_join_both_tables(tiny_dir, tmp_path):
+    """`reproduce --gill DIR` (issue 17): a GILL release written by the independent writer gives GILL rows in Table 1
+    (every VIST setting) and Table 2 (VisDial retrieval and answer ranking), with GILL's own paper figures on
+    5cap4img and none where GILL's paper has none."""
+    from tests.reference.tiny_gill_release import write_tiny_gill_release_dir
+
+    gill = write_tiny_gill_release_dir(tmp_path / "gill", seed=3)
+    data = tmp_path / "data"
+    write_vist(data, n=4, seed=5)
+    write_visdial(data, n=2, seed=5, n_rounds=2)
+    out = tmp_path / "tables"
+    assert main(["reproduce", "--data-root", str(data), "--fromage", str(tiny_dir), "--gill", str(gill),
+                 "--out", str(out), "--device", "cpu", "--no-cache", "--no-progress", "--precision", "fp32"]) == 0
+    lines = (out / "tables.md").read_text(encoding="utf-8").splitlines()
+    sections = {}
+    for line in lines:
+        if line.startswith("## "):
+            current = sections.setdefault(line, [])
+        elif line.startswith("| GILL |"):
+            current.append(line.split(" | ")[1])
+    assert sections == {"## Table 1: VIST contextual image retrieval": ["1cap", "5cap", "5cap4img"],
+                        "## Table 2: VisDial image retrieval": ["val"], "## Table 2: VisDial answer ranking": ["val"]}
+    gill_5cap4img = next(l for l in lines if l.startswith("| GILL | 5cap4img |")).split(" | ")
+    assert [gill_5cap4img[i] for i in (4, 7, 10)] == ["20.30", "45.00", "53.70"]  # GILL's paper: R@1/5/10
+    gill_1cap = next(l for l in lines if l.startswith("| GILL | 1cap |")).split(" | ")
+    assert gill_1cap[4] == "\u2014"  # GILL's paper reports 5cap4img only
+    combined = json.loads((out / "results.json").read_text())
+    assert combined["models"]["gill"]["family"] == "gill"
