@@ -18,7 +18,6 @@ unchanged (they read `retrieval_token_idx` and `retrieval_space`).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from collections import OrderedDict
@@ -29,11 +28,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .args import MODEL_ARGS_FILE
+from .args import MODEL_ARGS_FILE, ArgsFile, read_args_file
 from .backbones import (load_image_processor, load_language_model, load_tokenizer, load_vision_model,
                         resolve_backbone)
 from .checkpoint import CHECKPOINT_FILE, read_state_dict
-from .errors import FromageInputError, read_json
+from .errors import FromageInputError
 from .family import FAMILY_CAPABILITIES, GENERATE
 from .files import atomic_write, atomic_write_text
 from .fromage import FromageModel
@@ -57,7 +56,7 @@ def img_tokens(num_tokens: int) -> list[str]:
 
 
 @dataclass
-class GillArgs:
+class GillArgs(ArgsFile):
     """The keys of GILL's `model_args.json` that inference reads; defaults are those of GILL's `GILLArgs` class
     (the release sets n_visual_tokens 4 and gen_emb_dim 768). Unknown keys are kept in `extra`."""
 
@@ -87,48 +86,23 @@ class GillArgs:
         """The retrieval space's dimension under FROMAGe's name."""
         return self.ret_emb_dim
 
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = MODEL_ARGS_FILE) -> "GillArgs":
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        extra = {k: v for k, v in raw.items() if k not in known}
-        args = cls(**{k: v for k, v in raw.items() if k in known}, extra=extra)
-        args._validate(source)
-        return args
-
-    def _validate(self, source: str) -> None:
+    def checks(self) -> list[tuple[Any, str]]:
         def positive(value) -> bool:
             return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
-        checks = [
-            (isinstance(self.opt_version, str) and self.opt_version, "opt_version must be a non-empty string"),
-            (isinstance(self.visual_encoder, str) and self.visual_encoder, "visual_encoder must be a non-empty string"),
+        return [
+            *self.backbone_checks(),
             (positive(self.n_visual_tokens), "n_visual_tokens must be an integer >= 1"),
             (positive(self.ret_emb_dim), "ret_emb_dim must be a positive integer"),
             (positive(self.num_tokens), "num_tokens must be an integer >= 1"),
-            (isinstance(self.text_emb_layers, list) and self.text_emb_layers
-             and all(isinstance(i, int) for i in self.text_emb_layers),
-             "text_emb_layers must be a non-empty list of integers"),
-            (len(set(self.text_emb_layers or [])) == len(self.text_emb_layers or []), "text_emb_layers has duplicates"),
             (self.ret_text_fc_mode == "linear", f"ret_text_fc_mode {self.ret_text_fc_mode!r} is not supported "
                                                "(only GILL's released 'linear' retrieval map)"),
             (self.share_ret_gen is True, "share_ret_gen must be true (GILL's own loader supports nothing else)"),
         ]
-        for ok, problem in checks:
-            if not ok:
-                raise FromageInputError(source, problem)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
-        out.update(self.extra)
-        return out
 
 
 def read_gill_args(model_dir: str | Path) -> GillArgs:
-    path = Path(model_dir) / MODEL_ARGS_FILE
-    raw = read_json(path, hint=_RELEASE_HINT)
-    if not isinstance(raw, dict):
-        raise FromageInputError(path, "expected a JSON object of model arguments")
-    return GillArgs.from_dict(raw, source=str(path))
+    return read_args_file(GillArgs, model_dir, hint=_RELEASE_HINT)
 
 
 def is_gill_release(model_dir: str | Path | None) -> bool:
