@@ -68,6 +68,19 @@ def padded_vocab_size(n_tokens: int) -> int:
     return (n_tokens + 2 + 7) // 8 * 8 + 8
 
 
+def _write_tiny_backbones(out_dir: Path, vocab_rows: int, tokenizer_size: int, hidden: int, layers: int):
+    """Save a tiny OPT (`vocab_rows` embedding rows) in out_dir/opt and a tiny CLIP vision tower with its processor in
+    out_dir/clip; return (lm resized to the tokenizer as the loaders resize it, vision, processor)."""
+    lm = OPTForCausalLM(tiny_opt_config(vocab_rows, hidden=hidden, layers=layers)).eval()
+    save_pretrained(lm, out_dir / "opt")
+    vision = CLIPVisionModel(tiny_clip_config()).eval()
+    save_pretrained(vision, out_dir / "clip")
+    processor = load_image_processor(None)
+    save_pretrained(processor, out_dir / "clip")
+    lm.resize_token_embeddings(tokenizer_size, mean_resizing=False)
+    return lm, vision, processor
+
+
 def make_tiny(out_dir: str | Path, seed: int = 0, n_visual_tokens: int = 1, *, shared_emb_dim: int = 32,
               hidden: int = 64, layers: int = 2) -> Path:
     """Write a tiny FROMAGe model directory; the same seed gives the same tensors."""
@@ -78,14 +91,7 @@ def make_tiny(out_dir: str | Path, seed: int = 0, n_visual_tokens: int = 1, *, s
     tokenizer = load_tokenizer(out_dir / "opt")
     base_tokens = len(tokenizer) - 2  # before <|image|> and [RET]
 
-    lm = OPTForCausalLM(tiny_opt_config(padded_vocab_size(base_tokens), hidden=hidden, layers=layers)).eval()
-    save_pretrained(lm, out_dir / "opt")
-    vision = CLIPVisionModel(tiny_clip_config()).eval()
-    save_pretrained(vision, out_dir / "clip")
-    processor = load_image_processor(None)
-    save_pretrained(processor, out_dir / "clip")
-
-    lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    lm, vision, processor = _write_tiny_backbones(out_dir, padded_vocab_size(base_tokens), len(tokenizer), hidden, layers)
     args = ModelArgs(opt_version="opt", visual_encoder="clip", n_visual_tokens=n_visual_tokens,
                      shared_emb_dim=shared_emb_dim)
     model = FromageModel(args, tokenizer, lm, vision, processor, torch.float32)
@@ -118,14 +124,7 @@ def make_tiny_gill(out_dir: str | Path, seed: int = 0, n_visual_tokens: int = 4,
     tokenizer = load_tokenizer(out_dir / "opt", added_tokens=tuple(img_tokens(args.num_tokens)))
     base_tokens = len(tokenizer) - 1 - args.num_tokens  # before <|image|> and the [IMG] tokens
 
-    lm = OPTForCausalLM(tiny_opt_config(base_tokens + 7, hidden=hidden, layers=layers)).eval()
-    save_pretrained(lm, out_dir / "opt")
-    vision = CLIPVisionModel(tiny_clip_config()).eval()
-    save_pretrained(vision, out_dir / "clip")
-    processor = load_image_processor(None)
-    save_pretrained(processor, out_dir / "clip")
-
-    lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    lm, vision, processor = _write_tiny_backbones(out_dir, base_tokens + 7, len(tokenizer), hidden, layers)
     model = GillModel(args, tokenizer, lm, vision, processor, torch.float32)
     with torch.no_grad():  # trained parts: seeded, with enough spread that outputs differ between inputs
         for fc in [model.visual_embeddings, model.visual_fc] + [m.model for m in model.ret_text_hidden_fcs]:
