@@ -160,6 +160,14 @@ def _pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
+def _optimiser_step(optimiser: torch.optim.Optimizer, params, loss: torch.Tensor) -> None:
+    """One step of the stand-ins' training loops: gradients of `loss`, clipped to norm 1, applied."""
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimiser.step()
+
+
 def _schedule(step: int, steps: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -233,10 +241,7 @@ def pretrain_lm(train_docs: Sequence[dict], heldout_docs: Sequence[dict], out_di
         labels = ids.masked_fill(mask == 0, -100)
         # mean over the batch's tokens: batches of short documents count as much per token as long ones
         loss = lm(input_ids=ids, attention_mask=mask, labels=labels).loss
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
-        optimiser.step()
+        _optimiser_step(optimiser, lm.parameters(), loss)
         curve.append(loss.item())
         if progress and (step % 50 == 0 or step == settings.steps - 1):
             progress(f"lm step {step + 1}/{settings.steps}: loss {loss.item():.3f}")
@@ -395,10 +400,7 @@ def pretrain_vision(train_pairs: Sequence[tuple[object, str]], heldout_pairs: Se
         pixels = torch.cat([train_pixels[batch]] + ([hard_pixels[hard]] if hard else []))
         texts = embed_texts_by_length(text, [train_ids[i] for i in batch] + [hard_ids[i] for i in hard], pad)
         loss = _contrastive(embed_images(pixels), texts, logit_scale)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimiser.step()
+        _optimiser_step(optimiser, params, loss)
         curve.append(loss.item())
         if progress and (step % 50 == 0 or step == settings.steps - 1):
             progress(f"vision step {step + 1}/{settings.steps}: loss {loss.item():.3f}")
@@ -492,10 +494,7 @@ def train_clip_text_tower(vision, vision_head: nn.Module, logit_scale: torch.Ten
             group["lr"] = settings.lr * _schedule(step, settings.text_steps, settings.warmup)
         batch = next(batches)
         loss = _contrastive(train_images[batch], embed_texts([train_ids[i] for i in batch]), clip.logit_scale)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimiser.step()
+        _optimiser_step(optimiser, params, loss)
         curve.append(loss.item())
         if progress and (step % 50 == 0 or step == settings.text_steps - 1):
             progress(f"clip text step {step + 1}/{settings.text_steps}: loss {loss.item():.3f}")
