@@ -11,9 +11,11 @@ TORCH = "torch==2.13.0"
 OLDEST_TRANSFORMERS = "transformers==5.0.0"  # the floor in pyproject.toml
 
 
-def install(session: nox.Session) -> None:
+def install(session: nox.Session, extras: str = "test,demo") -> None:
+    """torch, then the package with `extras` (demo: the Gradio chat's tests run in the suite). The eval and
+    regression sessions take none: they run no test, and Gradio's dependencies are a third of the install."""
     session.install(TORCH)
-    session.install("-e", ".[test,demo]")  # demo: the Gradio chat's tests run in the suite
+    session.install("-e", f".[{extras}]" if extras else ".")
 
 
 @nox.session
@@ -41,7 +43,7 @@ def bench(session: nox.Session) -> None:
 @nox.session(name="eval")
 def eval_(session: nox.Session) -> None:
     """The embedded default: miniworld data, stand-in backbones, a trained FROMAGe, every task x precision."""
-    install(session)
+    install(session, extras="")
     session.run("fromage-bench", "embedded", *session.posargs)
 
 
@@ -49,7 +51,7 @@ def eval_(session: nox.Session) -> None:
 def regression(session: nox.Session) -> None:
     """A fresh embedded-default run compared against the baseline committed in baselines/embedded/.
     Speed and memory tolerances are loose: shared CI machines are noisy; metrics must match within 0.5."""
-    install(session)
+    install(session, extras="")
     session.run("fromage-bench", "embedded", "--out", "runs/regression", "--no-progress")
     # posargs reach compare: CI adds --report FORMAT=PATH for its job summary, artefacts and JUnit (docs/ci.md)
     session.run("fromage-bench", "compare", "baselines/embedded/results.json", "runs/regression",

@@ -41,7 +41,8 @@ RETRIEVAL_ARGS = ["--precision", "fp32", "--batch-size", "64"]
 # 2026-12-01 (FAM): standins/clip is a whole CLIPModel (a text tower trained against the frozen vision tower).
 # 2026-12-01 (speed): text tower run on length groups (standins), captions padded to the batch's longest (fromage).
 # 2026-12-01 (issue 19): larger evaluation splits (400 val captions, 400 stories); training files byte-identical.
-REVISIONS = {"data": 5, "standins": 5, "fromage": 5, "retrieval": 1}
+# 2026-12-01 (issue 16): the stand-in CLIP pretrained whole (both towers) on its own caption-only split (data, standins).
+REVISIONS = {"data": 6, "standins": 6, "fromage": 6, "retrieval": 1}
 
 
 def standin_clip_dir(work: Path = DEFAULT_WORK) -> Path:

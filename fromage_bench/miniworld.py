@@ -16,7 +16,8 @@ Every text is generated from the scene it goes with, so text and pixels agree:
 
 `write_miniworld(out, seed, scale)` writes them in the real datasets' layouts (see `fromage-bench tasks`):
 
-    cc3m/cc3m_train.tsv, cc3m/training/*.jpg|png        training pairs (FROMAGe and the stand-in backbones)
+    cc3m/cc3m_train.tsv, cc3m/training/*.jpg|png        FROMAGe's training pairs (captions, stories, dialogues)
+    clip/clip_train.tsv, clip/training/*.jpg|png        the stand-in CLIP's pretraining pairs (captions only)
     cc3m/cc3m_val.tsv, cc3m/validation/*.jpg|png        image_text_retrieval / captioning (cc3m)
     coco/dataset_coco.json, coco/val2014/*.jpg          Karpathy-style test split (coco)
     vist/sis/val.story-in-sequence.json, vist/images/val/*.jpg|png        vist_retrieval
@@ -48,8 +49,9 @@ from PIL import Image, ImageDraw
 
 from .synth import formats, images
 
-VERSION = 3  # 2: a VIST train split (vist/sis/train.story-in-sequence.json); 3: files like a real collection
-            # (JPEG / PNG, many sizes and aspect ratios, odd modes; TSV names mostly with extension)
+VERSION = 4  # 2: a VIST train split (vist/sis/train.story-in-sequence.json); 3: files like a real collection
+            # (JPEG / PNG, many sizes and aspect ratios, odd modes; TSV names mostly with extension); 4: the stand-in
+            # CLIP's own alt-text-style pretraining split (clip/clip_train.tsv); every other file is unchanged
 IMAGE_SIZE = 96
 CELL = IMAGE_SIZE // 3
 BACKGROUND = (150, 150, 150)
@@ -70,13 +72,13 @@ TO_PLACE = {"left": "to the left", "middle": "to the middle", "right": "to the r
 NUMBER_WORDS = ("none", "one", "two", "three", "four", "five")
 
 SCALES = {  # counts of each dataset; `tiny` is for tests
-    "tiny": dict(train=120, val=24, coco=12, coco_other=3, stories=8, dialogues=6, lm_stories=60, lm_dialogues=60,
+    "tiny": dict(clip_train=120, train=120, val=24, coco=12, coco_other=3, stories=8, dialogues=6, lm_stories=60, lm_dialogues=60,
                  train_stories=16),
     # small: 400 val captions and 400 stories (200 and 60 before 2026-12-01) so that the embedded default's
     # headline metrics have 95 % intervals of at most +-5 points (issue 19); the training counts are unchanged
-    "small": dict(train=5000, val=400, coco=100, coco_other=10, stories=400, dialogues=30, lm_stories=800,
+    "small": dict(clip_train=5000, train=5000, val=400, coco=100, coco_other=10, stories=400, dialogues=30, lm_stories=800,
                   lm_dialogues=800, train_stories=1000),
-    "medium": dict(train=20000, val=1000, coco=500, coco_other=50, stories=300, dialogues=200, lm_stories=4000,
+    "medium": dict(clip_train=20000, train=20000, val=1000, coco=500, coco_other=50, stories=300, dialogues=200, lm_stories=4000,
                    lm_dialogues=4000, train_stories=4000),
 }
 
@@ -84,6 +86,9 @@ SCALES = {  # counts of each dataset; `tiny` is for tests
 CC3M_TRAIN_TSV = "cc3m/cc3m_train.tsv"
 CC3M_TRAIN_IMAGES = "cc3m/training"
 CC3M_VAL_TSV = "cc3m/cc3m_val.tsv"
+# The stand-in CLIP's pretraining pairs, apart from FROMAGe's CC3M as CLIP's web pairs are: captions only
+CLIP_TRAIN_TSV = "clip/clip_train.tsv"
+CLIP_TRAIN_IMAGES = "clip/training"
 CC3M_VAL_IMAGES = "cc3m/validation"
 COCO_JSON = "coco/dataset_coco.json"
 VIST_JSON = "vist/sis/val.story-in-sequence.json"
@@ -692,7 +697,7 @@ def write_miniworld(out: str | Path, seed: int = 0, scale: str = "small", *, cle
     counts = {**SCALES[scale], **counts_override}
     root = Path(out)
     if clean:
-        for top in ("cc3m", "coco", "vist", "visdial", "miniworld"):
+        for top in ("cc3m", "clip", "coco", "vist", "visdial", "miniworld"):
             shutil.rmtree(root / top, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
     w = _Writer(root, seed)
@@ -707,6 +712,10 @@ def write_miniworld(out: str | Path, seed: int = 0, scale: str = "small", *, cle
     stories = _vist(w, _rng(seed, "vist"), counts["stories"])
     _vist(w, _rng(seed, "vist_train"), counts["train_stories"], VIST_TRAIN_JSON, VIST_TRAIN_IMAGES, "train")
     dialogues = _visdial(w, _rng(seed, "visdial"), counts["dialogues"])
+    # the stand-in CLIP's pretraining: plain captions of fresh scenes (written last: the other files stay as they were)
+    clip_rng = _rng(seed, "clip_train")
+    _cc3m(w, clip_rng, counts["clip_train"], CLIP_TRAIN_TSV, CLIP_TRAIN_IMAGES,
+          [random_scene(clip_rng) for _ in range(counts["clip_train"])])
 
     # LM text: training documents (fresh stories and dialogues, never the benchmark's), held-out = benchmark text
     lm_rng = _rng(seed, "lm")
@@ -731,7 +740,7 @@ def write_miniworld(out: str | Path, seed: int = 0, scale: str = "small", *, cle
     w.text(LM_HELDOUT, _jsonl(heldout_docs))
 
     manifest = {"generator": "fromage-bench miniworld", "version": VERSION, "seed": seed, "scale": scale,
-                "counts": {"cc3m_train": counts["train"], "cc3m_val": counts["val"], "coco_test": counts["coco"],
+                "counts": {"clip_train": counts["clip_train"], "cc3m_train": counts["train"], "cc3m_val": counts["val"], "coco_test": counts["coco"],
                            "vist_stories": counts["stories"], "vist_train_stories": counts["train_stories"],
                            "visdial_dialogues": counts["dialogues"],
                            "lm_train_docs": len(train_docs), "lm_heldout_docs": len(heldout_docs),

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from model.datasets import ImageDir, read_cc3m_rows, resolve_image
 from model.errors import FromageInputError
 from model.files import atomic_write_bytes, atomic_write_text
-from model.images import CROP
+from model.images import CROP, PIXEL_MEMO
 from model.retrieval_set import RetrievalSet
 
 CHUNK_SIZE = 1024
@@ -170,12 +170,13 @@ def embed_chunk(fromage, files: list[str], batch_size: int, workers: int | None,
     embeddings = torch.zeros(len(files), fromage.model.args.shared_emb_dim)
     ok = torch.zeros(len(files), dtype=torch.uint8)
     reasons: dict[str, str] = {}
-    for positions, features, failed in fromage.image_file_features(files, batch_size, workers, preprocess=CROP):
-        if positions:
-            embeddings[positions] = fromage.project_images(features, "retrieval")[:, 0].float().cpu()
-            ok[positions] = 1
-        reasons.update({str(p): r for p, r in failed.items()})
-        bar.update(len(positions) + len(failed))
+    with PIXEL_MEMO.off():  # each image is read once here
+        for positions, features, failed in fromage.image_file_features(files, batch_size, workers, preprocess=CROP):
+            if positions:
+                embeddings[positions] = fromage.project_images(features, "retrieval")[:, 0].float().cpu()
+                ok[positions] = 1
+            reasons.update({str(p): r for p, r in failed.items()})
+            bar.update(len(positions) + len(failed))
     return save({"embeddings": embeddings, "ok": ok}, metadata={"skipped": json.dumps(reasons)})
 
 

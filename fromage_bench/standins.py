@@ -5,11 +5,11 @@ formats of the real ones, so that FROMAGe can be trained and evaluated on top of
                 tokenizer_config.json), trained here on the miniworld's text (causal LM)
     OUT/clip/   a whole CLIPModel (config model_type "clip") + its tokenizer + preprocessor_config.json (its size =
                 the tower's image_size), as openai/clip-vit-large-patch14 is: FROMAGe loads its vision tower
-                (`CLIPVisionModel.from_pretrained` reads the vision part), the CLIP baseline family all of it. The
-                vision tower is trained contrastively against a small helper text tower (discarded) on the
-                CC3M-style training pairs; then the CLIPModel's own text tower (CLIPTextModel + text projection) is
-                trained against the frozen vision tower and its projection head on the same pairs (locked-image
-                tuning), so the vision weights are the ones FROMAGe is trained on, unchanged by the text tower
+                (`CLIPVisionModel.from_pretrained` reads the vision part), the CLIP baseline family all of it.
+                Both towers are trained together from scratch, contrastively, as CLIP was, on the miniworld's
+                alt-text-style split (captions only: `clip_pretraining_files`), not on the CC3M-style pairs
+                FROMAGe is trained on (which mix in stories and dialogues): CLIP's web pairs never taught its
+                text tower to read a story, while the LM's corpus did
     OUT/standins.json   their quality: LM held-out perplexity vs a unigram model, vision R@1 vs chance
     OUT/model_args.json + OUT/pretrained_ckpt.pth.tar   (unless disabled) an untrained FROMAGe over them,
                 the starting point for `fromage-bench train --model-dir OUT`
@@ -60,10 +60,9 @@ class VisionSettings:
     heads: int = 4
     image_size: int = 96       # = the miniworld's canvas: patch 32 gives one token per grid cell
     patch: int = 32
-    embed_dim: int = 128       # contrastive space (the vision head becomes the CLIPModel's visual projection)
+    embed_dim: int = 128       # contrastive space (CLIP's projection_dim)
     text_hidden: int = 128
     text_layers: int = 2
-    text_steps: int = 300      # the CLIPModel's text tower, trained after the vision tower against it (frozen)
     text_max_len: int = 77     # CLIP's text length
     steps: int = 500
     batch_size: int = 128
@@ -79,7 +78,7 @@ class VisionSettings:
 PRESETS = {
     "tiny": (LMSettings(hidden=64, layers=2, heads=2, steps=30, batch_tokens=512, max_len=128, warmup=5),
              VisionSettings(hidden=64, layers=1, heads=2, text_hidden=64, text_layers=1, embed_dim=64, steps=30,
-                            batch_size=32, warmup=5, hard_negatives=32, text_steps=20)),
+                            batch_size=32, warmup=5, hard_negatives=32)),
     # small: vision 400 steps (not the default 500) keeps the embedded default within 10 minutes now that its
     # images are photo-like JPEGs (slower to decode) and its paper protocols encode every image twice
     "small": (LMSettings(), VisionSettings(steps=400)),
@@ -263,29 +262,6 @@ def _mean(values: Sequence[float]) -> float:
 
 
 # -- vision ---------------------------------------------------------------------------------------------
-class TextTower(nn.Module):
-    """A small transformer over BPE tokens, mean-pooled: the text side of the contrastive pretraining only."""
-
-    def __init__(self, vocab: int, hidden: int, layers: int, out_dim: int, max_len: int = 64):
-        super().__init__()
-        self.max_len = max_len
-        self.tokens = nn.Embedding(vocab, hidden)
-        self.positions = nn.Parameter(torch.randn(max_len, hidden) * 0.02)
-        layer = nn.TransformerEncoderLayer(hidden, nhead=4 if hidden % 4 == 0 else 1, dim_feedforward=2 * hidden,
-                                           dropout=0.0, batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(hidden)
-        self.proj = nn.Linear(hidden, out_dim)
-
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        ids, mask = ids[:, :self.max_len], mask[:, :self.max_len]
-        x = self.tokens(ids) + self.positions[: ids.shape[1]]
-        x = self.encoder(x, src_key_padding_mask=mask == 0)
-        x = self.norm(x)
-        pooled = (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-        return self.proj(pooled)
-
-
 def image_processor(image_size: int):
     """CLIP's processor (PIL backend, as `model.backbones.load_image_processor`) at the tower's size."""
     try:
@@ -307,11 +283,22 @@ def encode_images(processor, images: Sequence, batch_size: int = 256,
                       for i in range(0, len(prepared), batch_size)])
 
 
-def embed_texts_by_length(text: "TextTower", ids_list: Sequence[Sequence[int]], pad_id: int,
+class ClipText(nn.Module):
+    """A CLIPModel's text side as one call: `text_projection` of the text tower's pooled output (at EOS)."""
+
+    def __init__(self, clip):
+        super().__init__()
+        self.text_model, self.text_projection = clip.text_model, clip.text_projection
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.text_projection(self.text_model(input_ids=ids, attention_mask=mask).pooler_output)
+
+
+def embed_texts_by_length(text: nn.Module, ids_list: Sequence[Sequence[int]], pad_id: int,
                           groups: int = 4) -> torch.Tensor:
     """`text` over token id lists, in the lists' order, run on `groups` runs of similar length, each padded to
-    its own longest: the tower masks padding and pools over real tokens, so the result is that of one padded
-    batch, at about half the tokens for captions of mixed length (one long caption pads a whole batch)."""
+    its own longest: the tower masks padding (and CLIP's is causal, pooled at EOS), so the result is that of one
+    padded batch, at about half the tokens for captions of mixed length (one long caption pads a whole batch)."""
     order = sorted(range(len(ids_list)), key=lambda i: len(ids_list[i]))
     size = max(1, math.ceil(len(order) / groups))
     parts = [text(*_pad([ids_list[i] for i in order[start:start + size]], pad_id))
@@ -336,28 +323,55 @@ def recall_at_1(image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict:
             "n": len(sims)}
 
 
-def pretrain_vision(train_pairs: Sequence[tuple[object, str]], heldout_pairs: Sequence[tuple[object, str]],
-                    tokenizer, out_dir: Path, settings: VisionSettings, seed: int = 0,
-                    progress: Callable[[str], None] | None = None,
-                    hard_pairs: Sequence[tuple[object, str]] = ()) -> dict:
-    """Train a CLIP vision tower (and a throw-away text tower) with InfoNCE both ways on (image, caption)
-    pairs (PIL images or paths); save the tower and its processor to `out_dir`; return the quality numbers.
+def new_clip_model(tokenizer, settings: VisionSettings, seed: int = 0):
+    """(an untrained CLIPModel at `settings`, its tokenizer): the stand-in OPT's BPE with CLIP's text markers
+    (`model.clip_baseline.stand_in_clip_tokenizer`)."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+    from model.clip_baseline import stand_in_clip_tokenizer
+
+    clip_tokenizer = stand_in_clip_tokenizer(tokenizer)
+    text_config = CLIPTextConfig(vocab_size=len(clip_tokenizer), hidden_size=settings.text_hidden,
+                                 intermediate_size=4 * settings.text_hidden, num_hidden_layers=settings.text_layers,
+                                 num_attention_heads=4 if settings.text_hidden % 4 == 0 else 1,
+                                 max_position_embeddings=settings.text_max_len, projection_dim=settings.embed_dim,
+                                 bos_token_id=clip_tokenizer.bos_token_id, eos_token_id=clip_tokenizer.eos_token_id,
+                                 pad_token_id=clip_tokenizer.pad_token_id)
+    # FROMAGe reads the vision part with CLIPVisionModel: naming that architecture in it keeps the vision config
+    # FROMAGe's `model_identity` covers what a vision-only save gave (so retrieval sets stay FROMAGe's own)
+    vision_config = CLIPVisionConfig(hidden_size=settings.hidden, intermediate_size=4 * settings.hidden,
+                                     num_hidden_layers=settings.layers, num_attention_heads=settings.heads,
+                                     image_size=settings.image_size, patch_size=settings.patch,
+                                     projection_dim=settings.embed_dim, architectures=["CLIPVisionModel"])
+    config = CLIPConfig(text_config=text_config.to_dict(), vision_config=vision_config.to_dict(),
+                        projection_dim=settings.embed_dim, logit_scale_init_value=math.log(1 / 0.07))
+    torch.manual_seed(seed)
+    return CLIPModel(config), clip_tokenizer
+
+
+def pretrain_clip(train_pairs: Sequence[tuple[object, str]], heldout_pairs: Sequence[tuple[object, str]],
+                  tokenizer, out_dir: Path, settings: VisionSettings, seed: int = 0,
+                  progress: Callable[[str], None] | None = None,
+                  hard_pairs: Sequence[tuple[object, str]] = ()) -> dict:
+    """Train a whole CLIPModel (vision tower, text tower, both projections, temperature) from scratch with
+    InfoNCE both ways on (image, caption) pairs (PIL images or paths), as CLIP was trained; save it with its
+    tokenizer and processor to `out_dir`; return the quality numbers. FROMAGe uses its vision tower, the CLIP
+    baseline all of it.
 
     `hard_pairs` (consecutive groups of two, see `hard_negative_pairs`) fill half of every batch, each group
     kept together; the other half are `train_pairs`."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
+    from model.clip_baseline import clip_text_ids
     from model.files import save_pretrained
     from model.images import open_image
 
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    torch.manual_seed(seed)
     processor = image_processor(settings.image_size)
+    clip, clip_tokenizer = new_clip_model(tokenizer, settings, seed)
 
     def pixels_and_ids(pairs, squashed_share: float = 0.0):
         images = [p if not isinstance(p, (str, Path)) else open_image(p) for p, _ in pairs]
-        ids = [tokenizer(c, add_special_tokens=True).input_ids for _, c in pairs]
+        ids = [clip_text_ids(clip_tokenizer, c, settings.text_max_len) for _, c in pairs]
         pick = random.Random(f"squash:{seed}")
         squashed = [pick.random() < squashed_share for _ in images]
         # float16 in memory (halves it); every batch is cast back to float32
@@ -370,28 +384,21 @@ def pretrain_vision(train_pairs: Sequence[tuple[object, str]], heldout_pairs: Se
     hard_pixels, hard_ids = pixels_and_ids(hard_pairs[:2 * n_hard_groups])
     prep_seconds = time.perf_counter() - start
 
-    config = CLIPVisionConfig(hidden_size=settings.hidden, intermediate_size=4 * settings.hidden,
-                              num_hidden_layers=settings.layers, num_attention_heads=settings.heads,
-                              image_size=settings.image_size, patch_size=settings.patch, projection_dim=settings.embed_dim)
-    vision = CLIPVisionModel(config)
-    vision_head = nn.Linear(settings.hidden, settings.embed_dim, bias=False)
-    text = TextTower(len(tokenizer), settings.text_hidden, settings.text_layers, settings.embed_dim)
-    logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-    params = list(vision.parameters()) + list(vision_head.parameters()) + list(text.parameters()) + [logit_scale]
+    text = ClipText(clip)
+    params = [p for p in clip.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, 0.98), weight_decay=0.05)
     rng = random.Random(seed)
-    pad = tokenizer.pad_token_id
+    pad = clip_tokenizer.pad_token_id
     trained_groups = n_hard_groups - probe_groups
     n_hard = settings.batch_size // 4 if trained_groups > 0 else 0  # groups per batch: half the batch
     plain = _batches(len(train_ids), settings.batch_size - 2 * n_hard, settings.steps, rng)
     groups = _batches(trained_groups, n_hard, settings.steps, rng) if n_hard else iter(lambda: [], None)
 
     def embed_images(pixels):
-        return vision_head(vision(pixel_values=pixels.float()).pooler_output)
+        return clip.visual_projection(clip.vision_model(pixel_values=pixels.float()).pooler_output)
 
     curve = []
-    vision.train()
-    text.train()
+    clip.train()
     for step in range(settings.steps):
         for group in optimiser.param_groups:
             group["lr"] = settings.lr * _schedule(step, settings.steps, settings.warmup)
@@ -399,22 +406,21 @@ def pretrain_vision(train_pairs: Sequence[tuple[object, str]], heldout_pairs: Se
         hard = [probe_groups * 2 + 2 * g + k for g in next(groups) for k in (0, 1)]
         pixels = torch.cat([train_pixels[batch]] + ([hard_pixels[hard]] if hard else []))
         texts = embed_texts_by_length(text, [train_ids[i] for i in batch] + [hard_ids[i] for i in hard], pad)
-        loss = _contrastive(embed_images(pixels), texts, logit_scale)
+        loss = _contrastive(embed_images(pixels), texts, clip.logit_scale)
         _optimiser_step(optimiser, params, loss)
         curve.append(loss.item())
         if progress and (step % 50 == 0 or step == settings.steps - 1):
-            progress(f"vision step {step + 1}/{settings.steps}: loss {loss.item():.3f}")
-    vision.eval()
-    text.eval()
+            progress(f"clip step {step + 1}/{settings.steps}: loss {loss.item():.3f}")
+    clip.eval().requires_grad_(False)
 
     def embed_all(pixels, ids_list):
         with torch.no_grad():
             images = torch.cat([embed_images(pixels[i:i + 256]) for i in range(0, len(pixels), 256)])
-            ids, mask = _pad(ids_list, pad)
-            return images, text(ids, mask)
+            return images, embed_texts_by_length(text, ids_list, pad)
 
     report = {"seconds": None, "preprocess_seconds": round(prep_seconds, 1),
-              "parameters": sum(p.numel() for p in vision.parameters()), "config": asdict(settings),
+              "parameters": sum(p.numel() for p in clip.vision_model.parameters()),
+              "text_parameters": sum(p.numel() for p in clip.text_model.parameters()), "config": asdict(settings),
               "train_pairs": len(train_ids), "hard_negative_groups": trained_groups,
               "first_loss": round(_mean(curve[:10]), 4), "final_loss": round(_mean(curve[-20:]), 4),
               "heldout": recall_at_1(*embed_all(held_pixels, held_ids))}
@@ -428,83 +434,11 @@ def pretrain_vision(train_pairs: Sequence[tuple[object, str]], heldout_pairs: Se
         swapped = torch.stack([sims[i, i ^ 1] for i in range(len(own))])
         report["heldout_hard_negatives"] = {"accuracy": round(float((own > swapped).float().mean()) * 100, 2),
                                             "chance": 50.0, "n": len(own)}
-    clip, clip_tokenizer, report["clip_text_tower"] = train_clip_text_tower(
-        vision, vision_head, logit_scale.detach(), train_pixels, [c for _, c in train_pairs], held_pixels,
-        [c for _, c in heldout_pairs], tokenizer, settings, seed, progress)
     save_pretrained(clip, out_dir)
     save_pretrained(processor, out_dir)
     clip_tokenizer.save_pretrained(str(out_dir))
     report["seconds"] = round(time.perf_counter() - start, 1)
     return report
-
-
-def train_clip_text_tower(vision, vision_head: nn.Module, logit_scale: torch.Tensor, train_pixels: torch.Tensor,
-                          train_captions: Sequence[str], held_pixels: torch.Tensor, held_captions: Sequence[str],
-                          tokenizer, settings: VisionSettings, seed: int = 0,
-                          progress: Callable[[str], None] | None = None):
-    """(CLIPModel, its tokenizer, quality numbers): a CLIPModel holding copies of the trained `vision` tower and
-    `vision_head` (its visual projection), with a CLIPTextModel text tower and text projection trained here with
-    InfoNCE against the frozen image embeddings (computed once). The vision weights are copied, never trained."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
-
-    from model.clip_baseline import clip_text_ids, stand_in_clip_tokenizer
-
-    clip_tokenizer = stand_in_clip_tokenizer(tokenizer)
-    text_config = CLIPTextConfig(vocab_size=len(clip_tokenizer), hidden_size=settings.text_hidden,
-                                 intermediate_size=4 * settings.text_hidden, num_hidden_layers=settings.text_layers,
-                                 num_attention_heads=4 if settings.text_hidden % 4 == 0 else 1,
-                                 max_position_embeddings=settings.text_max_len, projection_dim=settings.embed_dim,
-                                 bos_token_id=clip_tokenizer.bos_token_id, eos_token_id=clip_tokenizer.eos_token_id,
-                                 pad_token_id=clip_tokenizer.pad_token_id)
-    # FROMAGe reads the vision part with CLIPVisionModel: naming that architecture in it keeps the vision config
-    # FROMAGe's `model_identity` covers what a vision-only save gave (so retrieval sets stay FROMAGe's own)
-    vision_config = {**vision.config.to_dict(), "architectures": ["CLIPVisionModel"]}
-    config = CLIPConfig(text_config=text_config.to_dict(), vision_config=vision_config,
-                        projection_dim=settings.embed_dim, logit_scale_init_value=float(logit_scale))
-    torch.manual_seed(seed)
-    clip = CLIPModel(config)
-    with torch.no_grad():
-        clip.vision_model.load_state_dict(vision.state_dict())
-        clip.visual_projection.weight.copy_(vision_head.weight)
-    clip.vision_model.requires_grad_(False)
-    clip.visual_projection.requires_grad_(False)
-    clip.eval()
-
-    def image_embeddings(pixels):
-        with torch.no_grad():
-            return torch.cat([clip.visual_projection(clip.vision_model(pixel_values=pixels[i:i + 256].float())
-                                                     .pooler_output) for i in range(0, len(pixels), 256)])
-
-    def text_ids(captions):
-        return [clip_text_ids(clip_tokenizer, c, settings.text_max_len) for c in captions]
-
-    def embed_texts(ids_list):
-        ids, mask = _pad(ids_list, clip_tokenizer.pad_token_id)
-        return clip.text_projection(clip.text_model(input_ids=ids, attention_mask=mask).pooler_output)
-
-    start = time.perf_counter()
-    train_images, train_ids = image_embeddings(train_pixels), text_ids(train_captions)
-    params = list(clip.text_model.parameters()) + list(clip.text_projection.parameters()) + [clip.logit_scale]
-    optimiser = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, 0.98), weight_decay=0.05)
-    batches = _batches(len(train_ids), settings.batch_size, settings.text_steps, random.Random(f"clip-text:{seed}"))
-    curve = []
-    clip.text_model.train()
-    for step in range(settings.text_steps):
-        for group in optimiser.param_groups:
-            group["lr"] = settings.lr * _schedule(step, settings.text_steps, settings.warmup)
-        batch = next(batches)
-        loss = _contrastive(train_images[batch], embed_texts([train_ids[i] for i in batch]), clip.logit_scale)
-        _optimiser_step(optimiser, params, loss)
-        curve.append(loss.item())
-        if progress and (step % 50 == 0 or step == settings.text_steps - 1):
-            progress(f"clip text step {step + 1}/{settings.text_steps}: loss {loss.item():.3f}")
-    clip.eval().requires_grad_(False)
-    with torch.no_grad():
-        held = recall_at_1(image_embeddings(held_pixels), embed_texts(text_ids(held_captions)))
-    report = {"seconds": round(time.perf_counter() - start, 1), "steps": settings.text_steps,
-              "parameters": sum(p.numel() for p in clip.text_model.parameters()),
-              "first_loss": round(_mean(curve[:10]), 4), "final_loss": round(_mean(curve[-20:]), 4), "heldout": held}
-    return clip, clip_tokenizer, report
 
 
 # -- data -----------------------------------------------------------------------------------------------
@@ -516,6 +450,15 @@ def read_pairs(tsv: Path, image_dir: Path) -> list[tuple[Path, str]]:
     images = ImageDir(image_dir)
     paths = [(resolve_image(images, row.image, f"{tsv}, line {row.line}"), row.caption) for row in read_cc3m_rows(tsv)]
     return [(path, caption) for path, caption in paths if path.is_file()]
+
+
+def clip_pretraining_files(data: Path) -> tuple[Path, Path]:
+    """(TSV, image directory) of the stand-in CLIP's pretraining pairs: the miniworld's own alt-text-style split
+    (captions only, as CLIP's web pairs; `miniworld.CLIP_TRAIN_TSV`) where the data root has one, else its
+    CC3M-style training pairs (any other data root)."""
+    if (data / miniworld.CLIP_TRAIN_TSV).is_file():
+        return data / miniworld.CLIP_TRAIN_TSV, data / miniworld.CLIP_TRAIN_IMAGES
+    return data / miniworld.CC3M_TRAIN_TSV, data / miniworld.CC3M_TRAIN_IMAGES
 
 
 def hard_negative_pairs(n: int, seed: int) -> list[tuple[object, str]]:
@@ -578,11 +521,11 @@ def make_standins(data: str | Path, out: str | Path, *, seed: int = 0, preset: s
         from transformers import GPT2Tokenizer
 
         tokenizer = GPT2Tokenizer.from_pretrained(str(out / "opt"))
-        train_pairs: list = read_pairs(data / miniworld.CC3M_TRAIN_TSV, data / miniworld.CC3M_TRAIN_IMAGES)
+        train_pairs: list = read_pairs(*clip_pretraining_files(data))
         hard = hard_negative_pairs(vision_settings.hard_negatives, seed)
         held_pairs = read_pairs(data / miniworld.CC3M_VAL_TSV, data / miniworld.CC3M_VAL_IMAGES)
-        vision_report = pretrain_vision(train_pairs, held_pairs, tokenizer, out / "clip", vision_settings, seed, progress,
-                                        hard_pairs=hard)
+        vision_report = pretrain_clip(train_pairs, held_pairs, tokenizer, out / "clip", vision_settings, seed, progress,
+                                      hard_pairs=hard)
     finally:
         torch.set_num_threads(previous_threads)
     report = {"data": str(data), "seed": seed, "preset": preset, "threads": threads, "lm": lm_report,

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 
-def atomic_write(path: str | Path, write_to: Callable[[BinaryIO], object]) -> Path:
-    """Call `write_to(f)` on a binary file that becomes `path` once it returns."""
+def atomic_write(path: str | Path, write_to: Callable[[BinaryIO], object], durable: bool = True) -> Path:
+    """Call `write_to(f)` on a binary file that becomes `path` once it returns. `durable=False` skips the fsync:
+    for cache entries, which a reader that finds them torn after a crash recomputes (one fsync per cached image
+    feature cost more than the feature on network storage)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")  # unique: processes may write one file at once
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask
@@ -22,7 +24,8 @@ def atomic_write(path: str | Path, write_to: Callable[[BinaryIO], object]) -> Pa
         with os.fdopen(fd, "wb") as f:
             write_to(f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -30,8 +33,8 @@ def atomic_write(path: str | Path, write_to: Callable[[BinaryIO], object]) -> Pa
     return path
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    return atomic_write(path, lambda f: f.write(data))
+def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> Path:
+    return atomic_write(path, lambda f: f.write(data), durable)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

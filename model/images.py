@@ -17,6 +17,7 @@ refused as "image too large" before it is decoded, like any other unreadable fil
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -125,11 +126,82 @@ def default_workers(n_images: int, batch_size: int) -> int:
     return 0 if n_images <= batch_size else max(0, min(8, cores - 2))
 
 
+class PixelMemo:
+    """Pixel values already prepared in this process, so that one evaluation run decodes each file once per
+    preprocessing, not once per precision (each precision loads its own model, whose features differ, but whose
+    processor prepares the same pixels). Keyed by the file (resolved path, size, mtime), the preprocessing and
+    the processor's configuration, so a changed file or processor is decoded afresh. It holds at most
+    `max_bytes` and then takes no more (no eviction: the tasks read their images in the same order at every
+    precision, where a least-recently-used memo smaller than the set would never hit)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes, self.enabled = max_bytes, 0, True
+        self._pixels: dict[tuple, torch.Tensor] = {}
+
+    @contextmanager
+    def off(self):
+        """Neither read nor fill the memo inside the block (work that reads each image once, such as building a
+        retrieval set, would only take the room)."""
+        enabled, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = enabled
+
+    @staticmethod
+    def processor_key(processor) -> str:
+        to_json = getattr(processor, "to_json_string", None)
+        return to_json() if to_json else repr(processor)
+
+    @staticmethod
+    def file_key(path: str | Path | None, processor_key: str, preprocess: str) -> tuple | None:
+        try:
+            resolved = Path(path).resolve()
+            st = resolved.stat()
+        except (OSError, TypeError):
+            return None
+        return str(resolved), st.st_size, st.st_mtime_ns, preprocess, processor_key
+
+    def get(self, key: tuple | None) -> torch.Tensor | None:
+        return None if key is None or not self.enabled else self._pixels.get(key)
+
+    def put(self, key: tuple | None, pixels: torch.Tensor) -> None:
+        size = pixels.numel() * pixels.element_size()
+        if self.enabled and key is not None and key not in self._pixels and self.bytes + size <= self.max_bytes:
+            self._pixels[key] = pixels
+            self.bytes += size
+
+    def clear(self) -> None:
+        self._pixels.clear()
+        self.bytes = 0
+
+
+# 1 GiB: the embedded default's every image at both preprocessings (about 0.6 GB); a real VIST pool at 224 px
+# (0.6 MB a photo) fits in part
+PIXEL_MEMO = PixelMemo(int(os.environ.get("FROMAGE_PIXEL_MEMO_BYTES", 1 << 30)))
+
+
 def pixel_batches(paths: Sequence[str | Path], processor, batch_size: int, workers: int | None = None,
                   pin_memory: bool = False, preprocess: str = CROP
                   ) -> Iterator[tuple[list[int], torch.Tensor | None, dict[int, str]]]:
-    """`collate_pixels` batches over `paths`, in order."""
-    workers = default_workers(len(paths), batch_size) if workers is None else workers
-    loader = torch.utils.data.DataLoader(ImageFiles(paths, processor, preprocess), batch_size=batch_size,
-                                         num_workers=workers, collate_fn=collate_pixels, pin_memory=pin_memory)
-    yield from loader
+    """`collate_pixels` batches over `paths`: first those `PIXEL_MEMO` holds, then the others, decoded by
+    `workers` DataLoader processes, in order (every batch names its positions)."""
+    processor_key = PixelMemo.processor_key(processor)
+    keys = [PixelMemo.file_key(p, processor_key, preprocess) for p in paths]
+    held = [i for i, key in enumerate(keys) if PIXEL_MEMO.get(key) is not None]
+    for start in range(0, len(held), batch_size):
+        positions = held[start:start + batch_size]
+        pixels = torch.stack([PIXEL_MEMO.get(keys[i]) for i in positions])
+        yield positions, (pixels.pin_memory() if pin_memory else pixels), {}
+    todo = [i for i, key in enumerate(keys) if PIXEL_MEMO.get(key) is None]
+    if not todo:
+        return
+    workers = default_workers(len(todo), batch_size) if workers is None else workers
+    loader = torch.utils.data.DataLoader(ImageFiles([paths[i] for i in todo], processor, preprocess),
+                                         batch_size=batch_size, num_workers=workers, collate_fn=collate_pixels,
+                                         pin_memory=pin_memory)
+    for positions, pixels, failed in loader:
+        positions = [todo[p] for p in positions]
+        for i, row in zip(positions, pixels if pixels is not None else ()):
+            PIXEL_MEMO.put(keys[i], row.clone())
+        yield positions, pixels, {todo[p]: reason for p, reason in failed.items()}

@@ -35,7 +35,7 @@ class FeatureCache:
     def put(self, digest: str, preprocess: str, features: torch.Tensor) -> None:
         f = self._file(digest, preprocess)
         f.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(f, save({"features": features.detach().float().cpu().contiguous()}))
+        atomic_write_bytes(f, save({"features": features.detach().float().cpu().contiguous()}), durable=False)
 
 
 def content_hashes(paths: Sequence[Path | None], cache: FeatureCache | None) -> list[str | None]:

@@ -13,6 +13,16 @@ from tests.reference.photos import awkward_image_files
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_pixel_memo():
+    """Every test starts without pixels decoded by an earlier one (the memo lives for the process)."""
+    from model.images import PIXEL_MEMO
+
+    PIXEL_MEMO.clear()
+    yield
+    PIXEL_MEMO.clear()
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     return make_tiny(tmp_path_factory.mktemp("tiny") / "fromage", seed=0)

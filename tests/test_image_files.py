@@ -3,7 +3,10 @@ unreadable files reported by position; the feature cache skips decoding."""
 import pytest
 import torch
 
-from model.images import default_workers, load_image, pixel_batches
+import os
+
+from model import images as image_module
+from model.images import PIXEL_MEMO, PixelMemo, default_workers, load_image, pixel_batches
 from tasks.cache import FeatureCache, load_features
 
 
@@ -128,3 +131,50 @@ def test_the_cache_keeps_crop_and_squash_features_apart(tiny, tmp_path, awkward_
     again, _ = load_features(tiny, paths, cache, batch_size=4, workers=0, preprocess=SQUASH)
     assert cache.hits == len(paths)
     torch.testing.assert_close(torch.stack([again[i] for i in range(len(paths))]), expected, atol=0, rtol=0)
+
+
+def _pixels_by_position(batches) -> dict:
+    return {p: px for positions, pixels, _ in batches if pixels is not None for p, px in zip(positions, pixels)}
+
+
+def _decoded(monkeypatch) -> list:
+    """The files `pixel_batches` decodes from here on (in-process, workers=0)."""
+    opened = []
+    real = image_module.try_open
+    monkeypatch.setattr(image_module, "try_open", lambda path: (opened.append(path), real(path))[1])
+    return opened
+
+
+def test_the_pixel_memo_decodes_each_file_once_per_preprocessing_and_gives_the_same_pixels(tiny, files, monkeypatch):
+    processor = tiny.model.feature_extractor
+    opened = _decoded(monkeypatch)
+    first = _pixels_by_position(pixel_batches(files, processor, 3, workers=0))
+    assert len(opened) == 7  # every file once, the unreadable two included
+    batches = list(pixel_batches(files, processor, 3, workers=0))  # a second precision, say
+    again, failed = _pixels_by_position(batches), {k: v for _, _, bad in batches for k, v in bad.items()}
+    assert len(opened) == 9  # only the two unreadable files again: they are not held
+    assert failed == {2: "corrupt image", 5: "missing image"}
+    assert sorted(again) == sorted(first) == [0, 1, 3, 4, 6]
+    assert all(torch.equal(again[i], first[i]) for i in first)
+    list(pixel_batches(files, processor, 3, workers=0, preprocess="squash"))  # another preprocessing: its own
+    assert len(opened) == 16
+    with PIXEL_MEMO.off():  # neither read nor filled
+        list(pixel_batches(files, processor, 3, workers=0))
+    assert len(opened) == 23
+
+
+def test_a_changed_file_is_decoded_afresh_and_a_full_memo_takes_no_more(tiny, files, images, monkeypatch):
+    processor = tiny.model.feature_extractor
+    list(pixel_batches(files, processor, 3, workers=0))
+    images[3].save(files[0])  # other content: new size and mtime
+    os.utime(files[0], ns=(1, 1))
+    opened = _decoded(monkeypatch)
+    changed = _pixels_by_position(pixel_batches(files, processor, 3, workers=0))
+    assert files[0] in opened and torch.equal(changed[0], tiny.model.feature_extractor(
+        [load_image(files[0])], return_tensors="pt").pixel_values[0])
+
+    one = changed[0].numel() * changed[0].element_size()
+    small = PixelMemo(max_bytes=2 * one)
+    monkeypatch.setattr(image_module, "PIXEL_MEMO", small)
+    list(pixel_batches(files, processor, 3, workers=0))
+    assert small.bytes == 2 * one and len(small._pixels) == 2  # the first two readable files, then full

@@ -143,6 +143,28 @@ def test_the_task_loaders_read_every_dataset(world):
     assert all((world / _file(scenes, mw.CC3M_TRAIN_IMAGES, row.image)).is_file() for row in train)
 
 
+def test_the_clip_pretraining_split_is_plain_captions_and_leaves_every_other_file_as_it_was(world, tmp_path):
+    """The stand-in CLIP's own pairs: captions of their scenes (no story, dialogue or chat request: CLIP's web
+    pairs hold none), written after everything else so that the datasets FROMAGe reads did not change."""
+    from fromage_bench.standins import clip_pretraining_files
+
+    scenes = _scenes(world)
+    rows = read_cc3m_rows(world / mw.CLIP_TRAIN_TSV)
+    assert len(rows) == mw.SCALES["tiny"]["clip_train"]
+    for row in rows:
+        objects = scenes[_file(scenes, mw.CLIP_TRAIN_IMAGES, row.image)]
+        assert not row.caption.startswith(("Q:", "we saw")) and "\n" not in row.caption
+        assert all(o.shape in row.caption and o.colour in row.caption for o in objects), (row.caption, objects)
+    assert clip_pretraining_files(world) == (world / mw.CLIP_TRAIN_TSV, world / mw.CLIP_TRAIN_IMAGES)
+    assert clip_pretraining_files(tmp_path) == (tmp_path / mw.CC3M_TRAIN_TSV, tmp_path / mw.CC3M_TRAIN_IMAGES)
+
+    without = tmp_path / "without"
+    mw.write_miniworld(without, seed=3, scale="tiny", clip_train=0)
+    before, after = _digest(without), _digest(world)
+    others = [rel for rel in after if not rel.startswith(("clip/", mw.MANIFEST))]
+    assert others and {rel: after[rel] for rel in others} == {rel: before.get(rel) for rel in others}
+
+
 def test_eval_runs_every_task_on_the_miniworld(world, tiny_dir, tmp_path):
     from fromage_bench.cli import main
 
@@ -249,12 +271,12 @@ def test_the_miniworld_and_the_fixtures_share_the_writers(tmp_path, monkeypatch)
     original_save = images.save_image
     monkeypatch.setattr(images, "save_image", lambda *a, **k: (calls.update(["save_image"]), original_save(*a, **k))[1])
 
-    small = dict(train=4, val=3, coco=2, coco_other=1, stories=1, train_stories=1, dialogues=2, lm_stories=1,
-                 lm_dialogues=1)
+    small = dict(clip_train=2, train=4, val=3, coco=2, coco_other=1, stories=1, train_stories=1, dialogues=2,
+                 lm_stories=1, lm_dialogues=1)
     mw.write_miniworld(tmp_path / "mini", seed=0, scale="tiny", **small)
     from_miniworld = dict(calls)
-    assert from_miniworld == {"write_cc3m_tsv": 2, "write_coco_karpathy_json": 1, "write_vist_sis": 2,
-                              "write_visdial_val": 1, "save_image": 4 + 3 + 3 + 5 + 5 + 2}
+    assert from_miniworld == {"write_cc3m_tsv": 3, "write_coco_karpathy_json": 1, "write_vist_sis": 2,
+                              "write_visdial_val": 1, "save_image": 2 + 4 + 3 + 3 + 5 + 5 + 2}
     calls.clear()
     fixtures = tmp_path / "fixtures"
     cc3m = captions.write_cc3m(fixtures, n=3)
@@ -517,8 +539,9 @@ def test_the_standin_clip_is_a_whole_clip_model_whose_vision_tower_fromage_uses(
     with torch.no_grad():  # FROMAGe's features are the whole CLIP's vision tower's, bit for bit
         assert torch.equal(fromage.model.vision_features(pixels), whole.vision_model(pixel_values=pixels).pooler_output)
         assert torch.equal(tower(pixel_values=pixels).pooler_output, whole.vision_model(pixel_values=pixels).pooler_output)
-    text = report["vision"]["clip_text_tower"]
-    assert text["final_loss"] < text["first_loss"] and text["heldout"]["n"] > 0
+    trained = report["vision"]  # both towers trained together, on the caption-only split
+    assert trained["final_loss"] < trained["first_loss"] and trained["heldout"]["n"] > 0
+    assert trained["train_pairs"] == mw.SCALES["tiny"]["clip_train"] and trained["text_parameters"] > 0
     clip = load_clip(out / "clip", resolve_placement("cpu", "fp32"))
     embeddings = clip.retrieval_embeddings([["a small red circle on the left."], ["a big blue square."]])
     assert embeddings.shape == (2, whole.config.projection_dim)

@@ -73,11 +73,18 @@ def test_decoded_images_are_kept_in_the_main_process_up_to_the_limit(tiny, tmp_p
     assert data._pixels == {}
 
 
-def test_the_text_tower_on_length_groups_gives_one_padded_batchs_embeddings_and_gradients():
-    torch.manual_seed(0)
-    tower = standins.TextTower(vocab=50, hidden=16, layers=2, out_dim=8)
+def test_the_text_tower_on_length_groups_gives_one_padded_batchs_embeddings_and_gradients(tmp_path):
+    from transformers import GPT2Tokenizer
+
+    from model.tiny import save_trained_tokenizer
+
+    save_trained_tokenizer(tmp_path / "tokenizer", vocab_size=60)
+    settings = standins.VisionSettings(hidden=16, layers=1, heads=2, text_hidden=16, text_layers=2, embed_dim=8)
+    clip, clip_tokenizer = standins.new_clip_model(GPT2Tokenizer.from_pretrained(str(tmp_path / "tokenizer")), settings)
+    tower = standins.ClipText(clip).train()
     generator = torch.Generator().manual_seed(1)
-    ids = [torch.randint(4, 50, (n,), generator=generator).tolist() for n in (3, 17, 1, 9, 30, 5, 12)]
+    eos = clip_tokenizer.eos_token_id  # CLIP pools at the first EOS, so every list ends with one
+    ids = [torch.randint(4, 40, (n,), generator=generator).tolist() + [eos] for n in (3, 17, 1, 9, 30, 5, 12)]
 
     grouped = standins.embed_texts_by_length(tower, ids, pad_id=1, groups=3)
     grouped.square().sum().backward()
