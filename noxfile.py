@@ -13,9 +13,11 @@ OLDEST_TRANSFORMERS = "transformers==5.0.0"  # the floor in pyproject.toml
 
 def install(session: nox.Session, extras: str = "test,demo") -> None:
     """torch, then the package with `extras` (demo: the Gradio chat's tests run in the suite). The eval and
-    regression sessions take none: they run no test, and Gradio's dependencies are a third of the install."""
-    session.install(TORCH)
-    session.install("-e", f".[{extras}]" if extras else ".")
+    regression sessions take none: they run no test. `--no-compile`: pip would byte-compile every file of every
+    package (torch alone has thousands), where Python compiles the few it imports on first use; that halved
+    the install of the eval session here (README, first run)."""
+    session.install("--no-compile", TORCH)
+    session.install("--no-compile", "-e", f".[{extras}]" if extras else ".")
 
 
 @nox.session

@@ -504,10 +504,22 @@ def _cost_rows(run: Run) -> list[dict]:
                                                 str(r.get("task")), str(r.get("setting"))))
 
 
+def emulated_precisions(environment: Any) -> dict[str, str]:
+    """{precision: note} for the CPU precisions a CPU-only run computed without native arithmetic
+    (`environment.cpu_low_precision`, `fromage_bench.cpu_precision`): their speed is the emulation's."""
+    if not isinstance(environment, dict) or environment.get("gpus"):
+        return {}
+    support = environment.get("cpu_low_precision")
+    support = support if isinstance(support, dict) else {}
+    return {str(p): str(info.get("note", "")) for p, info in support.items()
+            if isinstance(info, dict) and info.get("native") is False}
+
+
 def _cost(run: Run) -> dict | None:
     rows_src = _cost_rows(run)
     if not rows_src:
         return None
+    emulated = emulated_precisions(run.doc.get("environment"))
     mem_cols, headline, mem_headers = _memory_headers(rows_src)
     with_baseline = "Before cell" in mem_headers
     headers = (["Precision", "Task", "Load s", "Weights", "Load peak"] + mem_headers
@@ -519,8 +531,10 @@ def _cost(run: Run) -> dict | None:
         cls = "group-start" if p != last_precision else None
         last_precision = p
         label = run.where(r, r.get("task"), r.get("setting"))
+        precision_cell = (_cell(p, _span(" (emulated)", "emulated", title=emulated[p])) if p in emulated
+                          else _cell(p))
         if r.get("status", "ok") != "ok":
-            rows.append(_row([_cell(p), _cell(label),
+            rows.append(_row([precision_cell, _cell(label),
                               _cell("skipped: " + str(r.get("reason")), colspan=len(headers) - 2, cls="skipped")], cls))
             continue
         cost = r.get("cost") if isinstance(r.get("cost"), dict) else {}
@@ -536,7 +550,7 @@ def _cost(run: Run) -> dict | None:
         num += [_span(fmt_num(lat.get(q)), title=lat_label) if _is_num(lat.get(q)) else DASH
                 for q in ("p50", "p90", "p99")]
         num.append(fmt_num(warmup) if warmup is not None else DASH)
-        rows.append(_row([_cell(p), _cell(label)]
+        rows.append(_row([precision_cell, _cell(label)]
                          + [_cell(*(t if isinstance(t, list) else [t]), cls="num") for t in num], cls))
     reset = ("from a reset allocator: each cell's own, not the process's high-water mark" if with_baseline else
              "recorded before per-cell resets: reserved and NVML peaks are the process's high-water marks")
@@ -552,7 +566,8 @@ def _cost(run: Run) -> dict | None:
             "tokens computed (scored, encoded, generated) over the compute time (hover for the breakdown, with the "
             "generated tokens kept). p50/p90/p99: steady-state ms per unit (each unit of a batch gets the batch's "
             "time divided by its size; hover to see which); Warm-up ms: the first batch computed, timed apart.")
-    return _section("cost", "Cost", _table(headers, rows, "cost-table"), note)
+    blocks = [_note(f"{p} on this CPU: {text}.") for p, text in emulated.items()]
+    return _section("cost", "Cost", *blocks, _table(headers, rows, "cost-table"), note)
 
 
 def _target_text(target: dict) -> str:

@@ -490,6 +490,30 @@ def test_memory_columns_say_which_to_read_with_the_baseline_and_missing_nvml(tmp
     assert "high-water marks" in old_text
 
 
+def test_a_precision_this_cpu_emulates_says_so_next_to_its_cost(tmp_path):
+    """fp16 on a CPU without fp16 arithmetic: its speed is the emulation's, and the cost table says so in the
+    precision's cell and above the table; bf16 in hardware, and any precision of a GPU run, carry no mark."""
+    from fromage_bench.cpu_precision import low_precision_support
+
+    support = low_precision_support({"source": "/proc/cpuinfo", "instruction_sets": ["avx2", "avx512_bf16"]})
+    record = {"kind": "eval", "task": "visdial_ranking", "setting": "val", "protocol": "corrected", "status": "ok",
+              "metrics": {"MRR": 1.0}, "paper": {}, "n_examples": 1, "n_skipped": 0, "skipped": {},
+              "skipped_examples": [], "extra": {}, "cost": {"wall_seconds": 1.0}}
+    records = [dict(record, precision=p) for p in ("fp32", "bf16", "fp16")]
+    texts = {}
+    for name, gpus in (("cpu", []), ("gpu", [{"name": "a GPU"}])):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        write_results(run_dir, {"created": "2026-12-01T00:00:00Z", "config": {}, "records": records,
+                                "environment": {"cpu_low_precision": support, "gpus": gpus}})
+        texts[name] = write_report(run_dir).read_text(encoding="utf-8")
+    rows = parse(texts["cpu"]).tables["cost-table"]
+    precision_cells = [row[0][1] for row in rows[1:]]
+    assert precision_cells == ["fp32", "bf16", "fp16 (emulated)"]
+    assert "fp16 on this CPU: no native fp16" in texts["cpu"]
+    assert "emulated" not in texts["gpu"]
+
+
 HOSTILE = '<script>alert(1)</script>"onerror=alert(2) x="'
 
 
