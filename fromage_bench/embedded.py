@@ -28,7 +28,8 @@ STANDIN_ARGS = ["--seed", str(SEED), "--preset", "small", "--quiet"]
 # --story-batch: interleaved story queries from the miniworld's VIST train split (see model/train_stories.py);
 # without them the small LM ranks VIST 5cap4img targets at chance.
 # --steps 360: the first run within 10 minutes on 2 cores, install included (500, then 460, before 2026-12-01;
-#   400 took the first run to 9 min 53 s, too close to the limit; 400 and 460 gave the same t2i R@1 on one build).
+#   400 took the first run to 9 min 53 s, too close to the limit; on one set of stand-ins 400 and 460 steps gave
+#   t2i R@1 2.0 and 1.5 %).
 # --learn-logit-scale: the miniworld's choice, kept from before the flag existed (the product's default now leaves
 # logit_scale fixed, as the original's bf16 training does); it moved from 2.659 to 2.620 in the cached run.
 TRAIN_ARGS = ["--steps", "360", "--batch-size", "64", "--lr", "1e-3", "--warmup", "20", "--max-len", "64",
