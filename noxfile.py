@@ -5,19 +5,18 @@ nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["tests"]
 
-# Installed before the package so that its unpinned `torch` requirement is already met by the CPU
-# wheel on disk, instead of pulling a multi-GB CUDA build. GPU users install their own torch.
+# Pinned in the package's own install, so that its unpinned `torch` requirement is met by the CPU wheel on
+# disk instead of pulling a multi-GB CUDA build. GPU users install their own torch.
 TORCH = "torch==2.13.0"
 OLDEST_TRANSFORMERS = "transformers==5.0.0"  # the floor in pyproject.toml
 
 
 def install(session: nox.Session, extras: str = "test,demo") -> None:
-    """torch, then the package with `extras` (demo: the Gradio chat's tests run in the suite). The eval and
+    """torch and the package with `extras` (demo: the Gradio chat's tests run in the suite). The eval and
     regression sessions take none: they run no test. `--no-compile`: pip would byte-compile every file of every
     package (torch alone has thousands), where Python compiles the few it imports on first use; that halved
     the install of the eval session here (README, first run)."""
-    session.install("--no-compile", TORCH)
-    session.install("--no-compile", "-e", f".[{extras}]" if extras else ".")
+    session.install("--no-compile", TORCH, "-e", f".[{extras}]" if extras else ".")  # one resolver run
 
 
 @nox.session

@@ -405,16 +405,20 @@ def check_source(model: ModelSpec) -> None:
 
 
 def finished(eval_cfg) -> bool:
-    """A results file in the model's directory from a run with this configuration: nothing to redo."""
+    """A results file in the model's directory from a run with this configuration, of the model as its files are
+    now (`model.family.source_state`: one retrained in place is run again): nothing to redo."""
+    from .runner import model_entry
+
     path = eval_cfg.out / "results.json"
     if not path.is_file():
         return False
     try:
-        done = read_results(path).get("config") or {}
+        document = read_results(path)
     except FromageInputError:
         return False
-    wanted = eval_cfg.to_json()
-    return all(done.get(k) == v for k, v in wanted.items() if k not in NOT_COMPARED)
+    done, wanted = document.get("config") or {}, eval_cfg.to_json()
+    same_model = (document.get("model") or {}).get("source_state") == model_entry(eval_cfg)["source_state"]
+    return same_model and all(done.get(k) == v for k, v in wanted.items() if k not in NOT_COMPARED)
 
 
 def run_reproduce(config: ReproduceConfig, run_eval: Callable | None = None) -> Path:

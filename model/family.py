@@ -109,6 +109,22 @@ _VERBS = {IMAGE_RETRIEVAL: "embed retrieval queries", INTERLEAVED_QUERY: "read q
           SCORE_CONTINUATIONS: "score continuations", GENERATE: "generate text", LM_PROMPTS: "read LM prompts"}
 
 
+def source_state(source: str | Path | None) -> str | None:
+    """A digest of every file under a model directory (relative path, size, mtime): a model retrained or replaced
+    in place gets another one. None for anything that is not a directory (a hub id, random init)."""
+    import hashlib
+
+    if source is None or not Path(source).is_dir():
+        return None
+    digest = hashlib.sha256()
+    root = Path(source)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        st = path.stat()
+        digest.update(f"{path.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def model_record(family: str, label: str, source: str | Path | None) -> dict[str, str | None]:
-    """The results' top-level "model" entry (see SPLIT contract 2)."""
-    return {"family": family, "label": label, "source": None if source is None else str(source)}
+    """The results' top-level "model" entry (see SPLIT contract 2), with the directory's `source_state`."""
+    return {"family": family, "label": label, "source": None if source is None else str(source),
+            "source_state": source_state(source)}

@@ -176,7 +176,7 @@ class PixelMemo:
         self.bytes = 0
 
 
-# 1 GiB: the embedded default's every image at both preprocessings (about 0.6 GB); a real VIST pool at 224 px
+# 1 GiB: the embedded default's evaluation images at both preprocessings (about 0.5 GB); a real VIST pool at 224 px
 # (0.6 MB a photo) fits in part
 PIXEL_MEMO = PixelMemo(int(os.environ.get("FROMAGE_PIXEL_MEMO_BYTES", 1 << 30)))
 

@@ -14,6 +14,7 @@ from fromage_bench.synth.captions import write_cc3m
 from fromage_bench.synth.visdial import write_visdial
 from fromage_bench.synth.vist import write_vist
 from model.errors import FromageInputError
+from model.family import source_state
 from model.images import SQUASH, CROP, open_image, prepare
 from model.loading import detect_family, load_model
 from model.precision import resolve_placement
@@ -212,7 +213,8 @@ def _eval(tmp_path, out_name, *model_args, tasks="visdial_retrieval,visdial_rank
 def test_clip_cells_it_cannot_do_are_skipped_with_the_reason(clip_dir, data_root, tmp_path):
     (tmp_path / "data").symlink_to(data_root)
     results = _eval(tmp_path, "clip", "--clip", str(clip_dir))
-    assert results["model"] == {"family": "clip", "label": "clip", "source": str(clip_dir)}
+    assert results["model"] == {"family": "clip", "label": "clip", "source": str(clip_dir),
+                                "source_state": source_state(clip_dir)}
     by_cell = {(r["task"], r["protocol"]): r for r in results["records"]}
     for protocol in ("paper", "corrected"):
         ranking = by_cell[("visdial_ranking", protocol)]
@@ -227,10 +229,12 @@ def test_clip_cells_it_cannot_do_are_skipped_with_the_reason(clip_dir, data_root
     assert [r.get("metrics") for r in again["records"]] == [r.get("metrics") for r in results["records"]]
 
 
-def test_fromage_records_name_their_family_and_keep_fromage_paper_numbers(tiny_dir, data_root, tmp_path):
+def test_fromage_records_name_their_family_and_keep_fromage_paper_numbers(tiny_dir, clip_dir, data_root, tmp_path):
     (tmp_path / "data").symlink_to(data_root)
     results = _eval(tmp_path, "fromage", "--model-dir", str(tiny_dir), "--label", "tiny", tasks="visdial_retrieval")
-    assert results["model"] == {"family": "fromage", "label": "tiny", "source": str(tiny_dir)}
+    assert results["model"] == {"family": "fromage", "label": "tiny", "source": str(tiny_dir),
+                                "source_state": source_state(tiny_dir)}
+    assert source_state(tiny_dir) != source_state(clip_dir) and source_state("openai/clip-vit-large-patch14") is None
     paper = {r["protocol"]: r["paper"] for r in results["records"]}
     assert paper == {"paper": {"R@1": 20.8, "R@5": 44.9, "R@10": 56.0}, "corrected": None}
     assert all("clip_readings" not in r["extra"] for r in results["records"])

@@ -114,8 +114,11 @@ def _fake_runner(document: dict, calls: list):
         records = [dict(r) for r in document["records"] if r.get("model") == label]
         for r in records:
             r.pop("model")
+        from fromage_bench.runner import model_entry
+
+        model = {**document["models"][label], "source_state": model_entry(config)["source_state"]}  # as run_eval
         write_results(config.out, {"created": "now", "config": config.to_json(), "environment": {},
-                                   "model": document["models"][label], "records": records})
+                                   "model": model, "records": records})
         return config.out / "results.json"
     return run_eval
 
@@ -146,6 +149,11 @@ def test_finished_models_are_not_rerun(tmp_path):
     config.precision = "bf16"
     reproduce.run_reproduce(config, _fake_runner(document, calls))
     assert calls == ["clip", "fromage"]  # another precision: another measurement
+
+    calls.clear()
+    (tmp_path / "fromage" / "pretrained_ckpt.pth.tar").write_bytes(b"retrained in place")
+    reproduce.run_reproduce(config, _fake_runner(document, calls))
+    assert calls == ["fromage"]  # the same configuration, but the model's files changed: measured again
 
 
 def test_a_model_that_is_not_there_is_one_error_line_before_anything_runs(tmp_path, tiny_dir, capsys):
