@@ -16,6 +16,7 @@ from fromage_bench.cli import main
 from fromage_bench.retrieval_build import build_retrieval_set, images_under
 from model import RetrievalSet, load_fromage
 from model.errors import FromageInputError
+from model.family import source_state
 from model.gill import Gill, is_gill_release, load_gill
 from model.images import open_image
 from model.loading import model_identity
@@ -296,7 +297,8 @@ def gill_eval(tmp_path_factory, release):
 
 def test_eval_gives_gill_rows_with_gills_paper_numbers(gill_eval, release):
     results, _, _ = gill_eval
-    assert results["model"] == {"family": "gill", "label": "gill", "source": str(release)}
+    assert results["model"] == {"family": "gill", "label": "gill", "source": str(release),
+                                "source_state": source_state(release)}
     cells = {(r["task"], r["setting"], r["protocol"]): r for r in results["records"]}
     expected = {(t, s, p) for t, s in [("vist_retrieval", "1cap"), ("vist_retrieval", "5cap"),
                                        ("vist_retrieval", "5cap4img"), ("visdial_retrieval", "val"),
