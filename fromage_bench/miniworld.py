@@ -72,24 +72,24 @@ TO_PLACE = {"left": "to the left", "middle": "to the middle", "right": "to the r
 NUMBER_WORDS = ("none", "one", "two", "three", "four", "five")
 
 SCALES = {  # counts of each dataset; `tiny` is for tests
-    "tiny": dict(clip_train=120, train=120, val=24, coco=12, coco_other=3, stories=8, dialogues=6, lm_stories=60, lm_dialogues=60,
-                 train_stories=16),
+    "tiny": dict(clip_train=120, train=120, val=24, coco=12, coco_other=3, stories=8, dialogues=6, lm_stories=60,
+                 lm_dialogues=60, train_stories=16),
     # small: 400 val captions and 400 stories (200 and 60 before 2026-12-01) so that the embedded default's
     # headline metrics have 95 % intervals of at most +-5 points (issue 19); the training counts are unchanged
-    "small": dict(clip_train=5000, train=5000, val=400, coco=100, coco_other=10, stories=400, dialogues=30, lm_stories=800,
-                  lm_dialogues=800, train_stories=1000),
-    "medium": dict(clip_train=20000, train=20000, val=1000, coco=500, coco_other=50, stories=300, dialogues=200, lm_stories=4000,
-                   lm_dialogues=4000, train_stories=4000),
+    "small": dict(clip_train=5000, train=5000, val=400, coco=100, coco_other=10, stories=400, dialogues=30,
+                  lm_stories=800, lm_dialogues=800, train_stories=1000),
+    "medium": dict(clip_train=20000, train=20000, val=1000, coco=500, coco_other=50, stories=300, dialogues=200,
+                   lm_stories=4000, lm_dialogues=4000, train_stories=4000),
 }
 
 # file layout (relative to the data root), as the tasks and the training code read it
 CC3M_TRAIN_TSV = "cc3m/cc3m_train.tsv"
 CC3M_TRAIN_IMAGES = "cc3m/training"
 CC3M_VAL_TSV = "cc3m/cc3m_val.tsv"
+CC3M_VAL_IMAGES = "cc3m/validation"
 # The stand-in CLIP's pretraining pairs, apart from FROMAGe's CC3M as CLIP's web pairs are: captions only
 CLIP_TRAIN_TSV = "clip/clip_train.tsv"
 CLIP_TRAIN_IMAGES = "clip/training"
-CC3M_VAL_IMAGES = "cc3m/validation"
 COCO_JSON = "coco/dataset_coco.json"
 VIST_JSON = "vist/sis/val.story-in-sequence.json"
 VIST_IMAGES = "vist/images/val"
@@ -740,7 +740,8 @@ def write_miniworld(out: str | Path, seed: int = 0, scale: str = "small", *, cle
     w.text(LM_HELDOUT, _jsonl(heldout_docs))
 
     manifest = {"generator": "fromage-bench miniworld", "version": VERSION, "seed": seed, "scale": scale,
-                "counts": {"clip_train": counts["clip_train"], "cc3m_train": counts["train"], "cc3m_val": counts["val"], "coco_test": counts["coco"],
+                "counts": {"clip_train": counts["clip_train"], "cc3m_train": counts["train"], "cc3m_val": counts["val"],
+                           "coco_test": counts["coco"],
                            "vist_stories": counts["stories"], "vist_train_stories": counts["train_stories"],
                            "visdial_dialogues": counts["dialogues"],
                            "lm_train_docs": len(train_docs), "lm_heldout_docs": len(heldout_docs),

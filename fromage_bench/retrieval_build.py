@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from model.datasets import ImageDir, read_cc3m_rows, resolve_image
 from model.errors import FromageInputError
-from model.files import atomic_write_bytes, atomic_write_text
+from model.files import atomic_write_bytes, atomic_write_text, file_stamp
 from model.images import CROP, PIXEL_MEMO
 from model.retrieval_set import RetrievalSet
 
@@ -151,17 +151,9 @@ def chunk_keys(fromage, images: ImageList, chunk_size: int, batch_size: int) -> 
     chunks = []
     for start in range(0, len(images.names), chunk_size):
         positions = range(start, min(start + chunk_size, len(images.names)))
-        parts = head + [f"{images.names[i]}\x1e{images.files[i]}\x1e{_stat(images.files[i])}" for i in positions]
+        parts = head + [f"{images.names[i]}\x1e{images.files[i]}\x1e{file_stamp(images.files[i])}" for i in positions]
         chunks.append((hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32], positions))
     return chunks
-
-
-def _stat(file: str) -> str:
-    try:
-        st = os.stat(file)
-        return f"{st.st_size}:{st.st_mtime_ns}"
-    except OSError:
-        return "missing"
 
 
 def embed_chunk(fromage, files: list[str], batch_size: int, workers: int | None, bar) -> bytes:

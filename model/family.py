@@ -16,11 +16,14 @@ Prompts (`Prompt`, `model.prompts`) are lists of strings, token-id tensors and i
 """
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
+
+from .files import file_stamp
 
 # -- capabilities ---------------------------------------------------------------------------------------
 IMAGE_RETRIEVAL = "image_retrieval"          # text query -> embedding in the space of the images' embeddings
@@ -112,15 +115,12 @@ _VERBS = {IMAGE_RETRIEVAL: "embed retrieval queries", INTERLEAVED_QUERY: "read q
 def source_state(source: str | Path | None) -> str | None:
     """A digest of every file under a model directory (relative path, size, mtime): a model retrained or replaced
     in place gets another one. None for anything that is not a directory (a hub id, random init)."""
-    import hashlib
-
     if source is None or not Path(source).is_dir():
         return None
     digest = hashlib.sha256()
     root = Path(source)
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        st = path.stat()
-        digest.update(f"{path.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        digest.update(f"{path.relative_to(root)}\0{file_stamp(path)}\n".encode())
     return digest.hexdigest()
 
 

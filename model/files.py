@@ -42,6 +42,16 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def file_stamp(path: str | Path) -> str:
+    """"size:mtime_ns" of a file, or "missing": what keys work on a file (a retrieval-set chunk, a memo of its
+    pixels, a model directory's state) so that a rewritten file is seen as another."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
 def save_pretrained(part, directory: str | Path) -> None:
     """`part.save_pretrained(directory)` (a Hugging Face model or processor), its files then given the mode any
     new file there gets: safetensors writes weights 0600 whatever the umask."""

@@ -25,6 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import FromageInputError
+from .files import file_stamp
 
 CROP = "crop"
 SQUASH = "squash"
@@ -155,12 +156,11 @@ class PixelMemo:
 
     @staticmethod
     def file_key(path: str | Path | None, processor_key: str, preprocess: str) -> tuple | None:
-        try:
-            resolved = Path(path).resolve()
-            st = resolved.stat()
-        except (OSError, TypeError):
+        if path is None:
             return None
-        return str(resolved), st.st_size, st.st_mtime_ns, preprocess, processor_key
+        resolved = Path(path).resolve()
+        stamp = file_stamp(resolved)
+        return None if stamp == "missing" else (str(resolved), stamp, preprocess, processor_key)
 
     def get(self, key: tuple | None) -> torch.Tensor | None:
         return None if key is None or not self.enabled else self._pixels.get(key)
@@ -188,12 +188,13 @@ def pixel_batches(paths: Sequence[str | Path], processor, batch_size: int, worke
     `workers` DataLoader processes, in order (every batch names its positions)."""
     processor_key = PixelMemo.processor_key(processor)
     keys = [PixelMemo.file_key(p, processor_key, preprocess) for p in paths]
-    held = [i for i, key in enumerate(keys) if PIXEL_MEMO.get(key) is not None]
+    memo = [PIXEL_MEMO.get(key) for key in keys]
+    held = [i for i, pixels in enumerate(memo) if pixels is not None]
     for start in range(0, len(held), batch_size):
         positions = held[start:start + batch_size]
-        pixels = torch.stack([PIXEL_MEMO.get(keys[i]) for i in positions])
+        pixels = torch.stack([memo[i] for i in positions])
         yield positions, (pixels.pin_memory() if pin_memory else pixels), {}
-    todo = [i for i, key in enumerate(keys) if PIXEL_MEMO.get(key) is None]
+    todo = [i for i, pixels in enumerate(memo) if pixels is None]
     if not todo:
         return
     workers = default_workers(len(todo), batch_size) if workers is None else workers
