@@ -49,9 +49,10 @@ from PIL import Image, ImageDraw
 
 from .synth import formats, images
 
-VERSION = 4  # 2: a VIST train split (vist/sis/train.story-in-sequence.json); 3: files like a real collection
+VERSION = 5  # 2: a VIST train split (vist/sis/train.story-in-sequence.json); 3: files like a real collection
             # (JPEG / PNG, many sizes and aspect ratios, odd modes; TSV names mostly with extension); 4: the stand-in
-            # CLIP's own alt-text-style pretraining split (clip/clip_train.tsv); every other file is unchanged
+            # CLIP's own alt-text-style pretraining split (clip/clip_train.tsv); every other file is unchanged;
+            # 5: VIST stories told over shared albums, as VIST's are (vist/; lm_heldout.jsonl follows the new stories)
 IMAGE_SIZE = 96
 CELL = IMAGE_SIZE // 3
 BACKGROUND = (150, 150, 150)
@@ -340,9 +341,8 @@ class Story:
     summary: str                # a sentence restating the final state (LM training text only)
 
 
-def random_story(rng: random.Random) -> Story:
-    """A main object (and sometimes a companion of another shape that stays put); at each of four steps
-    the main object changes colour, moves to a free cell, or changes size."""
+def random_start(rng: random.Random) -> tuple[Obj, Obj | None]:
+    """A story's first scene: a main object, and half the time a companion of another shape that stays put."""
     position = rng.choice(POSITIONS)
     main = random_object(rng, position)
     companion = None
@@ -350,6 +350,13 @@ def random_story(rng: random.Random) -> Story:
         companion = random_object(rng, rng.choice([p for p in POSITIONS if p != position]))
         if companion.shape == main.shape:
             companion = replace(companion, shape=rng.choice([s for s in SHAPES if s != main.shape]))
+    return main, companion
+
+
+def random_story(rng: random.Random, start: tuple[Obj, Obj | None] | None = None) -> Story:
+    """From `start` (default: a new `random_start`), at each of four steps the main object changes colour,
+    moves to a free cell, or changes size."""
+    main, companion = start if start is not None else random_start(rng)
     scene_of = lambda m: _sorted([m] + ([companion] if companion else []))  # noqa: E731
     first = f"we saw {phrase(main)} {PLACE[main.position]}"
     if companion:
@@ -633,24 +640,44 @@ def _coco(w: _Writer, rng: random.Random, n: int, n_other: int) -> None:
     formats.write_coco_karpathy_json(w.path(COCO_JSON), entries)
 
 
+STORIES_PER_ALBUM = 5  # VIST tells about five stories over each album (50,200 stories, 10,117 albums)
+
+
 def _vist(w: _Writer, rng: random.Random, n: int, json_path: str = VIST_JSON, image_dir: str = VIST_IMAGES,
           split: str = "val") -> list[Story]:
-    stories = [random_story(rng) for _ in range(n)]
-    photo_ids = [str(i) for i in rng.sample(range(1_000_000_000, 9_999_999_999), 5 * n)]
-    album_ids = [str(72157600000000000 + rng.randrange(10 ** 10)) for _ in range(n)]
+    """`n` stories over albums of at most STORIES_PER_ALBUM, as VIST's are: an album's stories start from the same
+    scene and share the photo of every state they have in common, so the retrieval pool holds the album's
+    other photos beside a story's own (with one album per story, the target would be the only photo of its
+    album left in the pool once the story's own context is pushed out, and an image-only query would find it
+    by the album's look alone)."""
+    n_albums = -(-n // STORIES_PER_ALBUM)
+    starts = [random_start(rng) for _ in range(n_albums)]
+    stories = [random_story(rng, starts[s % n_albums]) for s in range(n)]  # dealt round: albums of 4 or 5
+    photo_ids = iter(str(i) for i in rng.sample(range(1_000_000_000, 9_999_999_999), 5 * n))
+    album_ids = [str(72157600000000000 + rng.randrange(10 ** 10)) for _ in range(n_albums)]
     story_ids = [str(40000 + 5 * i + rng.randrange(5)) for i in range(n)]
-    photos, albums, annotated = [], [], []
+    photo_of: dict[tuple, str] = {}  # (album, scene) -> photo id: a state two stories share is one photo
+    photos, album_photos, annotated = [], [[] for _ in range(n_albums)], []
     for s, story in enumerate(stories):
-        pids = tuple(photo_ids[5 * s:5 * s + 5])
-        for k, (pid, scene) in enumerate(zip(pids, story.scenes)):
-            ext = Path(w.image(f"{image_dir}/{pid}", scene)).suffix
-            photos.append(formats.VistPhoto(pid, album_ids[s], " ".join(o.shape for o in scene),
-                                            " ".join(f"{o.colour} {o.shape}" for o in scene),
-                                            f"2015-0{1 + s % 9}-1{k} 12:00:00", ext))
-        albums.append(formats.VistAlbum(album_ids[s], f"album {s}", pids, "miniworld shapes"))
-        annotated.append(formats.VistStory(story_ids[s], pids, story.sentences,
+        a = s % n_albums
+        pids: list[str] = []
+        for k, scene in enumerate(story.scenes):
+            key = (a, scene_key(scene))
+            if photo_of.get(key) in pids:  # a story that comes back to a state gets a photo of its own
+                key = (a, scene_key(scene), s, k)
+            if key not in photo_of:
+                pid = photo_of[key] = next(photo_ids)
+                ext = Path(w.image(f"{image_dir}/{pid}", scene)).suffix
+                photos.append(formats.VistPhoto(pid, album_ids[a], " ".join(o.shape for o in scene),
+                                                " ".join(f"{o.colour} {o.shape}" for o in scene),
+                                                f"2015-0{1 + a % 9}-1{len(album_photos[a]) % 10} 12:00:00", ext))
+                album_photos[a].append(pid)
+            pids.append(photo_of[key])
+        annotated.append(formats.VistStory(story_ids[s], tuple(pids), story.sentences,
                                            tuple(original_text(t) for t in story.sentences),
                                            f"MINIWORLD{s % 7:02d}", 200000 + 5 * s))
+    albums = [formats.VistAlbum(album_ids[a], f"album {a}", tuple(album_photos[a]), "miniworld shapes")
+              for a in range(n_albums)]
     formats.write_vist_sis(w.path(json_path), f"miniworld VIST SIS {split} set (fromage-bench)", albums, photos,
                            annotated)
     return stories

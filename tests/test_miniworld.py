@@ -115,7 +115,10 @@ def test_the_task_loaders_read_every_dataset(world):
     coco = load_karpathy(world / mw.COCO_JSON, world / "coco")
     assert len(coco) == counts["coco"] and all(it.path.is_file() and len(it.captions) == 5 for it in coco)
     stories, listed = load_stories(world / mw.VIST_JSON)
-    assert len(stories) == counts["stories"] and len(pool_candidates(stories, listed)) == 5 * counts["stories"]
+    # albums are shared: each story's first photo is its album's, the other photos are its own
+    albums = -(-counts["stories"] // mw.STORIES_PER_ALBUM)
+    assert len(stories) == counts["stories"]
+    assert albums < len(pool_candidates(stories, listed)) <= albums + 4 * counts["stories"]
     scenes = _scenes(world)
     assert all(_file(scenes, mw.VIST_IMAGES, pid) for s in stories for pid in s.photo_ids)
     dialogues = load_dialogues(world / mw.VISDIAL_JSON)
@@ -447,6 +450,33 @@ def test_stories_follow_their_sentences(world):
             moved = re.search(r"moved to the (\w+)", text)
             if moved:
                 assert moved.group(1) in _occupied_cells(image), text
+
+
+def test_stories_share_albums_and_photos_as_in_vist(world):
+    """VIST tells several stories over one album: the retrieval pool holds a story's album-mates beside its own
+    photos. Read from the written JSON itself, not through our loader."""
+    for split in (mw.VIST_JSON, mw.VIST_TRAIN_JSON):
+        sis = json.loads((world / split).read_text(encoding="utf-8"))
+        photo_album = {p["id"]: p["album_id"] for p in sis["images"]}
+        stories: dict[str, list] = {}
+        for (entry,) in sis["annotations"]:
+            stories.setdefault(entry["story_id"], []).append(entry)
+        albums: dict[str, list[list[str]]] = {}
+        for entries in stories.values():
+            photos = [e["photo_flickr_id"] for e in sorted(entries, key=lambda e: e["worker_arranged_photo_order"])]
+            assert len(set(photos)) == 5  # a story never shows one photo twice (its target is never its context)
+            (album,) = {e["album_id"] for e in entries} | {photo_album[p] for p in photos}
+            albums.setdefault(album, []).append(photos)
+        assert all(len(told) > 1 for told in albums.values()), split
+        assert max(len(told) for told in albums.values()) <= mw.STORIES_PER_ALBUM
+        for told in albums.values():
+            assert len({story[0] for story in told}) == 1  # an album's stories start from the same photo
+            targets = {story[-1] for story in told}
+            others = {p for story in told for p in story} - targets
+            assert others - set(told[0]), "the pool holds album photos that are not a story's own"
+        # every photo file listed is used by a story, and each only once per album in the image list
+        used = {p for told in albums.values() for story in told for p in story}
+        assert used == set(photo_album) and len(sis["images"]) == len(photo_album)
 
 
 def test_pretraining_text_matches_the_task_prompts(world):

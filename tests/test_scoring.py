@@ -19,6 +19,44 @@ def test_score_continuations_equals_scoring_each_alone(tiny, images, shift, bos,
     assert torch.equal(fast.num_tokens, naive.num_tokens)
 
 
+# Options as VisDial's are: many start alike, one is a prefix of another, one repeats, one shares only BOS.
+SHARED_PREFIX_OPTIONS = ["it is red", "it is blue", "it is", "it is red", "it's red", "no", "no it is not", "red"]
+
+
+@pytest.mark.parametrize("shift", [True, False])
+@pytest.mark.parametrize("bos", [True, False])
+@pytest.mark.parametrize("batch_size", [None, 3])
+def test_options_with_shared_prefixes_score_as_each_alone(tiny, images, shift, bos, batch_size):
+    """The prefix tree runs a shared prefix once; every option still gets the score of its own full pass."""
+    context = [images[1], "Q: what colour is it?\nA: "]
+    fast = tiny.score_continuations(context, SHARED_PREFIX_OPTIONS, continuation_bos=bos, shift=shift,
+                                    batch_size=batch_size)
+    naive = tiny.score_continuations(context, SHARED_PREFIX_OPTIONS, continuation_bos=bos, shift=shift, naive=True)
+    torch.testing.assert_close(fast.sum_logprob, naive.sum_logprob, atol=1e-4, rtol=1e-5)
+    assert torch.equal(fast.num_tokens, naive.num_tokens)
+    assert fast.sum_logprob[0] == fast.sum_logprob[3]  # the repeated option: the same nodes
+    # the LM ran each distinct prefix once per pass: count them from the tokenizer's own ids
+    rows = [tiny.model.tokenizer(o).input_ids[0 if bos else 1:] for o in SHARED_PREFIX_OPTIONS]
+    chunks = [rows] if batch_size is None else [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    assert fast.tokens_run == sum(len({tuple(r[:k]) for r in c for k in range(1, len(r) + 1)}) for c in chunks)
+    assert fast.tokens_run < int(fast.num_tokens.sum())
+
+
+def test_prefix_tree_shares_common_prefixes():
+    from model.scoring import _ancestry, _prefix_tree
+
+    # token rows: [5 7 9], [5 7 8], [5 7], [6]; padded with 0
+    ids = torch.tensor([[5, 7, 9], [5, 7, 8], [5, 7, 0], [6, 0, 0]])
+    tokens, parents, path = _prefix_tree(ids, torch.tensor([3, 3, 2, 1]))
+    assert tokens.tolist() == [5, 7, 9, 8, 6]
+    assert parents.tolist() == [-1, 0, 1, 1, -1]
+    assert path.tolist() == [0, 1, 2, 0, 1, 3, 0, 1, 4]
+    allowed, depth = _ancestry(parents)
+    assert depth.tolist() == [0, 1, 2, 2, 0]
+    assert allowed.nonzero().tolist() == [[0, 0], [1, 0], [1, 1], [2, 0], [2, 1], [2, 2], [3, 0], [3, 1], [3, 3],
+                                          [4, 4]]
+
+
 def test_continuation_score_matches_a_hand_built_sequence(tiny):
     """Independent computation: ids of context+option through the LM, log-softmax, pick next tokens."""
     tok = tiny.model.tokenizer
@@ -193,3 +231,18 @@ def test_original_rounding_through_the_model_at_bf16(tiny_dir, images):
     naive = model.score_continuations(context, options, continuation_bos=True, shift=False, original_rounding=True,
                                       naive=True)
     assert torch.equal(naive.sum_logprob, naive.sum_logprob.bfloat16().float())
+
+
+def test_continuation_token_ids_are_the_tokenizers_and_follow_added_tokens(tiny):
+    from model.scoring import continuation_token_ids
+
+    tok = tiny.model.tokenizer
+    texts = ["it is red", "no", "it is red", "two [RET]"]
+    assert continuation_token_ids(tok, texts) == [tok(t).input_ids for t in texts]
+    assert continuation_token_ids(tok, texts[:2]) == [tok(t).input_ids for t in texts[:2]]  # from the memo
+    import copy
+
+    grown = copy.deepcopy(tok)
+    before = continuation_token_ids(grown, ["it is red"])
+    grown.add_tokens(["red"])  # the same tokenizer, its vocabulary changed: it tokenises afresh
+    assert continuation_token_ids(grown, ["it is red"]) == [grown("it is red").input_ids] != before
