@@ -44,6 +44,7 @@ FAKE_NOX = textwrap.dedent('''\
     sys.modules["nox"] = nox
 
     class Session:
+        venv_backend = "venv"
         def __init__(self, posargs):
             self.posargs = posargs
         def install(self, *args):
