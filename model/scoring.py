@@ -172,7 +172,7 @@ def score_continuations(model: FromageModel, context: Prompt | EmbeddedPrompt | 
     return ContinuationScores(torch.cat(sums).cpu(), torch.cat(counts).cpu(), run)
 
 
-def _prefix_tree(ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _prefix_tree(ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The continuations' token prefix tree: each distinct prefix is one node, so options that start alike
     ("it is red", "it is blue", and every option's own BOS) run their common tokens through the LM once.
     Returns per node its token and parent (-1: the context), parents always before children, and per
@@ -209,10 +209,11 @@ def _ancestry(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _score_packed(model: FromageModel, ctx_cache, ctx_len: int, ctx_last_logits: torch.Tensor, ids: torch.Tensor,
                   lengths: torch.Tensor, shift: bool, original_rounding: bool = False) -> tuple[torch.Tensor, int]:
-    """Summed log-probabilities of right-padded continuations `ids` (n, T), and the LM positions run: their prefix tree packed into one
-    sequence after the context, each node attending to the context and its own ancestors, at the position
-    it has in its continuations. A node's log-probability is computed once and counted in every continuation
-    through it (the same value its own pass would give: the same inputs at the same positions)."""
+    """Summed log-probabilities of right-padded continuations `ids` (n, T), and the LM positions run: their
+    prefix tree packed into one sequence after the context, each node attending to the context and its own
+    ancestors, at the position it has in its continuations. A node's log-probability is computed once and
+    counted in every continuation through it (the same value its own pass would give: the same inputs at the
+    same positions)."""
     tokens, parents, path = _prefix_tree(ids, lengths)
     own, depth = _ancestry(parents)
     allowed = torch.cat([torch.ones(len(tokens), ctx_len, dtype=torch.bool), own], dim=1)
@@ -225,7 +226,8 @@ def _score_packed(model: FromageModel, ctx_cache, ctx_len: int, ctx_last_logits:
                                 position_ids=positions).logits[0]
     if shift:  # a node is predicted by its parent, a first token by the context's last position
         first = (parents < 0).to(device)
-        logits = torch.where(first[:, None], ctx_last_logits[None].to(logits.dtype), logits[parents.clamp(min=0).to(device)])
+        from_parent = logits[parents.clamp(min=0).to(device)]
+        logits = torch.where(first[:, None], ctx_last_logits[None].to(logits.dtype), from_parent)
     n = ids.shape[0]
     segment = torch.repeat_interleave(torch.arange(n), lengths)  # which continuation each path entry is in
     return summed_logprobs(logits, tokens, segment, n, original_rounding, path=path.to(device)), len(tokens)
