@@ -640,7 +640,7 @@ def _coco(w: _Writer, rng: random.Random, n: int, n_other: int) -> None:
     formats.write_coco_karpathy_json(w.path(COCO_JSON), entries)
 
 
-STORIES_PER_ALBUM = 5  # VIST tells about five stories over each album (50,200 stories, 10,117 albums)
+STORIES_PER_ALBUM = 5  # VIST tells several stories over each album: about five, by its published counts
 
 
 def _vist(w: _Writer, rng: random.Random, n: int, json_path: str = VIST_JSON, image_dir: str = VIST_IMAGES,

@@ -115,7 +115,7 @@ def test_the_task_loaders_read_every_dataset(world):
     coco = load_karpathy(world / mw.COCO_JSON, world / "coco")
     assert len(coco) == counts["coco"] and all(it.path.is_file() and len(it.captions) == 5 for it in coco)
     stories, listed = load_stories(world / mw.VIST_JSON)
-    # albums are shared: each story's first photo is its album's, the other photos are its own
+    # albums are shared: a story starts from its album's first photo and may share later ones with album-mates
     albums = -(-counts["stories"] // mw.STORIES_PER_ALBUM)
     assert len(stories) == counts["stories"]
     assert albums < len(pool_candidates(stories, listed)) <= albums + 4 * counts["stories"]
