@@ -48,6 +48,7 @@ def oldest(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Fast paths against the original scripts' way of working, same model and inputs (pytest-benchmark)."""
     install(session)
+    os.makedirs("runs/bench", exist_ok=True)  # pytest-benchmark writes its JSON but makes no directory (a fresh clone)
     session.run("pytest", "benchmarks", "--benchmark-only", "--benchmark-json=runs/bench/benchmarks.json",
                  "-p", "no:cacheprovider", *session.posargs)
 
