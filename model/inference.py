@@ -294,7 +294,7 @@ class Fromage(nn.Module):
         self.counters["scoring_passes"] += -(-len(continuations) // max(1, per_pass))  # forward passes (ceil)
         self.counters["continuations_scored"] += len(continuations)
         self.counters["tokens_scored"] += int(scores.num_tokens.sum())
-        self.counters["tokens_run"] += scores.tokens_run or int(scores.num_tokens.sum())  # prefix tree: shared once
+        self.counters["tokens_run"] += scores.tokens_run
         return scores
 
     @torch.inference_mode()

@@ -20,7 +20,8 @@ from .prompts import IGNORE_INDEX, EmbeddedPrompt, Prompt, embed_prompt, pad_bat
 class ContinuationScores:
     sum_logprob: torch.Tensor  # (N,) float32: sum of log p(token) over each continuation's tokens
     num_tokens: torch.Tensor   # (N,) tokens scored per continuation
-    tokens_run: int = 0        # positions that went through the LM for them (shared prefixes once); 0: not counted
+    tokens_run: int = 0        # positions the LM computed for them (the prefix tree: a shared prefix once; the naive
+                               # path: every padded row, its re-encoded context included); 0: not counted
 
     @property
     def mean_logprob(self) -> torch.Tensor:
@@ -275,9 +276,10 @@ def score_continuations_naive(model: FromageModel, context: Prompt, continuation
     conts = embed_continuations(model, continuations, continuation_bos)
     full = [EmbeddedPrompt(torch.cat([ctx.embeds, c.embeds]), torch.cat([torch.full_like(ctx.labels, IGNORE_INDEX), c.labels]),
                            c.labels) for c in conts]
-    sums, counts = [], []
+    sums, counts, run = [], [], 0
     for start in range(0, len(full), batch_size):
         batch = pad_batch(full[start:start + batch_size], side="right")
+        run += batch.embeds.shape[0] * batch.embeds.shape[1]
         logits = model.lm(inputs_embeds=batch.embeds, use_cache=False).logits
         if shift:
             logits, labels = logits[:, :-1], batch.labels[:, 1:]
@@ -286,4 +288,4 @@ def score_continuations_naive(model: FromageModel, context: Prompt, continuation
         dtype = logits.dtype if original_rounding else None
         sums.append(round_like_original(round_like_original(target_logprobs(logits, labels), dtype).sum(dim=1), dtype))
         counts.append((labels != IGNORE_INDEX).sum(dim=1))
-    return ContinuationScores(torch.cat(sums).cpu(), torch.cat(counts).cpu())
+    return ContinuationScores(torch.cat(sums).cpu(), torch.cat(counts).cpu(), run)

@@ -40,6 +40,9 @@ def test_options_with_shared_prefixes_score_as_each_alone(tiny, images, shift, b
     chunks = [rows] if batch_size is None else [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
     assert fast.tokens_run == sum(len({tuple(r[:k]) for r in c for k in range(1, len(r) + 1)}) for c in chunks)
     assert fast.tokens_run < int(fast.num_tokens.sum())
+    # the original's way re-encodes the context in every padded row of 20: far more positions
+    context_len = len(embed_prompt(tiny.model, context))
+    assert naive.tokens_run >= len(SHARED_PREFIX_OPTIONS) * (context_len + int(naive.num_tokens.max()))
 
 
 def test_prefix_tree_shares_common_prefixes():
