@@ -69,7 +69,9 @@ def ablation(model, data_root: str, limit: int | None = None, batch_size: int = 
     return out
 
 
-def main() -> None:
+def main() -> int:
+    from fromage_bench.cli import print_input_error
+    from model.errors import FromageInputError
     from model.loading import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -79,10 +81,15 @@ def main() -> None:
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--limit", type=int)
     args = parser.parse_args()
-    model = load_model(args.model_dir, clip=args.clip, device="cpu", precision="fp32")
-    for name, metrics in ablation(model, args.data_root, args.limit).items():
+    try:
+        model = load_model(args.model_dir, clip=args.clip, device="cpu", precision="fp32")
+        results = ablation(model, args.data_root, args.limit)
+    except FromageInputError as err:  # one line naming the file, exit 2, as every fromage-bench command
+        return print_input_error(err, "vist_query_ablation")
+    for name, metrics in results.items():
         print(f"{name:34s} " + "  ".join(f"{k} {v:6.2f}" for k, v in metrics.items()))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

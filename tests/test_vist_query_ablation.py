@@ -1,9 +1,11 @@
 """scripts/vist_query_ablation.py: its `full` variant is eval's 5cap4img corrected query (the same R@k as the task
 on the same data, missing and corrupt photos included), and its text-free `photo 4 only` variant equals a ranking
-computed here by hand from the pool's retrieval embeddings."""
+computed here by hand from the pool's retrieval embeddings; bad input is one error line and exit status 2."""
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from fromage_bench.synth.vist import write_vist
 from model.datasets import ImageDir, load_stories
 from tasks.base import RunContext
 from tasks.vist import read_pool, run
-from tests.subprocesses import REPO
+from tests.subprocesses import REPO, child_env
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +59,14 @@ def test_photo_4_only_by_hand(tiny, synth, ablation_module):
         ranks.append(1 + len(ahead))
     for k in (1, 5, 10):
         assert out["photo 4 only"][f"R@{k}"] == pytest.approx(100 * sum(r <= k for r in ranks) / len(ranks))
+
+
+def test_missing_story_file_is_one_error_line(tiny_dir, tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "vist_query_ablation.py"), "--model-dir",
+                           str(tiny_dir), "--data-root", str(tmp_path)], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    # the last line (the backbones' loading bars come before it)
+    missing = tmp_path / "vist" / "sis" / "val.story-in-sequence.json"
+    assert done.stderr.strip().splitlines()[-1] == f"vist_query_ablation: error: {missing}: VIST story file not found"
+    assert "Traceback" not in done.stderr and done.stdout == ""
